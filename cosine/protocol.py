@@ -59,8 +59,7 @@ def decode(frames: list[bytes] | list[memoryview]) -> tuple[dict[str, Any], dict
     if not frames:
         raise ProtocolError("bad_frame", "empty message")
     try:
-        header = msgpack.unpackb(bytes(frames[0]), raw=False, strict_map_key=True,
-                                 max_buffer_size=1 << 24)
+        header = msgpack.unpackb(bytes(frames[0]), raw=False, strict_map_key=True)
     except Exception as e:  # msgpack raises many types on garbage
         raise ProtocolError("bad_frame", f"header is not valid msgpack: {type(e).__name__}") from None
     if not isinstance(header, dict):
