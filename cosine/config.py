@@ -1,0 +1,333 @@
+"""config.toml -> typed, validated objects, once, before any process starts.
+
+Every error names the file, the table and key (with its line where it can be found) and
+says how to fix it. Unknown keys are errors: a typo must not silently become a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import re
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, get_args, get_origin, get_type_hints
+
+MODES = ("autoregressive", "speculative", "specinfer", "cosine")
+ROLES = ("target", "drafter")
+PROVIDERS = ("cpu", "cuda", "tensorrt")
+MODEL_KINDS = ("neural", "ngram", "lookup")
+
+
+class ConfigError(ValueError):
+    """A config.toml problem; the message says where and how to fix it."""
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    level: str = "INFO"
+    file: str = ""  # empty: stderr only
+
+
+@dataclass(frozen=True)
+class SecurityConfig:
+    curve: bool = False
+    # Files written by `cosine keys generate`: the server keypair and the allowed clients.
+    server_secret_key: str = ""
+    server_public_key: str = ""
+    client_secret_key: str = ""
+    client_public_key: str = ""
+    authorized_keys_dir: str = ""
+
+
+@dataclass(frozen=True)
+class LimitsConfig:
+    max_prompt_tokens: int = 2048
+    max_new_tokens: int = 1024
+    max_tree_nodes: int = 64
+    max_message_bytes: int = 64 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str
+    role: str
+    engine: str  # engine directory made by cosine-export (relative to config.toml)
+    kind: str = "neural"
+    source: str = ""  # `cosine models fetch` name or a path; used by `make demo` to export
+    domains: tuple[str, ...] = ()
+    dtype: str = "float32"
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    name: str
+    model: str
+    host: str = "127.0.0.1"
+    port: int = 0
+    device: str = "cpu"
+    provider: str = "cpu"
+    max_batch: int = 16
+    kv_budget_tokens: int = 65536
+    idle_timeout_s: float = 600.0
+    threads: int = 0  # ONNX Runtime intra-op threads; 0 = its default
+
+    @property
+    def endpoint(self) -> str:
+        return f"tcp://{self.host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class SpeculationConfig:
+    draft_len: int = 4
+    min_draft_len: int = 1
+    max_draft_len: int = 8
+    tree_width: int = 1  # top-k siblings per draft step (expansion trees)
+    adaptive: bool = True
+    # Speculation is turned off for a request whose measured goodput falls below this
+    # fraction of plain decoding's.
+    disable_below_ratio: float = 0.9
+
+
+@dataclass(frozen=True)
+class RoutingConfig:
+    max_drafters_per_request: int = 2
+    ema: float = 0.5
+    explore_threshold: float = 1.5  # mean accepted length below which the router explores
+    explore_prob: float = 0.1
+
+
+@dataclass(frozen=True)
+class FusionConfig:
+    rule: str = "max"
+    min_confidence: float = 0.0
+
+
+@dataclass(frozen=True)
+class SchedulingConfig:
+    max_batch: int = 8
+    max_verify_tokens: int = 256
+    latency_weight: float = 0.5
+    latency_bound_ms: float = 0.0  # 0 = no bound
+
+
+@dataclass(frozen=True)
+class ControllerConfig:
+    endpoint: str = "tcp://127.0.0.1:5600"
+    mode: str = "cosine"
+    target: str = ""  # model name of the target; default: the one model with role target
+    request_timeout_s: float = 600.0
+    worker_timeout_s: float = 30.0
+    max_pending_requests: int = 256
+    temperature: float = 0.0
+    seed: int = 0
+    speculation: SpeculationConfig = field(default_factory=SpeculationConfig)
+    routing: RoutingConfig = field(default_factory=RoutingConfig)
+    fusion: FusionConfig = field(default_factory=FusionConfig)
+    scheduling: SchedulingConfig = field(default_factory=SchedulingConfig)
+
+
+@dataclass(frozen=True)
+class Config:
+    path: Path
+    models: tuple[ModelConfig, ...]
+    workers: tuple[WorkerConfig, ...]
+    controller: ControllerConfig = field(default_factory=ControllerConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
+    security: SecurityConfig = field(default_factory=SecurityConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def model(self, name: str) -> ModelConfig:
+        for m in self.models:
+            if m.name == name:
+                return m
+        raise ConfigError(f"{self.path}: no model named {name!r}; models: {[m.name for m in self.models]}")
+
+    def worker(self, name: str) -> WorkerConfig:
+        for w in self.workers:
+            if w.name == name:
+                return w
+        raise ConfigError(f"{self.path}: no worker named {name!r}; workers: {[w.name for w in self.workers]}")
+
+    def engine_dir(self, model: str | ModelConfig) -> Path:
+        m = model if isinstance(model, ModelConfig) else self.model(model)
+        p = Path(m.engine).expanduser()
+        return p if p.is_absolute() else (self.path.parent / p).resolve()
+
+    def target_model(self) -> ModelConfig:
+        return self.model(self.controller.target) if self.controller.target else \
+            next(m for m in self.models if m.role == "target")
+
+    def workers_of(self, model: str) -> list[WorkerConfig]:
+        return [w for w in self.workers if w.model == model]
+
+    def drafter_workers(self) -> list[WorkerConfig]:
+        return [w for w in self.workers if self.model(w.model).role == "drafter"]
+
+    def verifier_workers(self) -> list[WorkerConfig]:
+        return self.workers_of(self.target_model().name)
+
+
+def _line_of(text: str, table: str, key: str | None) -> str:
+    """Best-effort 'line N' for a key inside a table, for error messages."""
+    lines = text.splitlines()
+    want_table = table.split("[")[0]
+    in_table = want_table == ""
+    for i, line in enumerate(lines, 1):
+        s = line.strip()
+        m = re.match(r"^\[\[?\s*([\w.\-]+)\s*\]\]?", s)
+        if m:
+            in_table = m.group(1) == want_table
+            if key is None and in_table:
+                return f"line {i}"
+            continue
+        if in_table and key is not None and re.match(rf"^{re.escape(key)}\s*=", s):
+            return f"line {i}"
+    return "line ?"
+
+
+def _build(cls: type, data: Any, where: str, ctx: tuple[Path, str]) -> Any:
+    """Strictly build dataclass ``cls`` from a TOML table."""
+    path, text = ctx
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: [{where}] must be a table, got {type(data).__name__}")
+    hints = get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.name != "path"}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        k = unknown[0]
+        raise ConfigError(f"{path} {_line_of(text, where, k)}: unknown key {k!r} in [{where}]; "
+                          f"known keys: {', '.join(sorted(fields))}")
+    kwargs = {}
+    for name, f in fields.items():
+        if name not in data:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise ConfigError(f"{path} {_line_of(text, where, None)}: [{where}] is missing required key {name!r}")
+            continue
+        kwargs[name] = _convert(hints[name], data[name], f"{where}.{name}", ctx)
+    return cls(**kwargs)
+
+
+def _convert(tp: Any, value: Any, where: str, ctx: tuple[Path, str]) -> Any:
+    path, text = ctx
+    table, _, key = where.rpartition(".")
+    loc = f"{path} {_line_of(text, table, key)}"
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, where, ctx)
+    if get_origin(tp) is tuple:
+        (inner, _) = get_args(tp)
+        if not isinstance(value, list) or not all(isinstance(v, inner) for v in value):
+            raise ConfigError(f"{loc}: {where} must be a list of {inner.__name__}, got {value!r}")
+        return tuple(value)
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is bool and not isinstance(value, bool) or tp is not bool and (
+            isinstance(value, bool) or not isinstance(value, tp)):
+        raise ConfigError(f"{loc}: {where} must be {tp.__name__}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def _check(cfg: Config, text: str, check_engines: bool) -> None:
+    p = cfg.path
+    where = lambda table, key: f"{p} {_line_of(text, table, key)}"  # noqa: E731
+    names = [m.name for m in cfg.models]
+    for m in cfg.models:
+        if names.count(m.name) > 1:
+            raise ConfigError(f"{where('models', 'name')}: model name {m.name!r} is used twice; names must be unique")
+        if m.role not in ROLES:
+            raise ConfigError(f"{where('models', 'role')}: model {m.name!r} has role {m.role!r}; use one of {ROLES}")
+        if m.kind not in MODEL_KINDS:
+            raise ConfigError(f"{where('models', 'kind')}: model {m.name!r} has kind {m.kind!r}; use one of {MODEL_KINDS}")
+        if check_engines and not (cfg.engine_dir(m) / "manifest.json").is_file():
+            raise ConfigError(f"{where('models', 'engine')}: engine for model {m.name!r} not found at "
+                              f"{cfg.engine_dir(m)} (no manifest.json); build it with "
+                              f"`cosine-export --model <weights> --out {cfg.engine_dir(m)}` or run `make demo`")
+    targets = [m for m in cfg.models if m.role == "target"]
+    if not targets:
+        raise ConfigError(f"{p}: no model has role = \"target\"; add one [[models]] entry with role = \"target\"")
+    if cfg.controller.target:
+        cfg.model(cfg.controller.target)
+    elif len(targets) > 1:
+        raise ConfigError(f"{where('controller', None)}: several target models; set [controller] target = \"NAME\"")
+    wnames = [w.name for w in cfg.workers]
+    endpoints: dict[tuple[str, int], str] = {}
+    for w in cfg.workers:
+        if wnames.count(w.name) > 1:
+            raise ConfigError(f"{where('workers', 'name')}: worker name {w.name!r} is used twice")
+        if w.model not in names:
+            raise ConfigError(f"{where('workers', 'model')}: worker {w.name!r} serves unknown model {w.model!r}; "
+                              f"models: {names}")
+        if w.provider not in PROVIDERS:
+            raise ConfigError(f"{where('workers', 'provider')}: worker {w.name!r} provider {w.provider!r}; "
+                              f"use one of {PROVIDERS}")
+        if not re.fullmatch(r"cpu|cuda(:\d+)?", w.device):
+            raise ConfigError(f"{where('workers', 'device')}: worker {w.name!r} device {w.device!r}; use 'cpu' or 'cuda:N'")
+        if (w.provider == "cpu") != (w.device == "cpu"):
+            raise ConfigError(f"{where('workers', 'provider')}: worker {w.name!r} has provider {w.provider!r} on "
+                              f"device {w.device!r}; provider 'cpu' goes with device 'cpu', 'cuda'/'tensorrt' with 'cuda:N'")
+        if not 1 <= w.port <= 65535:
+            raise ConfigError(f"{where('workers', 'port')}: worker {w.name!r} port {w.port} must be 1..65535")
+        key = (w.host, w.port)
+        if key in endpoints:
+            raise ConfigError(f"{where('workers', 'port')}: workers {endpoints[key]!r} and {w.name!r} both use "
+                              f"{w.host}:{w.port}; give each worker its own port")
+        endpoints[key] = w.name
+        for k in ("max_batch", "kv_budget_tokens"):
+            if getattr(w, k) < 1:
+                raise ConfigError(f"{where('workers', k)}: worker {w.name!r} {k} must be >= 1")
+    if not cfg.verifier_workers():
+        raise ConfigError(f"{p}: no worker serves the target model {cfg.target_model().name!r}; add a [[workers]] entry")
+    c = cfg.controller
+    if c.mode not in MODES:
+        raise ConfigError(f"{where('controller', 'mode')}: mode {c.mode!r}; use one of {MODES}")
+    m = re.fullmatch(r"tcp://([^:]+):(\d+)", c.endpoint)
+    if not m:
+        raise ConfigError(f"{where('controller', 'endpoint')}: endpoint {c.endpoint!r} must look like tcp://HOST:PORT")
+    if (m.group(1), int(m.group(2))) in endpoints:
+        raise ConfigError(f"{where('controller', 'endpoint')}: {c.endpoint} is also a worker's port")
+    s = c.speculation
+    if not 1 <= s.min_draft_len <= s.draft_len <= s.max_draft_len:
+        raise ConfigError(f"{where('controller.speculation', 'draft_len')}: need 1 <= min_draft_len <= draft_len <= max_draft_len")
+    if cfg.logging.level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+        raise ConfigError(f"{where('logging', 'level')}: level {cfg.logging.level!r}; use DEBUG, INFO, WARNING or ERROR")
+    if cfg.security.curve:
+        for k in ("server_secret_key", "server_public_key", "client_secret_key", "client_public_key"):
+            if not getattr(cfg.security, k):
+                raise ConfigError(f"{where('security', k)}: curve = true needs {k}; run `cosine keys generate`")
+
+
+def is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+def load(path: str | Path, check_engines: bool = True) -> Config:
+    """Read and validate config.toml. ``check_engines`` also requires every engine on disk."""
+    p = Path(path).expanduser().resolve()
+    if not p.is_file():
+        raise ConfigError(f"config file {p} not found; pass --config PATH (the repo's config.toml runs the local demo)")
+    text = p.read_text()
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{p}: not valid TOML: {e}") from None
+    ctx = (p, text)
+    known = {"models", "workers", "controller", "limits", "security", "logging"}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ConfigError(f"{p} {_line_of(text, unknown[0], None)}: unknown table [{unknown[0]}]; "
+                          f"known: {', '.join(sorted(known))}")
+    for arr in ("models", "workers"):
+        if not isinstance(data.get(arr, []), list):
+            raise ConfigError(f"{p}: '{arr}' must be an array of tables, written [[{arr}]]")
+    models = tuple(_build(ModelConfig, m, "models", ctx) for m in data.get("models", []))
+    workers = tuple(_build(WorkerConfig, w, "workers", ctx) for w in data.get("workers", []))
+    rest = {k: _build(tp, data[k], k, ctx) for k, tp in
+            (("controller", ControllerConfig), ("limits", LimitsConfig),
+             ("security", SecurityConfig), ("logging", LoggingConfig)) if k in data}
+    cfg = Config(path=p, models=models, workers=workers, **rest)
+    _check(cfg, text, check_engines)
+    return cfg
