@@ -1,0 +1,82 @@
+"""config.toml loading: the checked-in file parses; every kind of mistake is a clear error."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from cosine import config
+from cosine.config import ConfigError
+
+REPO = Path(__file__).resolve().parents[1]
+BASE = (REPO / "config.toml").read_text()
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    p = tmp_path / "config.toml"
+    p.write_text(text)
+    return p
+
+
+def test_checked_in_config_parses() -> None:
+    cfg = config.load(REPO / "config.toml", check_engines=False)
+    assert cfg.target_model().role == "target"
+    assert cfg.verifier_workers() and cfg.drafter_workers()
+    assert all(config.is_loopback(w.host) for w in cfg.workers)
+    assert cfg.controller.mode in config.MODES
+
+
+def test_missing_engine_names_the_fix(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"line \d+: engine for model 'qwen2.5-coder-1.5b' not found.*cosine-export"):
+        config.load(write(tmp_path, BASE))
+
+
+@pytest.mark.parametrize("old,new,pattern", [
+    ('mode = "cosine"', 'mode = "turbo"', r"mode 'turbo'; use one of"),
+    ("max_batch = 16", 'max_batch = "16"', r"max_batch must be int, got str"),
+    ("port = 5602", "port = 5601", r"both use 127.0.0.1:5601; give each worker its own port"),
+    ('level = "INFO"', 'level = "LOUD"', r"level 'LOUD'"),
+    ("draft_len = 4", "draft_len = 40", r"min_draft_len <= draft_len <= max_draft_len"),
+    ('provider = "cpu"', 'provider = "rocm"', r"provider 'rocm'"),
+    ('role = "drafter"', 'role = "helper"', r"role 'helper'"),
+    ('model = "qwen2.5-coder-0.5b"', 'model = "nope"', r"serves unknown model 'nope'"),
+    ("max_batch = 16", "max_btach = 16", r"unknown key 'max_btach' in \[workers\]; known keys:"),
+    ("[limits]", "[limitz]", r"unknown table \[limitz\]"),
+    ("adaptive = true", "adaptive = 1", r"adaptive must be bool"),
+    ('endpoint = "tcp://127.0.0.1:5600"', 'endpoint = "tcp://127.0.0.1:5601"', r"also a worker's port"),
+    ("curve = false", "curve = true", r"curve = true needs server_secret_key"),
+])
+def test_bad_config_is_a_clear_error(tmp_path: Path, old: str, new: str, pattern: str) -> None:
+    assert old in BASE
+    with pytest.raises(ConfigError, match=pattern) as e:
+        config.load(write(tmp_path, BASE.replace(old, new, 1)), check_engines=False)
+    assert str(tmp_path / "config.toml") in str(e.value)
+
+
+def test_error_points_at_the_line(tmp_path: Path) -> None:
+    text = BASE.replace("max_batch = 16", "max_btach = 16", 1)
+    line = next(i for i, l in enumerate(text.splitlines(), 1) if l.startswith("max_btach"))
+    with pytest.raises(ConfigError, match=re.escape(f"line {line}:")):
+        config.load(write(tmp_path, text), check_engines=False)
+
+
+def test_not_toml_and_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        config.load(write(tmp_path, "[[models]\nname="), check_engines=False)
+    with pytest.raises(ConfigError, match="not found; pass --config"):
+        config.load(tmp_path / "nope.toml")
+
+
+def test_no_target_and_missing_required_key(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="no model has role"):
+        config.load(write(tmp_path, BASE.replace('role = "target"', 'role = "drafter"')), check_engines=False)
+    with pytest.raises(ConfigError, match="missing required key 'engine'"):
+        config.load(write(tmp_path, re.sub(r'engine = "engines/qwen2.5-coder-0.5b-fp32"\n', "", BASE)),
+                    check_engines=False)
+
+
+def test_relative_engine_paths_resolve_against_the_config(tmp_path: Path) -> None:
+    cfg = config.load(write(tmp_path, BASE), check_engines=False)
+    assert cfg.engine_dir(cfg.target_model()) == tmp_path / "engines" / "qwen2.5-coder-1.5b-fp32"
