@@ -1,0 +1,31 @@
+"""`cosine-bench`: every mode through the real cluster, plus the Hugging Face peers, in
+one invocation, so that ratios compare like with like.
+
+    cosine-bench run --config config.toml [--modes ...] [--concurrency 1,4,16] ...
+    cosine-bench worker ...        per-engine worker numbers (workers/bench.py)
+    cosine-bench report DIR        regenerate docs/benchmarks/README.md from results JSON
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "worker":
+        from cosine.workers.bench import main as m
+        return int(m(argv[1:]) or 0)
+    if argv and argv[0] == "report":
+        from cosine.bench.report import main as m
+        return int(m(argv[1:]) or 0)
+    if argv and argv[0] == "run":
+        argv = argv[1:]
+    if argv and argv[0] in ("-h", "--help") and len(argv) == 1:
+        print(__doc__.strip())
+    from cosine.bench.run import main as m
+    return int(m(argv) or 0)
+
+
+__all__ = ["main", "argparse"]

@@ -1,0 +1,278 @@
+"""The benchmark run: modes x concurrency levels (closed loop) + an open-loop Poisson
+run, through one local cluster, plus HF peers on the same prompts. Writes raw records,
+a summary with the ratios, a markdown table and plots into --out."""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import logging
+import os
+import platform
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+from cosine import config as cfgmod
+from cosine.bench import prompts as promptsets
+from cosine.log import setup
+
+log = logging.getLogger("cosine.bench")
+MODES = ("autoregressive", "speculative", "specinfer", "cosine")
+
+
+def _git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                              cwd=Path(__file__).resolve().parent).stdout.strip()
+    except OSError:
+        return ""
+
+
+def environment(cfg: cfgmod.Config, argv: list[str]) -> dict:
+    import onnxruntime as ort
+
+    engines = {}
+    for m in cfg.models:
+        man = cfg.engine_dir(m) / "manifest.json"
+        if man.is_file():
+            j = json.loads(man.read_text())
+            engines[m.name] = {"dir": str(cfg.engine_dir(m)), "dtype": j.get("dtype"),
+                               "architecture": j.get("architecture"), "source_sha256": j.get("source_sha256")}
+    return {
+        "command": "cosine-bench " + " ".join(argv), "git_commit": _git_commit(),
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "machine": {"host": platform.node(), "cpu_count": os.cpu_count(), "platform": platform.platform(),
+                    "python": platform.python_version()},
+        "onnxruntime": ort.__version__, "available_providers": ort.get_available_providers(),
+        "workers": [{"name": w.name, "model": w.model, "device": w.device, "provider": w.provider,
+                     "endpoint": w.endpoint} for w in cfg.workers],
+        "engines": engines,
+    }
+
+
+def _one(client, domain: str, prompt: str, mode: str, args, seed: int) -> dict:
+    t0 = time.perf_counter()
+    r = client.generate(prompt, max_tokens=args.max_tokens, temperature=args.temperature, mode=mode,
+                        seed=seed, ignore_eos=True)
+    wall = time.perf_counter() - t0
+    s = dict(r.stats)
+    return {"mode": mode, "domain": domain, "prompt": prompt[:60], "tokens": len(r.token_ids),
+            "token_ids": list(r.token_ids), "wall_s": wall, **{k: v for k, v in s.items() if k != "tokens"}}
+
+
+def closed_loop(endpoint: str, items: list[tuple[str, str]], mode: str, concurrency: int, args) -> tuple[list, float]:
+    """`concurrency` clients, each with its own socket, loop over the shared prompt list."""
+    from cosine.client import Client
+
+    lock, cursor, out = threading.Lock(), [0], []
+    total = len(items) * max(1, args.repeat)
+
+    def worker() -> None:
+        with Client(endpoint, timeout_s=args.timeout) as c:
+            while True:
+                with lock:
+                    i = cursor[0]
+                    cursor[0] += 1
+                if i >= total:
+                    return
+                d, p = items[i % len(items)]
+                rec = _one(c, d, p, mode, args, seed=args.seed + i)
+                rec["concurrency"] = concurrency
+                with lock:
+                    out.append(rec)
+
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(concurrency) as ex:
+        for f in [ex.submit(worker) for _ in range(concurrency)]:
+            f.result()
+    return out, time.perf_counter() - t0
+
+
+def open_loop(endpoint: str, items: list[tuple[str, str]], mode: str, rate: float, n: int, args) -> tuple[list, float]:
+    """Poisson arrivals at `rate` requests/s, each request on its own client."""
+    from cosine.client import Client
+
+    rng = np.random.default_rng(args.seed)
+    gaps = rng.exponential(1.0 / rate, size=n)
+    out, lock = [], threading.Lock()
+
+    def fire(i: int) -> None:
+        d, p = items[i % len(items)]
+        with Client(endpoint, timeout_s=args.timeout) as c:
+            rec = _one(c, d, p, mode, args, seed=args.seed + i)
+        rec["arrival"] = "poisson"
+        with lock:
+            out.append(rec)
+
+    t0 = time.perf_counter()
+    threads = []
+    for i, g in enumerate(gaps):
+        time.sleep(g)
+        th = threading.Thread(target=fire, args=(i,))
+        th.start()
+        threads.append(th)
+    for th in threads:
+        th.join()
+    return out, time.perf_counter() - t0
+
+
+def summarize(records: list[dict], wall: float) -> dict:
+    toks = np.array([r["tokens"] for r in records], dtype=float)
+    lat = np.array([r["wall_s"] for r in records])
+    per_tok = lat / np.maximum(toks, 1)
+    s = {
+        "requests": len(records), "tokens": int(toks.sum()), "wall_s": wall,
+        "tokens_per_s": float(toks.sum() / wall) if wall else 0.0,
+        "tokens_per_s_per_request": float(np.mean(toks / np.maximum(lat, 1e-9))),
+        "latency_per_token_ms_p50": float(np.percentile(per_tok, 50) * 1e3),
+        "latency_per_token_ms_p95": float(np.percentile(per_tok, 95) * 1e3),
+    }
+    if records and "ttft_s" in records[0]:
+        s["ttft_ms_p50"] = float(np.percentile([r["ttft_s"] for r in records], 50) * 1e3)
+    if records and "mean_accepted_length" in records[0]:
+        s["mean_accepted_length"] = float(np.mean([r["mean_accepted_length"] for r in records]))
+        by_domain: dict[str, list[float]] = {}
+        for r in records:
+            by_domain.setdefault(r["domain"], []).append(r["mean_accepted_length"])
+        s["mean_accepted_length_by_domain"] = {d: float(np.mean(v)) for d, v in by_domain.items()}
+    return s
+
+
+def run_peers(cfg: cfgmod.Config, items: list[tuple[str, str]], args) -> list[dict]:
+    from cosine import models
+    from cosine.bench import peers
+
+    why = peers.available()
+    if why:
+        log.warning(why)
+        return [{"peer": "skipped", "reason": why}]
+    target_src = cfg.target_model().source
+    drafters = [m for m in cfg.models if m.role == "drafter" and m.kind == "neural" and m.source]
+    resolve = lambda s: Path(s) if Path(s).exists() else (models.cached_path(s) or models.fetch(s))  # noqa: E731
+    target = peers.load(resolve(target_src))
+    assistant = peers.load(resolve(drafters[0].source)) if drafters else None
+    out = []
+    for name, asst in (("hf", None), ("hf-assisted", assistant)):
+        if name == "hf-assisted" and asst is None:
+            continue
+        for d, p in items:
+            ids = target.tokenizer(p)["input_ids"]
+            new, secs = peers.generate(target, ids, args.max_tokens, assistant=asst)
+            out.append({"peer": name, "mode": name, "domain": d, "prompt": p[:60], "tokens": len(new),
+                        "token_ids": new, "wall_s": secs, "concurrency": 1})
+            log.info("%s [%s] %d tokens in %.2f s", name, d, len(new), secs)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    ap = argparse.ArgumentParser(prog="cosine-bench", description=__doc__)
+    ap.add_argument("--config", type=Path, default=Path("config.toml"))
+    ap.add_argument("--modes", default=",".join(MODES))
+    ap.add_argument("--peers", default="hf,hf-assisted", help="'' or 'none' to skip the HF peers")
+    ap.add_argument("--domains", default="code,docs,prose,german")
+    ap.add_argument("--prompts", type=Path, default=None, help="prompts JSON from `cosine datasets build`")
+    ap.add_argument("--per-domain", type=int, default=0, help="prompts per domain (0 = all)")
+    ap.add_argument("--max-tokens", type=int, default=128)
+    ap.add_argument("--temperature", type=float, default=0.0)
+    ap.add_argument("--concurrency", default="1,4,16")
+    ap.add_argument("--repeat", type=int, default=1, help="passes over the prompt list per level")
+    ap.add_argument("--poisson-rate", type=float, default=0.0, help="requests/s for an open-loop run (0 = none)")
+    ap.add_argument("--poisson-requests", type=int, default=16)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--timeout", type=float, default=1800.0)
+    ap.add_argument("--out", type=Path, default=None, help="results directory (default docs/benchmarks/DATE-HOST)")
+    args = ap.parse_args(argv)
+    cfg = cfgmod.load(args.config)
+    setup(cfg.logging.level, cfg.logging.file, "bench")
+    modes = [m for m in args.modes.split(",") if m]
+    bad = sorted(set(modes) - set(MODES))
+    if bad:
+        ap.error(f"unknown modes {bad}; known: {', '.join(MODES)}")
+    levels = [int(c) for c in args.concurrency.split(",") if c]
+    items = promptsets.load(args.domains.split(","), args.prompts, args.per_domain)
+    out = args.out or Path("docs/benchmarks") / f"{dt.date.today().isoformat()}-{platform.node() or 'host'}"
+    out.mkdir(parents=True, exist_ok=True)
+    env = environment(cfg, argv)
+    records: list[dict] = []
+    summary: dict = {}
+
+    from cosine.client import Client
+    from cosine.control.cluster import LocalCluster
+
+    with LocalCluster(args.config) as cluster:
+        for mode in modes:
+            for c in levels:
+                log.info("mode %s, concurrency %d, %d prompts", mode, c, len(items))
+                with Client(cluster.endpoint) as admin:
+                    before = admin.stats()
+                recs, wall = closed_loop(cluster.endpoint, items, mode, c, args)
+                with Client(cluster.endpoint) as admin:
+                    after = admin.stats()
+                records += recs
+                summary[f"{mode}@{c}"] = {**summarize(recs, wall), "server_stats_delta": _delta(before, after)}
+                log.info("%s@%d: %.2f tok/s", mode, c, summary[f"{mode}@{c}"]["tokens_per_s"])
+            if args.poisson_rate > 0:
+                recs, wall = open_loop(cluster.endpoint, items, mode, args.poisson_rate, args.poisson_requests, args)
+                records += recs
+                summary[f"{mode}@poisson{args.poisson_rate:g}"] = summarize(recs, wall)
+    if args.peers and args.peers != "none":
+        peer_recs = run_peers(cfg, items, args)
+        records += peer_recs
+        for name in ("hf", "hf-assisted"):
+            rs = [r for r in peer_recs if r.get("peer") == name]
+            if rs:
+                summary[f"{name}@1"] = summarize(rs, sum(r["wall_s"] for r in rs))
+    result = {"environment": env, "args": {k: str(v) for k, v in vars(args).items()},
+              "summary": summary, "ratios": ratios(summary), "identity": identity(records), "records": records}
+    (out / "results.json").write_text(json.dumps(result, indent=1))
+    from cosine.bench.report import write_markdown, write_plots
+    write_markdown(result, out / "results.md")
+    write_plots(result, out)
+    print((out / "results.md").read_text())
+    log.info("results in %s", out)
+    return 0
+
+
+def _delta(before: dict, after: dict) -> dict:
+    """Server counters accumulated during one level (idle fractions etc.)."""
+    keep = {}
+    for k in ("verifier_idle_s", "verifier_busy_s", "drafter_idle_s", "drafter_busy_s", "rounds"):
+        if isinstance(after.get(k), (int, float)) and isinstance(before.get(k), (int, float)):
+            keep[k] = after[k] - before[k]
+    for side in ("verifier", "drafter"):
+        busy, idle = keep.get(f"{side}_busy_s"), keep.get(f"{side}_idle_s")
+        if busy is not None and idle is not None and busy + idle > 0:
+            keep[f"{side}_idle_frac"] = idle / (busy + idle)
+    return keep
+
+
+def ratios(summary: dict) -> dict:
+    """cosine over each baseline, at each level where both ran."""
+    out = {}
+    for key, s in summary.items():
+        if not key.startswith("cosine@"):
+            continue
+        level = key.split("@", 1)[1]
+        for base in ("autoregressive", "speculative", "specinfer", "hf", "hf-assisted"):
+            b = summary.get(f"{base}@{level}")
+            if b and b["tokens_per_s"] > 0:
+                out[f"cosine/{base}@{level}"] = s["tokens_per_s"] / b["tokens_per_s"]
+    return out
+
+
+def identity(records: list[dict]) -> dict:
+    """Greedy losslessness check inside the benchmark: every mode's tokens must equal
+    autoregressive's for the same prompt."""
+    ref = {r["prompt"]: r["token_ids"] for r in records if r.get("mode") == "autoregressive"}
+    bad = [(r["mode"], r["prompt"]) for r in records
+           if r.get("mode") in MODES and r["prompt"] in ref and r["token_ids"] != ref[r["prompt"]]]
+    return {"checked": sum(1 for r in records if r.get("mode") in MODES and r["prompt"] in ref),
+            "mismatches": bad}
