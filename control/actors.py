@@ -1,0 +1,646 @@
+"""The control plane's actors (Pykka threads). Actors hold state and move messages; the
+algorithms (fusion, verification, routing, speculation control, scheduling) are the pure
+functions of the sibling modules.
+
+    frontend (serve.py) --submit/cancel/stats--> ControllerActor --emit--> frontend
+    ControllerActor --draft--> DrafterProxyActor x N  (one per drafter worker)
+                    --fuse---> FuserActor
+                    --select/update--> RouterActor
+                    --prefill/verify/release--> VerifierProxyActor x M
+
+One round ("tick") of the controller:
+  1. admit new requests (prefill the target with prompt[:-1]; the last prompt token is the root);
+  2. requests of the non-pipelined modes draft now (speculative, specinfer);
+  3. the scheduler picks which requests with a tree go to verification; one verify op per
+     verifier is issued (asynchronously, on the verifier actors' threads);
+  4. meanwhile cosine-mode requests that need drafts are drafted (pipelining: drafting of
+     one group overlaps verification of the other);
+  5. verification results are accepted, emitted and committed (inline in the next verify).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import defaultdict, deque
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+import pykka
+
+from cosine.config import Config
+from cosine.control import rounds
+from cosine.control.fusion import make_rule
+from cosine.control.pool import Request
+from cosine.control.proxies import DraftJob, DraftOut, Timed
+from cosine.control.routing import DrafterInfo, Router
+from cosine.control.scheduling import CostModel, PendingRequest, select_batch
+from cosine.control.speculation import DraftPlan, SpeculationController
+from cosine.protocol import VERSION
+
+log = logging.getLogger("cosine.control.actors")
+
+Emit = Callable[[Any, dict[str, Any]], None]
+
+
+class RouterActor(pykka.ThreadingActor):
+    """Owns the Router (per-request drafter scores)."""
+
+    def __init__(self, router: Router):
+        super().__init__()
+        self.router = router
+
+    def start_request(self, rid: str, prompt_text: str) -> str:
+        return self.router.start(rid, prompt_text)
+
+    def select(self, asks: list[tuple[str, int]], available: set[str]) -> dict[str, list[str]]:
+        return {rid: list(self.router.select(rid, available=set(available), k=k)) for rid, k in asks}
+
+    def update(self, updates: list[tuple[str, str, float, int, int]], rounds_: list[tuple[str, int]]) -> None:
+        for rid, drafter, conf, acc, prop in updates:
+            self.router.update(rid, drafter, conf, acc, prop)
+        for rid, acc in rounds_:
+            self.router.record_round(rid, acc)
+
+    def finish(self, rids: list[str]) -> None:
+        for rid in rids:
+            self.router.finish(rid)
+
+
+class FuserActor(pykka.ThreadingActor):
+    """Confidence-based token fusion for one draft step of many requests."""
+
+    def __init__(self, rule_name: str, min_confidence: float):
+        super().__init__()
+        self.rule = make_rule(rule_name, min_confidence)
+
+    def fuse(self, items: list[tuple[Any, int, list, bool]]) -> list[tuple[Any, int | None, dict]]:
+        out = []
+        for tree, parent, cands, stochastic in items:
+            dists: dict = {}
+            t, fused = rounds.fuse_candidates(tree, parent, cands, self.rule, stochastic, dists)
+            out.append((t, fused, dists))
+        return out
+
+
+@dataclass
+class DrafterSlot:
+    name: str
+    index: int
+    proxy: Any                       # DrafterProxyActor proxy
+    max_positions: int
+    domains: tuple[str, ...] = ()
+    alive: bool = True
+    next_probe: float = 0.0
+    probe: Any = None                # pending probe future
+    busy_s: float = 0.0
+
+
+@dataclass
+class VerifierSlot:
+    name: str
+    proxy: Any
+    load: int = 0
+    busy_s: float = 0.0
+
+
+@dataclass
+class ControllerStats:
+    started: float = field(default_factory=time.monotonic)
+    rounds: int = 0
+    tokens: int = 0
+    accepted_drafts: int = 0
+    requests_done: int = 0
+    requests_failed: int = 0
+    wall_s: float = 0.0              # time spent inside ticks with work
+    verify_busy_s: float = 0.0
+    draft_wall_s: float = 0.0
+    overlap_s: float = 0.0
+    last_round: dict = field(default_factory=dict)
+
+
+class ControllerActor(pykka.ThreadingActor):
+    """Request pool, round loop, scheduling, speculation control, stats."""
+
+    def __init__(self, cfg: Config, verifiers: list[VerifierSlot], drafters: list[DrafterSlot], router: Any,
+                 fuser: Any, emit_factory: Callable[[], Emit], decode: Callable[[list[int]], str],
+                 cost: CostModel | None = None):
+        super().__init__()
+        self.cfg = cfg
+        self.cc = cfg.controller
+        self.verifiers = verifiers
+        self.drafters = drafters
+        self.router = router
+        self.fuser = fuser
+        self.emit_factory = emit_factory
+        self.emit: Emit = lambda a, h: None
+        self.decode = decode
+        self.cost = cost or CostModel.default()
+        self.spec = SpeculationController.from_config(self.cc.speculation, self.cc.scheduling.max_verify_tokens)
+        self.requests: dict[str, Request] = {}          # admitted (prefilled) requests
+        self.incoming: deque[Request] = deque()
+        self.by_client: dict[tuple[Any, str], str] = {}
+        self.stats_ = ControllerStats()
+        self.tick_pending = False
+        self.worker_timeout = self.cc.worker_timeout_s
+        self.probe_every_s = max(1.0, min(5.0, self.worker_timeout))
+
+    def on_start(self) -> None:
+        self.emit = self.emit_factory()
+        self._me = self.actor_ref.proxy()
+
+    # -- frontend messages -------------------------------------------------------------
+    def submit(self, req: Request, client_key: tuple[Any, str]) -> None:
+        if client_key in self.by_client:
+            self._reply_error(req.client, "duplicate_request", f"request {client_key[1]!r} is already running")
+            return
+        if len(self.requests) + len(self.incoming) >= self.cc.max_pending_requests:
+            self._reply_error(req.client, "overloaded",
+                              f"{self.cc.max_pending_requests} requests pending (max_pending_requests); retry later")
+            return
+        self.by_client[client_key] = req.rid
+        req.client_key = client_key
+        self.incoming.append(req)
+        self._kick()
+
+    def cancel(self, client_key: tuple[Any, str], reply_to: Any) -> None:
+        rid = self.by_client.get(client_key)
+        if rid is None:
+            self.emit(reply_to[0], {"v": VERSION, "op": "cancel", "seq": reply_to[1], "ok": False,
+                                    "error": {"code": "unknown_request",
+                                              "message": f"no running request with rid {client_key[1]!r}"}})
+            return
+        req = self.requests.get(rid) or next((r for r in self.incoming if r.rid == rid), None)
+        if req is not None:
+            self._fail(req, "cancelled", "cancelled by the client")
+        self.emit(reply_to[0], {"v": VERSION, "op": "cancel", "seq": reply_to[1], "ok": True, "rid": client_key[1]})
+
+    def stats(self) -> dict[str, Any]:
+        s = self.stats_
+        wall = max(s.wall_s, 1e-9)
+        drafters = {}
+        for d in self.drafters:
+            drafters[d.name] = {"alive": d.alive, "busy_s": d.busy_s,
+                                "idle_frac": max(0.0, 1.0 - d.busy_s / wall) if s.wall_s else None}
+        return {
+            "uptime_s": time.monotonic() - s.started, "mode": self.cc.mode,
+            "active_requests": len(self.requests), "queued_requests": len(self.incoming),
+            "rounds": s.rounds, "tokens": s.tokens, "requests_done": s.requests_done,
+            "requests_failed": s.requests_failed,
+            "mean_accepted_length": 1.0 + s.accepted_drafts / s.rounds if s.rounds else 1.0,
+            "busy_wall_s": s.wall_s, "draft_wall_s": s.draft_wall_s, "verify_busy_s": s.verify_busy_s,
+            "pipeline_overlap_s": s.overlap_s, "last_round": s.last_round,
+            "verifier_idle_frac": max(0.0, 1.0 - s.verify_busy_s / wall) if s.wall_s else None,
+            "drafter_idle_frac": (sum(v["idle_frac"] for v in drafters.values()) / len(drafters)
+                                  if drafters and s.wall_s else None),
+            "drafters": drafters,
+            "verifiers": {v.name: {"load": v.load, "busy_s": v.busy_s} for v in self.verifiers},
+        }
+
+    def worker_stats(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        futs = {v.name: v.proxy.stats() for v in self.verifiers}
+        futs.update({d.name: d.proxy.stats() for d in self.drafters if d.alive})
+        for name, f in futs.items():
+            try:
+                out[name] = f.get(timeout=self.worker_timeout + 1)
+            except Exception as e:  # noqa: BLE001 - a dead worker is reported, not raised
+                out[name] = {"error": str(e)}
+        for d in self.drafters:
+            if not d.alive:
+                out[d.name] = {"error": "marked dead; probing"}
+        return out
+
+    def set_cost_model(self, cost: CostModel) -> None:
+        self.cost = cost
+
+    # -- replies -----------------------------------------------------------------------
+    def _reply_error(self, client: Any, code: str, message: str) -> None:
+        ident, crid, seq = client
+        self.emit(ident, {"v": VERSION, "op": "generate", "seq": seq, "rid": crid, "ok": False,
+                          "error": {"code": code, "message": message}})
+
+    def _fail(self, req: Request, code: str, message: str) -> None:
+        if req.done and req.rid not in self.requests:
+            return
+        req.finish_reason = req.finish_reason or "error"
+        self.stats_.requests_failed += 1
+        self._reply_error(req.client, code, message)
+        self._drop(req)
+
+    def _finish(self, req: Request) -> None:
+        ident, crid, seq = req.client
+        st = req.stats()
+        self.stats_.requests_done += 1
+        self.emit(ident, {"v": VERSION, "op": "done", "seq": seq, "rid": crid, "ok": True, "text": req.text,
+                          "token_ids": list(req.output), "finish_reason": req.finish_reason, "stats": st})
+        self._drop(req)
+
+    def _drop(self, req: Request) -> None:
+        """Forget a request everywhere and free its caches on every worker that holds it."""
+        self.by_client.pop(req.client_key, None)
+        if req in self.incoming:
+            self.incoming.remove(req)
+        if self.requests.pop(req.rid, None) is not None:
+            v = self.verifiers[req.verifier]
+            v.load -= 1
+            v.proxy.release([req.rid])
+            for d in self.drafters:
+                d.proxy.release([req.rid])
+            self.router.finish([req.rid])
+            self.spec.forget(req.rid)
+
+    # -- the round loop ----------------------------------------------------------------
+    def _kick(self) -> None:
+        if not self.tick_pending:
+            self.tick_pending = True
+            self._me.tick()
+
+    def tick(self) -> None:
+        self.tick_pending = False
+        try:
+            self._tick()
+        except Exception:  # noqa: BLE001 - a bug must fail requests, not kill the server silently
+            log.exception("round failed; failing its requests")
+            for r in list(self.requests.values()) + list(self.incoming):
+                self._fail(r, "internal", "internal error in the controller round; see the server log")
+        if self.requests or self.incoming:
+            self._kick()
+
+    def _tick(self) -> None:
+        t_start = time.perf_counter()
+        self._probe_drafters()
+        self._expire()
+        self._admit()
+        if not self.requests:
+            return
+        reqs = list(self.requests.values())
+        plans = self._plans([r for r in reqs if r.phase == "draft"])
+        # cosine requests pipeline; one that does not speculate this round (no live drafter,
+        # speculation switched off) is verified right away like the sequential modes
+        pipelined = [r for r in reqs if r.params.mode == "cosine" and (r.phase == "verify" or plans[r.rid].speculate)]
+        sequential = [r for r in reqs if r not in pipelined]
+
+        # Which requests verify this round: those holding a tree plus the sequential ones
+        # (they draft right before). The scheduler keeps the round under its caps.
+        candidates = [r for r in pipelined if r.phase == "verify"] + sequential
+        chosen = self._schedule(candidates, plans)
+        seq_now = [r for r in sequential if r.rid in chosen]
+        t0 = time.perf_counter()
+        self._draft(seq_now, plans)
+        seq_draft_s = time.perf_counter() - t0
+        verify_set = [r for r in candidates if r.rid in chosen]
+        futures = self._issue_verify(verify_set)
+
+        # Pipelining: draft the other group while the verifier works. Balance the groups:
+        # when far more requests wait to draft than to verify, hold some back a round.
+        to_draft = [r for r in pipelined if r.phase == "draft"]
+        hold = max(0, (len(to_draft) - len(verify_set)) // 2) if len(to_draft) > 1 else 0
+        to_draft = to_draft[:len(to_draft) - hold]
+        t1 = time.perf_counter()
+        self._draft(to_draft, plans)
+        draft_s = time.perf_counter() - t1
+        for r in to_draft:
+            r.draft_s = draft_s
+        for r in seq_now:
+            r.draft_s = seq_draft_s
+        verify_busy = self._collect_verify(futures)
+
+        wall = time.perf_counter() - t_start
+        s = self.stats_
+        s.wall_s += wall
+        s.verify_busy_s += verify_busy
+        s.draft_wall_s += draft_s + seq_draft_s
+        # drafting that ran while the verifier was busy: what pipelining saved this round
+        s.overlap_s += max(0.0, min(draft_s, verify_busy))
+        s.last_round = {"wall_s": wall, "verify_s": verify_busy, "draft_s": draft_s + seq_draft_s,
+                        "verified": len(verify_set), "drafted": len(to_draft) + len(seq_now),
+                        "held_back": hold, "verifier_idle_frac": max(0.0, 1.0 - verify_busy / max(wall, 1e-9))}
+        if self.cc.speculation.adaptive and verify_set:
+            idle = max(0.0, 1.0 - verify_busy / max(wall, 1e-9))
+            queued = len([r for r in self.requests.values() if r.phase == "verify"])
+            self.spec.observe_pipeline(idle, queued)
+
+    def _probe_drafters(self) -> None:
+        now = time.monotonic()
+        for d in self.drafters:
+            if d.alive:
+                continue
+            if d.probe is not None:
+                try:
+                    ok = d.probe.get(timeout=0)
+                except pykka.Timeout:
+                    continue
+                d.probe = None
+                if ok:
+                    d.alive = True
+                    log.info("drafter %s answers again; re-admitted (its cache starts empty)", d.name)
+                    continue
+                d.next_probe = now + self.probe_every_s
+            elif now >= d.next_probe:
+                d.probe = d.proxy.probe(min(1.0, self.worker_timeout))
+
+    def _mark_dead(self, d: DrafterSlot, why: str) -> None:
+        if d.alive:
+            log.warning("drafter %s marked dead (%s); continuing without it and probing it every %.0f s",
+                        d.name, why, self.probe_every_s)
+        d.alive = False
+        d.next_probe = time.monotonic() + self.probe_every_s
+
+    def _expire(self) -> None:
+        limit = self.cc.request_timeout_s
+        now = time.monotonic()
+        for r in list(self.requests.values()) + list(self.incoming):
+            if now - r.arrived > limit:
+                self._fail(r, "timeout", f"request ran longer than request_timeout_s = {limit} s")
+
+    def _admit(self) -> None:
+        if not self.incoming:
+            return
+        by_v: dict[int, list[Request]] = defaultdict(list)
+        while self.incoming:
+            r = self.incoming.popleft()
+            r.verifier = min(range(len(self.verifiers)), key=lambda i: self.verifiers[i].load)
+            self.verifiers[r.verifier].load += 1
+            by_v[r.verifier].append(r)
+        futs = {i: self.verifiers[i].proxy.prefill([(r.rid, r.prompt[:-1]) for r in rs]) for i, rs in by_v.items()}
+        for i, rs in by_v.items():
+            res: Timed = futs[i].get()
+            if res.error == "soft" and len(rs) > 1:  # isolate the bad request: one by one
+                results = [(r, self.verifiers[i].proxy.prefill([(r.rid, r.prompt[:-1])]).get()) for r in rs]
+            else:
+                results = [(r, res) for r in rs]
+            for r, res1 in results:
+                if res1.error is None:
+                    r.prefilled = True
+                    self.requests[r.rid] = r
+                    r.domain = self.router.start_request(r.rid, r.prompt_text).get()
+                    continue
+                self.verifiers[i].load -= 1
+                code = {"too_long": "too_long", "capacity": "overloaded"}.get(res1.extra.get("code"), "unavailable"
+                                                                             if res1.error == "dead" else "internal")
+                self.by_client.pop(r.client_key, None)
+                self.stats_.requests_failed += 1
+                self._reply_error(r.client, code, f"prefill on verifier {self.verifiers[i].name} failed: {res1.message}")
+
+    # -- planning and scheduling -------------------------------------------------------
+    def _room(self, r: Request) -> int:
+        """Draft tokens that still fit: positions and the remaining output budget."""
+        return max(0, min(r.context_limit - len(r.committed), r.params.max_tokens - len(r.output)))
+
+    def _plans(self, reqs: list[Request]) -> dict[str, DraftPlan]:
+        sc = self.cc.speculation
+        plans: dict[str, DraftPlan] = {}
+        for r in reqs:
+            mode = r.params.mode
+            if mode == "autoregressive" or not any(d.alive for d in self.drafters):
+                plans[r.rid] = DraftPlan(False, 0, 1)
+            elif mode == "cosine" and sc.adaptive:
+                plans[r.rid] = self.spec.plan(r.rid)
+            else:
+                plans[r.rid] = DraftPlan(True, sc.draft_len, sc.tree_width)
+        if plans:
+            plans = self.spec.trim_to_cap(plans)
+        n_alive = max(1, sum(d.alive for d in self.drafters))
+        max_nodes = self.cfg.limits.max_tree_nodes
+        for r in reqs:
+            p = plans[r.rid]
+            # every draft step adds up to one node per drafter (times the width for expansions)
+            per_step = {"speculative": 1, "specinfer": n_alive * max(1, p.tree_width),
+                        "cosine": min(n_alive, self.cc.routing.max_drafters_per_request)}.get(r.params.mode, 1)
+            n = min(p.draft_len, self._room(r), (max_nodes - 1) // per_step) if p.speculate else 0
+            width = 1 if r.params.temperature > 0 else p.tree_width
+            plans[r.rid] = DraftPlan(n > 0, n, width)
+        return plans
+
+    def _schedule(self, cands: list[Request], plans: dict[str, DraftPlan]) -> set[str]:
+        if not cands:
+            return set()
+        now = time.monotonic()
+        pool = []
+        for r in cands:
+            planned = r.tree.n if r.tree is not None else 1 + (plans[r.rid].draft_len if r.rid in plans else 0) * \
+                max(1, len(self.drafters) if r.params.mode == "specinfer" else 1)
+            pool.append(PendingRequest(rid=r.rid, seq_len=len(r.committed), planned_tokens=planned,
+                                       waiting_s=now - r.wait_since, cache_tokens=len(r.committed) + planned))
+        sch = self.cc.scheduling
+        budget = sum(1 for _ in self.verifiers) * 10 ** 9  # workers enforce their own KV budget
+        chosen = select_batch(pool, self.cost, max_batch=sch.max_batch * len(self.verifiers),
+                              max_verify_tokens=sch.max_verify_tokens * len(self.verifiers),
+                              memory_budget_tokens=budget, latency_weight=sch.latency_weight,
+                              latency_bound_s=sch.latency_bound_ms / 1000.0 if sch.latency_bound_ms else None)
+        ids = {c if isinstance(c, str) else c.rid for c in chosen}
+        if not ids:  # never starve: the oldest request always goes
+            ids = {max(pool, key=lambda p: p.waiting_s).rid}
+        return ids
+
+    # -- drafting ------------------------------------------------------------------------
+    def _alive(self) -> list[DrafterSlot]:
+        return [d for d in self.drafters if d.alive]
+
+    def _draft(self, reqs: list[Request], plans: dict[str, DraftPlan]) -> None:
+        """Build ``r.tree`` for every request (root only when it does not speculate)."""
+        if not reqs:
+            return
+        fused = [r for r in reqs if r.params.mode == "cosine" and plans[r.rid].speculate]
+        chains = [r for r in reqs if r.params.mode in ("speculative", "specinfer") and plans[r.rid].speculate]
+        for r in reqs:
+            r.tree, r.draft_dists, r.drafters, r.proposals = rounds.root_tree(r.committed[-1]), {}, [], {}
+            r.phase = "verify"
+            r.wait_since = time.monotonic()
+        if chains:
+            self._draft_chains(chains, plans)
+        if fused:
+            self._draft_fused(fused, plans)
+
+    def _job(self, r: Request, context: list[int], k: int, topk: int = 1) -> DraftJob:
+        stochastic = r.params.temperature > 0
+        return DraftJob(rid=r.rid, context=context, k=k, topk=topk, temperature=r.params.temperature,
+                        return_probs=stochastic, seed=int(r.rng.integers(2 ** 31)) if stochastic else None)
+
+    def _run_drafts(self, jobs: dict[int, list[DraftJob]]) -> dict[int, dict[str, DraftOut]]:
+        """One draft op per drafter, all in flight at once; failed drafters are marked dead."""
+        futs = {i: self.drafters[i].proxy.draft(js) for i, js in jobs.items() if js}
+        out: dict[int, dict[str, DraftOut]] = {}
+        for i, f in futs.items():
+            d = self.drafters[i]
+            res: Timed = f.get()
+            d.busy_s += res.busy_s
+            if res.error == "dead":
+                self._mark_dead(d, res.message)
+            elif res.error:
+                log.warning("drafter %s refused a draft batch (%s); those requests go without it this step",
+                            d.name, res.message)
+            else:
+                out[i] = res.value
+        return out
+
+    def _fits(self, d: DrafterSlot, context_len: int, k: int) -> bool:
+        return context_len + k <= d.max_positions
+
+    def _draft_chains(self, reqs: list[Request], plans: dict[str, DraftPlan]) -> None:
+        jobs: dict[int, list[DraftJob]] = defaultdict(list)
+        for r in reqs:
+            p = plans[r.rid]
+            alive = [d for d in self._alive() if self._fits(d, len(r.committed), p.draft_len)]
+            use = alive[:1] if r.params.mode == "speculative" else alive
+            for d in use:
+                jobs[d.index].append(self._job(r, list(r.committed), p.draft_len, p.tree_width))
+        outs = self._run_drafts(jobs)
+        for r in reqs:
+            chains = []
+            for i, res in outs.items():
+                o = res.get(r.rid)
+                if o is None:
+                    continue
+                chains.append(rounds.ChainDraft(i, o.tokens, o.probs, o.topk_ids, o.topk_probs, o.dists))
+                r.drafters.append(self.drafters[i].name)
+                r.proposals[self.drafters[i].name] = (o.tokens, o.probs)
+            if chains:
+                d = rounds.chains_tree(r.committed[-1], chains, r.params.temperature > 0, plans[r.rid].tree_width)
+                r.tree, r.draft_dists = d.tree, d.dists
+
+    def _draft_fused(self, reqs: list[Request], plans: dict[str, DraftPlan]) -> None:
+        """CoSine drafting: per step, every selected drafter proposes one token after the same
+        fused prefix; the most confident becomes the fused token all continue from."""
+        alive = {d.name for d in self._alive()}
+        k_max = self.cc.routing.max_drafters_per_request
+        sel = self.router.select([(r.rid, k_max) for r in reqs], alive).get() if alive else {}
+        by_name = {d.name: d for d in self.drafters}
+        state = {}
+        for r in reqs:
+            names = [n for n in sel.get(r.rid, []) if n in by_name]
+            r.drafters = names
+            r.proposals = {n: ([], []) for n in names}
+            state[r.rid] = {"parent": 0, "prefix": [], "left": plans[r.rid].draft_len}
+        for _step in range(max((plans[r.rid].draft_len for r in reqs), default=0)):
+            jobs: dict[int, list[DraftJob]] = defaultdict(list)
+            for r in reqs:
+                st = state[r.rid]
+                if st["left"] <= 0:
+                    continue
+                ctx = r.committed + st["prefix"]
+                for n in r.drafters:
+                    d = by_name[n]
+                    if d.alive and self._fits(d, len(ctx), 1):
+                        jobs[d.index].append(self._job(r, ctx, 1))
+            if not jobs:
+                break
+            outs = self._run_drafts(jobs)
+            items, order = [], []
+            for r in reqs:
+                st = state[r.rid]
+                if st["left"] <= 0:
+                    continue
+                cands = []
+                for i, res in outs.items():
+                    o = res.get(r.rid)
+                    if o is None:
+                        continue
+                    q = o.dists[0] if o.dists is not None else None
+                    cands.append((i, o.tokens[0], o.probs[0], q))
+                    toks, probs = r.proposals[self.drafters[i].name]
+                    toks.append(o.tokens[0])
+                    probs.append(o.probs[0])
+                if not cands:
+                    st["left"] = 0
+                    continue
+                items.append((r.tree, st["parent"], cands, r.params.temperature > 0))
+                order.append(r)
+            if not items:
+                break
+            for r, (tree, node, dists) in zip(order, self.fuser.fuse(items).get()):
+                st = state[r.rid]
+                r.tree = tree
+                r.draft_dists.update(dists)
+                if node is None:
+                    st["left"] = 0
+                else:
+                    st["parent"] = node
+                    st["prefix"].append(int(tree.tokens[node]))
+                    st["left"] -= 1
+
+    # -- verification --------------------------------------------------------------------
+    def _issue_verify(self, reqs: list[Request]) -> dict[int, tuple[list[Request], Any, bool]]:
+        by_v: dict[int, list[Request]] = defaultdict(list)
+        for r in reqs:
+            by_v[r.verifier].append(r)
+        futs = {}
+        for i, rs in by_v.items():
+            logits = any(r.params.temperature > 0 for r in rs)
+            items = [(r.rid, np.asarray(r.tree.tokens, np.int32), np.asarray(r.tree.parents, np.int32),
+                      r.commit_nodes) for r in rs]
+            futs[i] = (rs, self.verifiers[i].proxy.verify(items, logits), logits)
+        return futs
+
+    def _collect_verify(self, futs: dict[int, tuple[list[Request], Any, bool]]) -> float:
+        busy = 0.0
+        for i, (rs, fut, logits) in futs.items():
+            v = self.verifiers[i]
+            res: Timed = fut.get()
+            if res.error == "soft" and len(rs) > 1:
+                # one bad request fails the whole batch and changes nothing: isolate it
+                log.warning("verify batch on %s refused (%s); retrying one by one", v.name, res.message)
+                for r in rs:
+                    f1 = self._issue_verify_one(i, r, logits)
+                    busy += self._apply_verify(v, [r], f1.get())
+                continue
+            busy += self._apply_verify(v, rs, res)
+        return busy
+
+    def _issue_verify_one(self, i: int, r: Request, logits: bool) -> Any:
+        item = (r.rid, np.asarray(r.tree.tokens, np.int32), np.asarray(r.tree.parents, np.int32),
+                r.commit_nodes)
+        return self.verifiers[i].proxy.verify([item], logits)
+
+    def _apply_verify(self, v: VerifierSlot, rs: list[Request], res: Timed) -> float:
+        v.busy_s += res.busy_s
+        if res.error:
+            code = "unavailable" if res.error == "dead" else {"too_long": "too_long", "capacity": "overloaded"}.get(
+                res.extra.get("code"), "internal")
+            for r in rs:
+                self._fail(r, code, f"verification on {v.name} failed: {res.message}")
+            return res.busy_s
+        n_total = sum(r.tree.n for r in rs)
+        upd, rnd = [], []
+        for r in rs:
+            argmax, logits = res.value[r.rid]
+            vr = rounds.verify(r.tree, argmax, logits, r.params.temperature, r.params.top_p, r.draft_dists, r.rng)
+            tokens = [int(t) for t in vr.tokens]
+            n_acc = len(tokens) - 1
+            r.rounds += 1
+            r.accepted_drafts += n_acc
+            self.stats_.rounds += 1
+            self.stats_.accepted_drafts += n_acc
+            drafted = r.tree.n - 1
+            for name, (toks, probs) in (r.proposals or {}).items():
+                if not toks:
+                    continue
+                match = 0
+                while match < len(toks) and match < len(tokens) and toks[match] == tokens[match]:
+                    match += 1
+                upd.append((r.rid, name, float(np.mean(probs)), match, len(toks)))
+                if match:
+                    r.drafters_used.add(name)
+            if r.drafters and r.params.mode == "cosine":
+                rnd.append((r.rid, n_acc))
+            if r.params.mode == "cosine" and drafted:
+                self.spec.observe(r.rid, drafted, n_acc, r.draft_s, res.busy_s * r.tree.n / max(n_total, 1))
+            elif r.tree.n == 1:
+                self.spec.observe_plain(res.busy_s)
+            for name in r.drafters:
+                r.drafters_used.add(name)
+            text, ids = r.accept(tokens)
+            self.stats_.tokens += len(ids)
+            r.commit_nodes = [int(n) for n in vr.nodes]
+            r.tree, r.phase, r.wait_since = None, "draft", time.monotonic()
+            if r.params.stream and (text or ids):
+                ident, crid, seq = r.client
+                self.emit(ident, {"v": VERSION, "op": "chunk", "seq": seq, "rid": crid, "ok": True,
+                                  "text": text, "tokens": ids})
+            if r.done:
+                self._finish(r)
+        if upd or rnd:
+            self.router.update(upd, rnd)
+        return res.busy_s

@@ -1,0 +1,245 @@
+"""Worker proxy actors: each owns one worker's DEALER socket (created on the actor thread).
+
+DrafterProxyActor also owns the bookkeeping of what its worker's cache holds per request,
+so callers only say "draft k tokens after this context" and the proxy works out
+``keep``/``feed`` by the system convention (docs/design.md): the cache never holds the
+context's last token; it is rolled back to the longest common prefix and the rest is fed.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pykka
+
+from cosine.workers.client import WorkerClient, WorkerError
+
+log = logging.getLogger("cosine.control.proxies")
+
+
+# Worker errors about particular requests, not about the worker: the drafter stays in use.
+SOFT_CODES = frozenset({"bad_request", "unknown_request", "duplicate_request", "capacity", "too_long"})
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+def plan_feed(cached: list[int], context: list[int]) -> tuple[int | None, list[int]]:
+    """(keep, feed) so that after feeding, the cache holds ``context`` (root last).
+
+    At least the root is fed (the draft op needs n_feed >= 1); ``keep`` is None when no
+    rollback is needed.
+    """
+    keep = min(common_prefix(cached, context), len(context) - 1)
+    return (None if keep == len(cached) else keep), context[keep:]
+
+
+@dataclass
+class DraftJob:
+    rid: str
+    context: list[int]          # committed + fused prefix; its last token is the root
+    k: int
+    topk: int = 1
+    temperature: float = 0.0
+    return_probs: bool = False
+    seed: int | None = None
+
+
+@dataclass
+class DraftOut:
+    tokens: list[int]
+    probs: list[float]
+    topk_ids: np.ndarray        # [k, topk]
+    topk_probs: np.ndarray
+    dists: np.ndarray | None    # [k, V] when return_probs
+
+
+@dataclass
+class Timed:
+    value: Any
+    busy_s: float
+    error: str | None = None    # "dead" (timeout/transport) or "soft" (per-request trouble)
+    message: str = ""
+    extra: dict = field(default_factory=dict)
+
+
+class _WorkerProxy(pykka.ThreadingActor):
+    def __init__(self, name: str, endpoint: str, timeout_s: float):
+        super().__init__()
+        self.name, self.endpoint, self.timeout_s = name, endpoint, timeout_s
+        self.client: WorkerClient | None = None
+
+    def on_start(self) -> None:
+        self.client = WorkerClient(self.endpoint, self.timeout_s)
+
+    def on_stop(self) -> None:
+        self._close()
+
+    def _close(self) -> None:
+        if self.client is not None and hasattr(self.client, "close"):
+            try:
+                self.client.close()
+            except Exception:  # noqa: BLE001 - closing a broken socket must not mask the real error
+                pass
+
+    def call(self, op: str, fields: dict[str, Any], arrays: dict[str, np.ndarray] | None = None,
+             timeout_s: float | None = None) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+        assert self.client is not None
+        return self.client.call(op, fields, arrays or {}, timeout_s=timeout_s)
+
+    def health(self, timeout_s: float | None = None) -> dict[str, Any]:
+        return self.call("health", {}, timeout_s=timeout_s)[0]
+
+    def stats(self) -> dict[str, Any]:
+        return self.call("stats", {})[0]
+
+
+class VerifierProxyActor(_WorkerProxy):
+    """Target worker: prefill, tree verify (with inline commit), release. Stateless."""
+
+    def prefill(self, items: list[tuple[str, list[int]]]) -> Timed:
+        t0 = time.perf_counter()
+        toks = np.asarray([t for _, ts in items for t in ts], dtype=np.int32)
+        try:
+            self.call("prefill", {"requests": [{"rid": r, "n": len(ts)} for r, ts in items]}, {"tokens": toks})
+        except WorkerError as e:
+            return Timed(None, time.perf_counter() - t0, "soft", f"{e.code}: {e.message}", {"code": e.code})
+        except (TimeoutError, OSError) as e:
+            return Timed(None, time.perf_counter() - t0, "dead", f"verifier {self.name} did not answer: {e}")
+        return Timed(None, time.perf_counter() - t0)
+
+    def verify(self, items: list[tuple[str, np.ndarray, np.ndarray, list[int] | None]], logits: bool) -> Timed:
+        """items: (rid, tokens, parents, commit nodes of the previous round or None).
+
+        Returns per-rid (argmax [n], logits [n, V] or None)."""
+        t0 = time.perf_counter()
+        reqs = [{"rid": r, "n": int(len(tok)), **({"commit": c} if c is not None else {})} for r, tok, _, c in items]
+        arrays = {"tokens": np.concatenate([np.asarray(t, np.int32) for _, t, _, _ in items]),
+                  "parents": np.concatenate([np.asarray(p, np.int32) for _, _, p, _ in items])}
+        try:
+            h, a = self.call("verify", {"requests": reqs, "return": "logits" if logits else "argmax"}, arrays)
+        except WorkerError as e:
+            return Timed(None, time.perf_counter() - t0, "soft", f"{e.code}: {e.message}", {"code": e.code})
+        except (TimeoutError, OSError) as e:
+            return Timed(None, time.perf_counter() - t0, "dead", f"verifier {self.name} did not answer: {e}")
+        out, off = {}, 0
+        for rid, tok, _, _ in items:
+            n = len(tok)
+            out[rid] = (np.asarray(a["argmax"][off:off + n]),
+                        np.asarray(a["logits"][off:off + n]) if logits else None)
+            off += n
+        return Timed(out, time.perf_counter() - t0)
+
+    def release(self, rids: list[str]) -> None:
+        if rids:
+            try:
+                self.call("release", {"rids": list(rids)})
+            except (WorkerError, TimeoutError, OSError) as e:
+                log.warning("release on verifier %s failed: %s", self.name, e)
+
+
+class DrafterProxyActor(_WorkerProxy):
+    """Drafter worker plus a mirror of what its cache holds for each request."""
+
+    def __init__(self, name: str, endpoint: str, timeout_s: float, index: int):
+        super().__init__(name, endpoint, timeout_s)
+        self.index = index
+        self.cached: dict[str, list[int]] = {}  # rid -> tokens in the worker's cache
+        self.busy_s = 0.0
+
+    def draft(self, jobs: list[DraftJob]) -> Timed:
+        """One draft op for all jobs (after a prefill op for requests new to this worker)."""
+        t0 = time.perf_counter()
+        try:
+            new = [j for j in jobs if j.rid not in self.cached]
+            if new:
+                pre = [(j.rid, j.context[:-1]) for j in new]
+                toks = np.asarray([t for _, ts in pre for t in ts], dtype=np.int32)
+                self.call("prefill", {"requests": [{"rid": r, "n": len(ts)} for r, ts in pre]}, {"tokens": toks})
+                for r, ts in pre:
+                    self.cached[r] = list(ts)
+            reqs, feed = [], []
+            for j in jobs:
+                keep, f = plan_feed(self.cached[j.rid], j.context)
+                reqs.append({"rid": j.rid, "keep": keep, "n_feed": len(f), "k": j.k, "topk": j.topk,
+                             "temperature": j.temperature, "return_probs": j.return_probs, "seed": j.seed})
+                feed.extend(f)
+            h, a = self.call("draft", {"requests": reqs}, {"feed": np.asarray(feed, dtype=np.int32)})
+        except WorkerError as e:
+            if e.code not in SOFT_CODES:  # the worker itself is broken: treat it as dead
+                self.cached.clear()
+                dt = time.perf_counter() - t0
+                self.busy_s += dt
+                return Timed(None, dt, "dead", f"drafter {self.name} failed: {e.code}: {e.message}")
+            # The batch failed as a whole and changed nothing on the worker, but our mirror
+            # may be stale (worker restarted or freed idle requests): drop those requests
+            # there and here, so they are prefilled afresh next time.
+            self._forget([j.rid for j in jobs])
+            dt = time.perf_counter() - t0
+            self.busy_s += dt
+            return Timed(None, dt, "soft", f"{e.code}: {e.message}", {"code": e.code})
+        except (TimeoutError, OSError) as e:
+            self.cached.clear()  # unknown state: treat the worker as empty when it is back
+            dt = time.perf_counter() - t0
+            self.busy_s += dt
+            return Timed(None, dt, "dead", f"drafter {self.name} did not answer: {e}")
+        out: dict[str, DraftOut] = {}
+        off = 0
+        for j in jobs:
+            k = j.k
+            toks = [int(t) for t in a["tokens"][off:off + k]]
+            out[j.rid] = DraftOut(tokens=toks, probs=[float(p) for p in a["token_probs"][off:off + k]],
+                                  topk_ids=np.asarray(a["topk_ids"][off:off + k]),
+                                  topk_probs=np.asarray(a["topk_probs"][off:off + k]),
+                                  dists=np.asarray(a["probs"][off:off + k]) if j.return_probs and "probs" in a else None)
+            self.cached[j.rid] = list(j.context) + toks[:-1]
+            off += k
+        dt = time.perf_counter() - t0
+        self.busy_s += dt
+        return Timed(out, dt)
+
+    def _forget(self, rids: list[str]) -> None:
+        for r in rids:
+            self.cached.pop(r, None)
+        try:
+            self.call("release", {"rids": list(rids)})
+        except (WorkerError, TimeoutError, OSError):
+            pass
+
+    def release(self, rids: list[str]) -> None:
+        mine = [r for r in rids if r in self.cached]
+        for r in mine:
+            del self.cached[r]
+        if mine:
+            try:
+                self.call("release", {"rids": mine})
+            except (WorkerError, TimeoutError, OSError) as e:
+                log.warning("release on drafter %s failed: %s", self.name, e)
+
+    def probe(self, timeout_s: float) -> bool:
+        """Health check of a drafter marked dead. On success its cache counts as empty."""
+        try:
+            self.call("health", {}, timeout_s=timeout_s)
+        except (WorkerError, TimeoutError, OSError):
+            return False
+        stale = list(self.cached)
+        self.cached.clear()
+        if stale:  # it may only have been slow: free what it may still hold
+            try:
+                self.call("release", {"rids": stale})
+            except (WorkerError, TimeoutError, OSError):
+                return False
+        return True
+
+    def take_busy(self) -> float:
+        b, self.busy_s = self.busy_s, 0.0
+        return b

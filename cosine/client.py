@@ -1,0 +1,408 @@
+"""Client library for a running cosine server (`cosine-serve` / `cosine up`).
+
+    from cosine.client import Client
+    with Client("tcp://127.0.0.1:5600") as c:
+        r = c.generate("def fib(n):", max_tokens=64)
+        print(r.text, r.stats["mean_accepted_length"])
+        for chunk in c.generate("Once upon", stream=True):
+            print(chunk.text, end="", flush=True)
+
+One ZeroMQ DEALER socket per client. ZeroMQ sockets are not thread-safe: use a Client
+from one thread only (give each thread its own Client; they are cheap). `AsyncClient`
+is the asyncio flavour (zmq.asyncio) with the same methods as coroutines; it may run
+many generations concurrently on one event loop.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import itertools
+import sys
+import time
+import uuid
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator, Iterator, Sequence
+
+import numpy as np
+import zmq
+import zmq.asyncio
+
+from cosine.protocol import VERSION, ProtocolError, decode, encode
+
+
+class CosineError(Exception):
+    """Base of every error the server reports; ``code`` is the protocol error code."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+
+
+class BadRequest(CosineError):
+    """The request was rejected as invalid (bad field, unknown mode, too long, ...)."""
+
+
+class TooLong(BadRequest):
+    """Prompt (or prompt + output) over the server's limits or the model's context."""
+
+
+class Overloaded(CosineError):
+    """The server's request pool or KV budget is full; retry later."""
+
+
+class Unavailable(CosineError):
+    """A worker the request needs is down or did not answer in time."""
+
+
+class RequestTimeout(CosineError, TimeoutError):
+    """No reply within the timeout (client side) or the server's request timeout."""
+
+
+class UnknownRequest(CosineError):
+    """``cancel`` of a request id the server does not hold."""
+
+
+class Cancelled(CosineError):
+    """The generation was cancelled (by ``cancel``) before it finished."""
+
+
+_ERRORS: dict[str, type[CosineError]] = {
+    "bad_request": BadRequest, "bad_frame": BadRequest, "unknown_op": BadRequest,
+    "version": BadRequest, "duplicate_request": BadRequest, "duplicate_seq": BadRequest,
+    "too_long": TooLong, "overloaded": Overloaded, "capacity": Overloaded,
+    "unavailable": Unavailable, "timeout": RequestTimeout, "unknown_request": UnknownRequest,
+    "cancelled": Cancelled,
+}
+
+
+_STREAM_OPS = ("generate", "chunk", "done")  # replies that belong to a generation (by rid)
+
+
+def error_from(err: Any) -> CosineError:
+    if not isinstance(err, dict):
+        return CosineError("internal", f"malformed error reply {err!r}")
+    code, msg = str(err.get("code", "internal")), str(err.get("message", ""))
+    return _ERRORS.get(code, CosineError)(code, msg)
+
+
+@dataclass
+class Chunk:
+    text: str
+    token_ids: list[int]
+
+
+@dataclass
+class GenerateResult:
+    text: str
+    token_ids: list[int]
+    finish_reason: str
+    stats: dict[str, Any] = field(default_factory=dict)
+    rid: str = ""
+
+
+def _generate_header(rid: str, prompt: str | Sequence[int], max_tokens: int, temperature: float, top_p: float,
+                     stop: Sequence[str] | None, mode: str | None, stream: bool,
+                     seed: int | None) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    h: dict[str, Any] = {"op": "generate", "rid": rid, "max_tokens": max_tokens, "temperature": temperature,
+                         "top_p": top_p, "stream": stream}
+    arrays: dict[str, np.ndarray] = {}
+    if isinstance(prompt, str):
+        h["prompt"] = prompt
+    else:
+        arrays["tokens"] = np.asarray(list(prompt), dtype=np.int32)
+    if stop:
+        h["stop"] = [stop] if isinstance(stop, str) else list(stop)
+    if mode is not None:
+        h["mode"] = mode
+    if seed is not None:
+        h["seed"] = seed
+    return h, arrays
+
+
+def _done(h: dict[str, Any]) -> GenerateResult:
+    return GenerateResult(text=h.get("text", ""), token_ids=list(h.get("token_ids", [])),
+                          finish_reason=h.get("finish_reason", ""), stats=dict(h.get("stats", {})),
+                          rid=h.get("rid", ""))
+
+
+class Stream:
+    """Iterator of Chunk; after it ends, ``result`` holds the GenerateResult."""
+
+    def __init__(self, client: "Client", rid: str, timeout_s: float):
+        self._client, self.rid, self._timeout = client, rid, timeout_s
+        self.result: GenerateResult | None = None
+
+    def __iter__(self) -> Iterator[Chunk]:
+        while self.result is None:
+            h = self._client._next_for(self.rid, self._timeout)
+            if h.get("op") == "chunk":
+                yield Chunk(h.get("text", ""), list(h.get("tokens", [])))
+            else:
+                self.result = _done(h)
+
+    def cancel(self) -> None:
+        self._client.cancel(self.rid)
+
+
+class Client:
+    """Blocking client. Not thread-safe: one Client per thread."""
+
+    def __init__(self, endpoint: str, timeout_s: float = 600.0, context: zmq.Context | None = None):
+        self.endpoint = endpoint
+        self.timeout_s = timeout_s
+        self._ctx = context or zmq.Context.instance()
+        self._sock = self._ctx.socket(zmq.DEALER)
+        self._sock.setsockopt(zmq.LINGER, 0)
+        self._sock.connect(endpoint)
+        self._seq = itertools.count(1)
+        self._by_rid: dict[str, deque[dict[str, Any]]] = {}
+        self._by_seq: dict[int, dict[str, Any]] = {}
+
+    # -- plumbing --------------------------------------------------------------------
+    def _send(self, header: dict[str, Any], arrays: dict[str, np.ndarray] | None = None) -> int:
+        seq = next(self._seq)
+        self._sock.send_multipart(encode({"v": VERSION, **header, "seq": seq}, arrays or {}), copy=False)
+        return seq
+
+    def _recv_one(self, deadline: float) -> None:
+        wait_ms = max(0, int((deadline - time.monotonic()) * 1000))
+        if not self._sock.poll(wait_ms):
+            raise RequestTimeout("timeout", f"no reply from {self.endpoint} within the client timeout")
+        try:
+            h, _ = decode(self._sock.recv_multipart())
+        except ProtocolError as e:
+            raise CosineError(e.code, e.message) from None
+        rid = h.get("rid")
+        if h.get("op") in _STREAM_OPS and isinstance(rid, str) and rid in self._by_rid:
+            self._by_rid[rid].append(h)
+        elif isinstance(h.get("seq"), int):
+            self._by_seq[h["seq"]] = h
+        # anything else is a reply to a request this client gave up on: drop it
+
+    def _call(self, header: dict[str, Any], timeout_s: float | None = None) -> dict[str, Any]:
+        seq = self._send(header)
+        deadline = time.monotonic() + (timeout_s or self.timeout_s)
+        while seq not in self._by_seq:
+            self._recv_one(deadline)
+        h = self._by_seq.pop(seq)
+        if not h.get("ok", False):
+            raise error_from(h.get("error"))
+        return h
+
+    def _next_for(self, rid: str, timeout_s: float) -> dict[str, Any]:
+        q = self._by_rid[rid]
+        deadline = time.monotonic() + timeout_s
+        try:
+            while not q:
+                self._recv_one(deadline)
+        except RequestTimeout:
+            self._by_rid.pop(rid, None)
+            try:  # best effort: do not leave the generation running on the server
+                self._send({"op": "cancel", "rid": rid})
+            except zmq.ZMQError:
+                pass
+            raise
+        h = q.popleft()
+        if not h.get("ok", False) or h.get("op") == "done":
+            self._by_rid.pop(rid, None)
+        if not h.get("ok", False):
+            raise error_from(h.get("error"))
+        return h
+
+    # -- API ---------------------------------------------------------------------------
+    def generate(self, prompt: str | Sequence[int], max_tokens: int = 128, temperature: float = 0.0,
+                 top_p: float = 1.0, stop: Sequence[str] | None = None, mode: str | None = None,
+                 stream: bool = False, seed: int | None = None, timeout_s: float | None = None,
+                 rid: str | None = None) -> GenerateResult | Stream:
+        """Generate a continuation. With ``stream=True`` returns a Stream of Chunk."""
+        rid = rid or uuid.uuid4().hex
+        h, arrays = _generate_header(rid, prompt, max_tokens, temperature, top_p, stop, mode, stream, seed)
+        self._by_rid[rid] = deque()
+        self._send(h, arrays)
+        t = timeout_s or self.timeout_s
+        s = Stream(self, rid, t)
+        if stream:
+            return s
+        for _ in s:
+            pass
+        assert s.result is not None
+        return s.result
+
+    def cancel(self, rid: str) -> None:
+        self._call({"op": "cancel", "rid": rid})
+
+    def health(self) -> dict[str, Any]:
+        return self._call({"op": "health"})
+
+    def stats(self) -> dict[str, Any]:
+        return self._call({"op": "stats"})
+
+    def close(self) -> None:
+        self._sock.close(0)
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+class AsyncStream:
+    def __init__(self, client: "AsyncClient", rid: str, timeout_s: float):
+        self._client, self.rid, self._timeout = client, rid, timeout_s
+        self.result: GenerateResult | None = None
+
+    def __aiter__(self) -> AsyncIterator[Chunk]:
+        return self._gen()
+
+    async def _gen(self) -> AsyncIterator[Chunk]:
+        while self.result is None:
+            h = await self._client._next_for(self.rid, self._timeout)
+            if h.get("op") == "chunk":
+                yield Chunk(h.get("text", ""), list(h.get("tokens", [])))
+            else:
+                self.result = _done(h)
+
+
+class AsyncClient:
+    """asyncio client: one DEALER socket, many concurrent generations on one event loop."""
+
+    def __init__(self, endpoint: str, timeout_s: float = 600.0, context: zmq.asyncio.Context | None = None):
+        self.endpoint = endpoint
+        self.timeout_s = timeout_s
+        self._ctx = context or zmq.asyncio.Context.instance()
+        self._sock = self._ctx.socket(zmq.DEALER)
+        self._sock.setsockopt(zmq.LINGER, 0)
+        self._sock.connect(endpoint)
+        self._seq = itertools.count(1)
+        self._waiters: dict[Any, asyncio.Queue] = {}
+        self._reader: asyncio.Task | None = None
+
+    def _ensure_reader(self) -> None:
+        if self._reader is None or self._reader.done():
+            self._reader = asyncio.get_running_loop().create_task(self._read())
+
+    async def _read(self) -> None:
+        while True:
+            frames = await self._sock.recv_multipart()
+            try:
+                h, _ = decode(frames)
+            except ProtocolError:
+                continue
+            rid, seq = h.get("rid"), h.get("seq")
+            q = self._waiters.get(("rid", rid)) if h.get("op") in _STREAM_OPS and isinstance(rid, str) else None
+            if q is None and isinstance(seq, int):
+                q = self._waiters.get(("seq", seq))
+            if q is not None:
+                q.put_nowait(h)
+
+    async def _send(self, header: dict[str, Any], arrays: dict[str, np.ndarray] | None = None) -> int:
+        seq = next(self._seq)
+        await self._sock.send_multipart(encode({"v": VERSION, **header, "seq": seq}, arrays or {}))
+        return seq
+
+    async def _call(self, header: dict[str, Any], timeout_s: float | None = None) -> dict[str, Any]:
+        self._ensure_reader()
+        seq = next(self._seq)
+        key = ("seq", seq)
+        q: asyncio.Queue = asyncio.Queue()
+        self._waiters[key] = q
+        try:
+            await self._sock.send_multipart(encode({"v": VERSION, **header, "seq": seq}, {}))
+            try:
+                h = await asyncio.wait_for(q.get(), timeout_s or self.timeout_s)
+            except asyncio.TimeoutError:
+                raise RequestTimeout("timeout", f"no reply from {self.endpoint} within the client timeout") from None
+        finally:
+            self._waiters.pop(key, None)
+        if not h.get("ok", False):
+            raise error_from(h.get("error"))
+        return h
+
+    async def _next_for(self, rid: str, timeout_s: float) -> dict[str, Any]:
+        q = self._waiters[("rid", rid)]
+        try:
+            h = await asyncio.wait_for(q.get(), timeout_s)
+        except asyncio.TimeoutError:
+            self._waiters.pop(("rid", rid), None)
+            await self._send({"op": "cancel", "rid": rid})
+            raise RequestTimeout("timeout", f"no reply for request {rid} within the client timeout") from None
+        if not h.get("ok", False) or h.get("op") == "done":
+            self._waiters.pop(("rid", rid), None)
+        if not h.get("ok", False):
+            raise error_from(h.get("error"))
+        return h
+
+    async def generate(self, prompt: str | Sequence[int], max_tokens: int = 128, temperature: float = 0.0,
+                       top_p: float = 1.0, stop: Sequence[str] | None = None, mode: str | None = None,
+                       stream: bool = False, seed: int | None = None, timeout_s: float | None = None,
+                       rid: str | None = None) -> GenerateResult | AsyncStream:
+        """Coroutine; with ``stream=True`` returns an AsyncStream (``async for chunk in ...``)."""
+        self._ensure_reader()
+        rid = rid or uuid.uuid4().hex
+        h, arrays = _generate_header(rid, prompt, max_tokens, temperature, top_p, stop, mode, stream, seed)
+        self._waiters[("rid", rid)] = asyncio.Queue()
+        await self._send(h, arrays)
+        s = AsyncStream(self, rid, timeout_s or self.timeout_s)
+        if stream:
+            return s
+        async for _ in s:
+            pass
+        assert s.result is not None
+        return s.result
+
+    async def cancel(self, rid: str) -> None:
+        await self._call({"op": "cancel", "rid": rid})
+
+    async def health(self) -> dict[str, Any]:
+        return await self._call({"op": "health"})
+
+    async def stats(self) -> dict[str, Any]:
+        return await self._call({"op": "stats"})
+
+    def close(self) -> None:
+        if self._reader is not None:
+            self._reader.cancel()
+        self._sock.close(0)
+
+    async def __aenter__(self) -> "AsyncClient":
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`cosine generate TEXT`: stream one generation from a running server."""
+    ap = argparse.ArgumentParser(prog="cosine generate", description="send one prompt to a running cosine server")
+    ap.add_argument("prompt")
+    ap.add_argument("--endpoint", default="tcp://127.0.0.1:5600")
+    ap.add_argument("--max-tokens", type=int, default=128)
+    ap.add_argument("--temperature", type=float, default=0.0)
+    ap.add_argument("--top-p", type=float, default=1.0)
+    ap.add_argument("--mode", default=None)
+    ap.add_argument("--seed", type=int, default=None)
+    ap.add_argument("--stop", action="append", default=None)
+    ap.add_argument("--timeout", type=float, default=600.0)
+    a = ap.parse_args(argv)
+    try:
+        with Client(a.endpoint, timeout_s=a.timeout) as c:
+            s = c.generate(a.prompt, max_tokens=a.max_tokens, temperature=a.temperature, top_p=a.top_p,
+                           stop=a.stop, mode=a.mode, stream=True, seed=a.seed)
+            for chunk in s:
+                print(chunk.text, end="", flush=True)
+            st = s.result.stats if s.result else {}
+            print(f"\n[{s.result.finish_reason if s.result else '?'}] {st.get('tokens')} tokens, "
+                  f"{st.get('tokens_per_s', 0):.1f} tok/s, mean accepted length "
+                  f"{st.get('mean_accepted_length', 0):.2f}, drafters {st.get('drafters_used')}", file=sys.stderr)
+    except CosineError as e:
+        print(f"cosine generate: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,125 @@
+"""Shared test fixtures."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+
+
+# ----- worker fixtures (tests/test_worker*.py) ---------------------------------------------
+
+def free_port() -> int:
+    """A TCP port on loopback that was free a moment ago."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def worker_engines(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Tiny fp32 engines exported by cosine.export, by architecture."""
+    import os  # DEVTMP
+    if os.environ.get("COSINE_DEV_TOY"):  # DEVTMP
+        import sys; sys.path.insert(0, "/tmp/dev"); import toy  # DEVTMP
+        return {"llama": toy.make(tmp_path_factory.mktemp("toy") / "e")}  # DEVTMP
+    from cosine.export.build import export_engine
+    from cosine.export.tiny import make_tiny_model
+
+    root = tmp_path_factory.mktemp("worker-engines")
+    out = {}
+    for arch in ("llama",):
+        model = make_tiny_model(root / f"{arch}-hf", arch=arch, seed=0)
+        export_engine(model, root / f"{arch}-engine", dtype="float32")
+        out[arch] = root / f"{arch}-engine"
+    return out
+
+
+@pytest.fixture(scope="session")
+def worker_config(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
+    """``worker_config(engine_dir, **worker_overrides) -> config.toml path`` for one worker
+    named "w0" on a free loopback port serving ``engine_dir`` as the target."""
+
+    def make(engine_dir: Path, **overrides: Any) -> Path:
+        w: dict[str, Any] = {"name": "w0", "model": "tiny", "host": "127.0.0.1", "port": free_port(),
+                             "device": "cpu", "provider": "cpu", "max_batch": 16, "kv_budget_tokens": 65536,
+                             "idle_timeout_s": 600.0, "threads": 1}
+        w.update(overrides)
+        lines = ["[logging]", 'level = "INFO"', "", "[[models]]", 'name = "tiny"', 'role = "target"',
+                 f'engine = "{engine_dir}"', "", "[[workers]]"]
+        for k, v in w.items():
+            lines.append(f"{k} = " + (f'"{v}"' if isinstance(v, str) else str(v).lower() if isinstance(v, bool)
+                                      else repr(v)))
+        lines += ["", "[controller]", f'endpoint = "tcp://127.0.0.1:{free_port()}"']
+        p = tmp_path_factory.mktemp("worker-config") / "config.toml"
+        p.write_text("\n".join(lines) + "\n")
+        return p
+
+    return make
+
+
+# ----- control-plane fixtures (tests/test_control*.py, test_client*.py, test_e2e*.py) -------
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return str(v).lower()
+    if isinstance(v, str):
+        return f'"{v}"'
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    return repr(v)
+
+
+def write_cluster_config(path: Path, target: Path, drafters: dict[str, Path], controller: dict[str, Any] | None = None,
+                         sections: dict[str, dict[str, Any]] | None = None, limits: dict[str, Any] | None = None) -> Path:
+    """config.toml for one verifier ("verifier-0", model "target") and one drafter worker per
+    entry of ``drafters`` (worker name -> engine dir), all on free loopback ports."""
+    lines = ["[logging]", 'level = "WARNING"', "", "[limits]"]
+    lim = {"max_prompt_tokens": 96, "max_new_tokens": 256, **(limits or {})}
+    lines += [f"{k} = {_toml_value(v)}" for k, v in lim.items()]
+    models = [("target", "target", target, ())] + [(f"m-{n}", "drafter", e, (n,)) for n, e in drafters.items()]
+    for name, role, eng, domains in models:
+        lines += ["", "[[models]]", f'name = "{name}"', f'role = "{role}"', f'engine = "{eng}"',
+                  f"domains = {_toml_value(list(domains))}"]
+    workers = [("verifier-0", "target")] + [(n, f"m-{n}") for n in drafters]
+    for wname, model in workers:
+        lines += ["", "[[workers]]", f'name = "{wname}"', f'model = "{model}"', 'host = "127.0.0.1"',
+                  f"port = {free_port()}", "threads = 1", "max_batch = 64", "idle_timeout_s = 600.0"]
+    c = {"endpoint": f"tcp://127.0.0.1:{free_port()}", "mode": "cosine", "worker_timeout_s": 3.0,
+         **(controller or {})}
+    lines += ["", "[controller]"] + [f"{k} = {_toml_value(v)}" for k, v in c.items()]
+    for sec, kv in (sections or {}).items():
+        lines += ["", f"[controller.{sec}]"] + [f"{k} = {_toml_value(v)}" for k, v in kv.items()]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.fixture(scope="session")
+def control_engines(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Tiny engines for the control plane: "target" (llama, seed 0), "poor" (a different-seed
+    drafter with the same vocabulary) and "small" (vocab 16 target for sampling tests)."""
+    from cosine.export.build import export_engine
+    from cosine.export.tiny import make_tiny_model
+
+    root = tmp_path_factory.mktemp("control-engines")
+    out = {}
+    for name, seed, vocab in (("target", 0, None), ("poor", 1, None), ("small", 2, 16), ("small_poor", 3, 16)):
+        kw = {} if vocab is None else {"vocab_size": vocab}
+        model = make_tiny_model(root / f"{name}-hf", arch="llama", seed=seed, **kw)
+        export_engine(model, root / f"{name}-engine", dtype="float32")
+        out[name] = root / f"{name}-engine"
+    return out
+
+
+@pytest.fixture(scope="session")
+def control_cluster(control_engines: dict[str, Path], tmp_path_factory: pytest.TempPathFactory):
+    """verifier + a perfect drafter (the target's own engine) + a poor drafter, and serve."""
+    from cosine.control.cluster import LocalCluster
+
+    cfg = write_cluster_config(tmp_path_factory.mktemp("cluster") / "config.toml", control_engines["target"],
+                               {"good": control_engines["target"], "poor": control_engines["poor"]},
+                               sections={"scheduling": {"max_batch": 16}})
+    with LocalCluster(cfg) as c:
+        yield c

@@ -1,0 +1,91 @@
+"""Greedy exactness end to end: every mode gives token for token the autoregressive output
+(real worker processes, real sockets on loopback)."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import pytest
+
+from cosine.client import AsyncClient, Client
+
+MODES = ("speculative", "specinfer", "cosine")
+PROMPTS = [[5, 17, 12, 8, 9], [3], [20, 21, 22, 7, 7, 7, 7, 1, 14, 12, 30, 31]]
+
+
+@pytest.fixture(scope="module")
+def reference(control_cluster) -> dict[int, list[int]]:
+    with Client(control_cluster.endpoint, timeout_s=60) as c:
+        return {i: c.generate(p, max_tokens=24, mode="autoregressive").token_ids for i, p in enumerate(PROMPTS)}
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_modes_match_autoregressive(control_cluster, reference, mode):
+    with Client(control_cluster.endpoint, timeout_s=60) as c:
+        for i, p in enumerate(PROMPTS):
+            r = c.generate(p, max_tokens=24, mode=mode)
+            assert r.token_ids == reference[i], (mode, i)
+            assert r.stats["rounds"] >= 1 and r.stats["mean_accepted_length"] >= 1.0
+            if len(r.token_ids) == 24:
+                assert r.finish_reason == "length"
+
+
+def test_text_prompt_all_modes_agree(control_cluster):
+    with Client(control_cluster.endpoint, timeout_s=60) as c:
+        outs = {m: c.generate("hello world", max_tokens=16, mode=m) for m in ("autoregressive",) + MODES}
+    ref = outs["autoregressive"]
+    for m, r in outs.items():
+        assert r.token_ids == ref.token_ids and r.text == ref.text, m
+
+
+def test_perfect_drafter_is_accepted(control_cluster):
+    """The target's own engine drafts: cosine must accept long runs (mean length > 2)."""
+    with Client(control_cluster.endpoint, timeout_s=60) as c:
+        r = c.generate(PROMPTS[0], max_tokens=48, mode="cosine")
+    assert r.stats["mean_accepted_length"] > 2.0, r.stats
+    assert r.stats["drafters_used"]
+
+
+def test_concurrent_requests_threads(control_cluster, reference):
+    """Continuous batching: threads with their own clients, mixed modes, all exact."""
+    errors: list[str] = []
+
+    def run(k: int) -> None:
+        mode = ("autoregressive",) + MODES
+        try:
+            with Client(control_cluster.endpoint, timeout_s=120) as c:
+                for j in range(3):
+                    i = (k + j) % len(PROMPTS)
+                    r = c.generate(PROMPTS[i], max_tokens=24, mode=mode[(k + j) % 4])
+                    if r.token_ids != reference[i]:
+                        errors.append(f"thread {k} prompt {i} mode {mode[(k + j) % 4]}: {r.token_ids} != {reference[i]}")
+        except Exception as e:  # noqa: BLE001
+            errors.append(f"thread {k}: {e!r}")
+
+    threads = [threading.Thread(target=run, args=(k,)) for k in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(180)
+    assert not errors, errors
+
+
+def test_pipelining_overlaps_and_stats(control_cluster, reference):
+    """Concurrent cosine requests: drafting of one group overlaps verification of the other."""
+    async def many():
+        async with AsyncClient(control_cluster.endpoint, timeout_s=60) as ac:
+            before = (await ac.stats())["pipeline_overlap_s"]
+            rs = await asyncio.gather(*[ac.generate(PROMPTS[i % 3], max_tokens=24, mode="cosine") for i in range(8)])
+            return before, rs
+
+    before, rs = asyncio.run(many())
+    assert all(r.token_ids == reference[i % 3] for i, r in enumerate(rs))
+    with Client(control_cluster.endpoint, timeout_s=60) as c:
+        s = c.stats()
+    assert s["pipeline_overlap_s"] > before
+    assert s["rounds"] > 0 and s["tokens"] > 0
+    assert 0.0 <= s["verifier_idle_frac"] <= 1.0
+    assert 0.0 <= s["drafter_idle_frac"] <= 1.0
+    assert set(s["drafters"]) == {"good", "poor"}
+    assert "verifier-0" in s["workers"] and "requests_held" in s["workers"]["verifier-0"]

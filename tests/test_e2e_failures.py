@@ -1,0 +1,73 @@
+"""Worker failures with real processes: a drafter killed with SIGKILL mid-generation must
+not change any output (greedy stays identical to autoregressive), it is re-admitted after
+it restarts, and a dead verifier fails requests with `unavailable` instead of hanging."""
+
+from __future__ import annotations
+
+import signal
+import time
+
+import pytest
+
+from cosine.client import Client, Unavailable
+from cosine.control.cluster import LocalCluster
+
+from conftest import write_cluster_config
+
+PROMPT = [5, 17, 12, 8, 9]
+
+
+@pytest.fixture()
+def cluster(control_engines, tmp_path):
+    cfg = write_cluster_config(tmp_path / "config.toml", control_engines["target"],
+                               {"good": control_engines["target"], "poor": control_engines["poor"]},
+                               controller={"worker_timeout_s": 1.5})
+    with LocalCluster(cfg) as c:
+        yield c
+
+
+def test_drafter_killed_mid_generation(cluster):
+    with Client(cluster.endpoint, timeout_s=60) as c:
+        ref = c.generate(PROMPT, max_tokens=100, mode="autoregressive")
+        s = c.generate(PROMPT, max_tokens=100, mode="cosine", stream=True)
+        it = iter(s)
+        got = list(next(it).token_ids)
+        # freeze the verifier so the kill lands mid-generation (well under worker_timeout_s)
+        verifier = cluster.workers["verifier-0"].proc
+        verifier.send_signal(signal.SIGSTOP)
+        try:
+            cluster.kill_worker("good", signal.SIGKILL)
+        finally:
+            time.sleep(0.2)
+            verifier.send_signal(signal.SIGCONT)
+        for ch in it:
+            got += ch.token_ids
+        assert s.result is not None and s.result.token_ids == got == ref.token_ids
+        # the other drafter and target-only rounds carry on; specinfer too
+        for mode in ("cosine", "specinfer", "speculative"):
+            assert c.generate(PROMPT, max_tokens=40, mode=mode).token_ids == ref.token_ids[:40]
+        assert c.health()["drafters"]["good"] is False
+        # restart it: probing re-admits it, with an empty cache
+        cluster.start_worker("good")
+        deadline = time.monotonic() + 30
+        while not c.health()["drafters"]["good"]:
+            assert time.monotonic() < deadline, "restarted drafter was not re-admitted"
+            c.generate(PROMPT, max_tokens=4, mode="cosine")  # rounds drive the probes
+            time.sleep(0.2)
+        r = c.generate(PROMPT, max_tokens=100, mode="cosine")
+        assert r.token_ids == ref.token_ids
+        assert "good" in r.stats["drafters_used"]
+
+
+def test_all_drafters_dead_then_verifier_dead(cluster):
+    with Client(cluster.endpoint, timeout_s=60) as c:
+        ref = c.generate(PROMPT, max_tokens=30, mode="autoregressive")
+        cluster.kill_worker("good")
+        cluster.kill_worker("poor")
+        for mode in ("cosine", "specinfer", "speculative"):
+            assert c.generate(PROMPT, max_tokens=30, mode=mode).token_ids == ref.token_ids
+        cluster.kill_worker("verifier-0")
+        t0 = time.monotonic()
+        with pytest.raises(Unavailable, match="verifier-0"):
+            c.generate(PROMPT, max_tokens=30, mode="cosine")
+        assert time.monotonic() - t0 < 10

@@ -1,0 +1,95 @@
+"""Run many requests' new tokens through one engine forward.
+
+Each request brings its own past length p_b and t_b new tokens (a chain or a tree). The
+batch is padded to P = max p_b and T = max t_b; the attention mask carries all of it:
+past columns >= p_b are False, padded query rows attend only to themselves (a row with
+no True column would be a softmax over nothing -> NaN).
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import numpy as np
+
+from .engine import Engine
+from .kvcache import Entry
+
+
+@dataclass
+class Feed:
+    """New tokens for one request, attending to ``entry``'s cached rows."""
+
+    entry: Entry
+    tokens: np.ndarray  # int [t]
+    positions: np.ndarray  # int64 [t]
+    mask: np.ndarray | None = None  # bool [t, t] among the new tokens; None = causal
+
+
+@dataclass
+class FeedResult:
+    logits: np.ndarray  # float32 [t, V]
+    k: list[np.ndarray]  # per layer [t, Hkv, D]
+    v: list[np.ndarray]
+
+
+def chain(entry: Entry, tokens: np.ndarray) -> Feed:
+    """Feed for tokens appended after the cache (positions continue the sequence)."""
+    return Feed(entry, tokens, np.arange(entry.length, entry.length + tokens.size, dtype=np.int64))
+
+
+def run_batched(engine: Engine, feeds: list[Feed], max_batch: int) -> list[FeedResult]:
+    """Forward every feed (t >= 1) in groups of at most ``max_batch``; results in order.
+
+    Does not touch the cache: callers append the returned rows, so a failing forward
+    leaves no half-written state.
+    """
+    out: list[FeedResult] = []
+    for i in range(0, len(feeds), max_batch):
+        out.extend(_forward(engine, feeds[i:i + max_batch]))
+    return out
+
+
+@functools.lru_cache(maxsize=64)
+def _causal(t: int) -> np.ndarray:
+    return np.tril(np.ones((t, t), np.bool_))
+
+
+def _forward(engine: Engine, feeds: list[Feed]) -> list[FeedResult]:
+    B = len(feeds)
+    T = max(f.tokens.size for f in feeds)
+    P = max(f.entry.length for f in feeds)
+    ids = np.zeros((B, T), np.int64)
+    pos = np.zeros((B, T), np.int64)
+    mask = np.zeros((B, 1, T, P + T), np.bool_)
+    for b, f in enumerate(feeds):
+        t, p = f.tokens.size, f.entry.length
+        ids[b, :t] = f.tokens
+        pos[b, :t] = f.positions
+        mask[b, 0, :t, :p] = True
+        mask[b, 0, :t, P:P + t] = _causal(t) if f.mask is None else f.mask
+        pad = np.arange(t, T)
+        mask[b, 0, pad, P + pad] = True
+
+    if B == 1:
+        # The slab prefix is already contiguous [P, Hkv, D]: a view, no copy.
+        past = [tuple(a[None] for a in feeds[0].entry.past(layer)) for layer in range(engine.num_layers)]
+    else:
+        past = []
+        shape = (B, P, engine.num_kv_heads, engine.head_dim)
+        for layer in range(engine.num_layers):
+            k = np.zeros(shape, engine.dtype)
+            v = np.zeros(shape, engine.dtype)
+            for b, f in enumerate(feeds):
+                pk, pv = f.entry.past(layer)
+                k[b, :pk.shape[0]] = pk
+                v[b, :pv.shape[0]] = pv
+            past.append((k, v))
+
+    logits, new_k, new_v = engine.forward(ids, pos, mask, past)
+    res = []
+    for b, f in enumerate(feeds):
+        t = f.tokens.size
+        res.append(FeedResult(logits[b, :t], [k[b, :t] for k in new_k], [v[b, :t] for v in new_v]))
+    return res

@@ -1,0 +1,157 @@
+"""One exported engine (docs/design.md "Engine") inside an ONNX Runtime session.
+
+The engine is stateless: every call gets the past K/V it should attend to and returns
+the new tokens' K/V; the KV cache (kvcache.py) owns the memory. The requested execution
+provider is used or start-up fails: a CUDA worker silently running on CPU would be a
+10-100x slowdown nobody notices until production.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+
+log = logging.getLogger("cosine.worker.engine")
+
+_PROVIDER_NAMES = {
+    "cpu": "CPUExecutionProvider",
+    "cuda": "CUDAExecutionProvider",
+    "tensorrt": "TensorrtExecutionProvider",
+}
+
+
+class EngineError(RuntimeError):
+    """The engine cannot be loaded as configured (bad directory, provider missing)."""
+
+
+def _device_id(device: str) -> int:
+    m = re.fullmatch(r"cuda(?::(\d+))?", device)
+    return int(m.group(1) or 0) if m else 0
+
+
+def _providers(provider: str, device: str, engine_dir: Path) -> list[Any]:
+    """ONNX Runtime provider list for the configured provider; never includes a fallback
+    to CPU for a GPU provider (TensorRT may fall back to CUDA for unsupported nodes)."""
+    if provider == "cpu":
+        return ["CPUExecutionProvider"]
+    dev = {"device_id": _device_id(device)}
+    if provider == "cuda":
+        return [("CUDAExecutionProvider", dev)]
+    if provider == "tensorrt":
+        cache = engine_dir / "trt_cache"
+        cache.mkdir(exist_ok=True)
+        trt = {**dev, "trt_engine_cache_enable": True, "trt_engine_cache_path": str(cache)}
+        return [("TensorrtExecutionProvider", trt), ("CUDAExecutionProvider", dev)]
+    raise EngineError(f"unknown provider {provider!r}; use one of {sorted(_PROVIDER_NAMES)}")
+
+
+class Engine:
+    """ONNX Runtime session over an engine directory plus its manifest facts."""
+
+    def __init__(self, engine_dir: str | Path, provider: str = "cpu", device: str = "cpu", threads: int = 0):
+        self.dir = Path(engine_dir)
+        manifest_path = self.dir / "manifest.json"
+        model_path = self.dir / "model.onnx"
+        if not manifest_path.is_file() or not model_path.is_file():
+            raise EngineError(f"{self.dir} is not an engine directory (needs manifest.json and model.onnx); "
+                              f"build it with cosine-export")
+        self.manifest: dict[str, Any] = json.loads(manifest_path.read_text())
+        m = self.manifest
+        self.num_layers = int(m["num_layers"])
+        self.num_kv_heads = int(m["num_kv_heads"])
+        self.head_dim = int(m["head_dim"])
+        self.vocab_size = int(m["vocab_size"])
+        self.max_positions = int(m["max_positions"])
+        self.dtype = np.dtype(m.get("dtype", "float32"))
+        self.provider = provider
+        self.device = device
+
+        wanted = _PROVIDER_NAMES.get(provider)
+        if wanted is None:
+            raise EngineError(f"unknown provider {provider!r}; use one of {sorted(_PROVIDER_NAMES)}")
+        if provider != "cpu" and hasattr(ort, "preload_dlls"):
+            # onnxruntime-gpu >= 1.21 can load the CUDA/cuDNN DLLs from pip wheels.
+            try:
+                ort.preload_dlls()
+            except Exception as e:  # a missing optional library is reported by the check below
+                log.debug("onnxruntime.preload_dlls failed: %s", e)
+        available = ort.get_available_providers()
+        if wanted not in available:
+            raise EngineError(f"provider {provider!r} ({wanted}) is not available in this onnxruntime "
+                              f"{ort.__version__} build; available: {available}. Install onnxruntime-gpu "
+                              f"(cuda/tensorrt) or set provider = \"cpu\" for this worker")
+
+        opts = ort.SessionOptions()
+        if threads > 0:
+            opts.intra_op_num_threads = threads
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        try:
+            self.session = ort.InferenceSession(str(model_path), sess_options=opts,
+                                                providers=_providers(provider, device, self.dir))
+        except Exception as e:
+            raise EngineError(f"could not load {model_path} with {wanted}: {e}") from e
+        got = self.session.get_providers()[0]
+        if got != wanted:
+            raise EngineError(f"requested {wanted} but the session runs on {got}; refusing to fall back")
+
+        self._past_names = [(f"past_key.{i}", f"past_value.{i}") for i in range(self.num_layers)]
+        self._out_names = ["logits"] + [f"new_key.{i}" for i in range(self.num_layers)] \
+            + [f"new_value.{i}" for i in range(self.num_layers)]
+        inputs = {i.name for i in self.session.get_inputs()}
+        missing = {"input_ids", "position_ids", "attention_mask", *sum(self._past_names, ())} - inputs
+        if missing:
+            raise EngineError(f"{model_path} lacks graph inputs {sorted(missing)} (see docs/design.md)")
+        log.info("engine %s loaded: %s, L=%d Hkv=%d D=%d V=%d max_positions=%d dtype=%s on %s",
+                 self.dir, m.get("name", "?"), self.num_layers, self.num_kv_heads, self.head_dim,
+                 self.vocab_size, self.max_positions, self.dtype, got)
+
+    def summary(self) -> dict[str, Any]:
+        return {"name": self.manifest.get("name"), "architecture": self.manifest.get("architecture"),
+                "vocab_size": self.vocab_size, "num_layers": self.num_layers, "dtype": self.dtype.name,
+                "max_positions": self.max_positions}
+
+    def empty_past(self, batch: int = 1) -> list[tuple[np.ndarray, np.ndarray]]:
+        z = np.zeros((batch, 0, self.num_kv_heads, self.head_dim), self.dtype)
+        return [(z, z)] * self.num_layers
+
+    def forward(self, input_ids: np.ndarray, position_ids: np.ndarray, attention_mask: np.ndarray,
+                past: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, list[np.ndarray], list[np.ndarray]]:
+        """One graph run. Shapes as in docs/design.md; ``past[i] = (K, V)`` of layer i,
+        each [B, P, Hkv, D]. Returns (logits [B,T,V], new K per layer, new V per layer)."""
+        feeds: dict[str, np.ndarray] = {
+            "input_ids": np.ascontiguousarray(input_ids, np.int64),
+            "position_ids": np.ascontiguousarray(position_ids, np.int64),
+            "attention_mask": np.ascontiguousarray(attention_mask, np.bool_),
+        }
+        for (kn, vn), (k, v) in zip(self._past_names, past):
+            feeds[kn] = k
+            feeds[vn] = v
+        if self.provider == "cpu":
+            outs = self.session.run(self._out_names, feeds)
+        else:
+            outs = self._run_bound(feeds)
+        n = self.num_layers
+        return outs[0], outs[1:1 + n], outs[1 + n:]
+
+    def _run_bound(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        """GPU path with I/O binding. UNTESTED here (no GPU on the dev machine).
+
+        Today inputs are bound from host memory and outputs come back to host, which is
+        what session.run does too, but through one explicit binding. The place to keep
+        the cache on the device is here: bind ``past_*`` as device OrtValues held by the
+        KV cache (OrtValue.ortvalue_from_numpy(..., "cuda", id)) and bind ``new_*`` to
+        device outputs, so only input_ids/positions/mask and logits cross PCIe.
+        """
+        binding = self.session.io_binding()
+        for name, a in feeds.items():
+            binding.bind_cpu_input(name, a)
+        for name in self._out_names:
+            binding.bind_output(name, "cpu")
+        self.session.run_with_iobinding(binding)
+        return binding.copy_outputs_to_cpu()

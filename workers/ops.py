@@ -1,0 +1,303 @@
+"""The worker ops of docs/protocol.md.
+
+Each op validates the whole message first (a plan of what to do per request) and only
+then changes state, so one bad request fails the message with nothing changed. Forwards
+are batched over the message's requests (split at ``max_batch``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy as np
+
+from cosine.config import LimitsConfig, ModelConfig, WorkerConfig
+from cosine.protocol import VERSION, ProtocolError
+from cosine.tree import TreeError, ancestor_mask, depths, validate_parents
+
+from . import validate as val
+from .batching import Feed, chain, run_batched
+from .engine import Engine
+from .kvcache import Entry, KVCache, check_commit_nodes
+from .stats import Stats
+
+log = logging.getLogger("cosine.worker.ops")
+
+Reply = tuple[dict[str, Any], dict[str, np.ndarray]]
+
+# Bounds a draft reply (k rows of V probabilities each); speculation uses far fewer steps.
+MAX_DRAFT_STEPS = 256
+
+
+@dataclass
+class DraftPlan:
+    entry: Entry
+    keep: int | None
+    feed: np.ndarray
+    k: int
+    topk: int
+    temperature: float
+    return_probs: bool
+    seed: int | None
+    forced: list[int] | None
+
+
+def softmax(logits: np.ndarray, temperature: float) -> np.ndarray:
+    """Distribution at ``temperature``; 0 (greedy) reports the plain softmax (T = 1) so
+    the drafter's confidence stays meaningful for fusion."""
+    z = logits.astype(np.float64) / (temperature if temperature > 0 else 1.0)
+    z -= z.max()
+    p = np.exp(z)
+    return p / p.sum()
+
+
+class Ops:
+    def __init__(self, engine: Engine, cache: KVCache, worker: WorkerConfig, model: ModelConfig,
+                 limits: LimitsConfig, stats: Stats):
+        self.engine = engine
+        self.cache = cache
+        self.worker = worker
+        self.model = model
+        self.limits = limits
+        self.stats = stats
+        self.V = engine.vocab_size
+        self.handlers: dict[str, Callable[[dict[str, Any], dict[str, np.ndarray]], Reply]] = {
+            "prefill": self.prefill, "draft": self.draft, "extend": self.extend, "rollback": self.rollback,
+            "verify": self.verify, "commit": self.commit, "release": self.release,
+            "health": self.health, "stats": self.stats_op,
+        }
+
+    def handle(self, header: dict[str, Any], arrays: dict[str, np.ndarray]) -> Reply:
+        op = header.get("op")
+        fn = self.handlers.get(op) if isinstance(op, str) else None
+        if fn is None:
+            raise ProtocolError("unknown_op", f"unknown op {op!r}; ops: {sorted(self.handlers)}")
+        return fn(header, arrays)
+
+    # ----- shared checks ------------------------------------------------------------
+    def _held(self, rid: str) -> Entry:
+        return self.cache.get(rid)
+
+    def _fits(self, rid: str, length: int) -> None:
+        if length > self.engine.max_positions:
+            raise ProtocolError("too_long", f"request {rid!r}: {length} tokens exceed the engine's context of "
+                                            f"{self.engine.max_positions}")
+
+    def _lengths(self, entries: list[Entry]) -> list[dict[str, Any]]:
+        return [{"rid": e.rid, "length": e.length} for e in entries]
+
+    def _touch(self, entries: list[Entry]) -> None:
+        now = time.monotonic()
+        for e in entries:
+            e.last_used = now
+
+    def _append_chains(self, entries: list[Entry], tokens: list[np.ndarray]) -> list[np.ndarray]:
+        """Feed each request its tokens (t >= 1) in one batched pass; returns logits per request."""
+        feeds = [chain(e, t) for e, t in zip(entries, tokens)]
+        results = run_batched(self.engine, feeds, self.worker.max_batch)
+        for e, r in zip(entries, results):
+            self.cache.append(e, r.k, r.v)
+        return [r.logits for r in results]
+
+    # ----- ops ------------------------------------------------------------------------
+    def prefill(self, h: dict[str, Any], arrs: dict[str, np.ndarray]) -> Reply:
+        reqs = val.requests(h, {"n"}, dup_code="duplicate_request")
+        ns = [val.int_field(r, "n", 0) for r in reqs]
+        a = val.arrays(arrs, {"tokens": ("int32", sum(ns))})
+        val.token_range("tokens", a["tokens"], self.V)
+        for r, n in zip(reqs, ns):
+            if r["rid"] in self.cache:
+                raise ProtocolError("duplicate_request", f"request {r['rid']!r} is already held; release it first")
+            self._fits(r["rid"], n)
+        self.cache.check_budget(sum(ns), "prefill")
+
+        entries = [self.cache.create(r["rid"], reserve=n) for r, n in zip(reqs, ns)]
+        try:
+            work = [(e, t) for e, t in zip(entries, val.split(a["tokens"], ns)) if t.size]
+            if work:
+                self._append_chains([e for e, _ in work], [t for _, t in work])
+        except BaseException:
+            for e in entries:  # all or nothing: no half-prefilled requests
+                self.cache.release(e.rid)
+            raise
+        return {"requests": self._lengths(entries)}, {}
+
+    def extend(self, h: dict[str, Any], arrs: dict[str, np.ndarray]) -> Reply:
+        reqs = val.requests(h, {"n"})
+        ns = [val.int_field(r, "n", 0) for r in reqs]
+        a = val.arrays(arrs, {"tokens": ("int32", sum(ns))})
+        val.token_range("tokens", a["tokens"], self.V)
+        entries = [self._held(r["rid"]) for r in reqs]
+        for e, n in zip(entries, ns):
+            self._fits(e.rid, e.length + n)
+        self.cache.check_budget(sum(e.length + n - e.tokens for e, n in zip(entries, ns)), "extend")
+
+        self._touch(entries)
+        work = [(e, t) for e, t in zip(entries, val.split(a["tokens"], ns)) if t.size]
+        if work:
+            self._append_chains([e for e, _ in work], [t for _, t in work])
+        return {"requests": self._lengths(entries)}, {}
+
+    def rollback(self, h: dict[str, Any], arrs: dict[str, np.ndarray]) -> Reply:
+        reqs = val.requests(h, {"length"})
+        val.arrays(arrs, {})
+        entries = [self._held(r["rid"]) for r in reqs]
+        lengths = [val.int_field(r, "length", 0, e.length) for r, e in zip(reqs, entries)]
+        self._touch(entries)
+        for e, n in zip(entries, lengths):
+            self.cache.truncate(e, n)
+        return {"requests": self._lengths(entries)}, {}
+
+    def draft(self, h: dict[str, Any], arrs: dict[str, np.ndarray]) -> Reply:
+        reqs = val.requests(h, {"keep", "n_feed", "k", "topk", "temperature", "return_probs", "seed", "forced"})
+        n_feeds = [val.int_field(r, "n_feed", 1) for r in reqs]
+        a = val.arrays(arrs, {"feed": ("int32", sum(n_feeds))})
+        val.token_range("feed", a["feed"], self.V)
+        plans: list[DraftPlan] = []
+        growth = 0
+        for r, feed in zip(reqs, val.split(a["feed"], n_feeds)):
+            e = self._held(r["rid"])
+            keep = val.int_field(r, "keep", 0, e.length, default=None)
+            k = val.int_field(r, "k", 1, MAX_DRAFT_STEPS)
+            forced = val.int_list(r, "forced", length=k)
+            if forced is not None and any(not -1 <= t < self.V for t in forced):
+                raise val.bad(f"request {e.rid!r}: forced tokens must be -1 or in [0, {self.V}), got {forced}")
+            plan = DraftPlan(e, keep, feed, k, val.int_field(r, "topk", 0, self.V, default=0),
+                             val.float_field(r, "temperature", 0.0, 0.0), val.bool_field(r, "return_probs", False),
+                             val.int_field(r, "seed", 0, 2**64 - 1, default=None), forced)
+            final = (e.length if keep is None else keep) + feed.size + k - 1
+            self._fits(e.rid, final)
+            growth += final - e.tokens
+            plans.append(plan)
+        self.cache.check_budget(growth, "draft")
+
+        self._touch([p.entry for p in plans])
+        for p in plans:
+            if p.keep is not None:
+                self.cache.truncate(p.entry, p.keep)
+        rngs = [np.random.default_rng(p.seed) if p.seed is not None else p.entry.rng for p in plans]
+        chosen: list[list[tuple[int, np.ndarray]]] = [[] for _ in plans]  # per request: (token, probs)
+        active = list(range(len(plans)))
+        inputs = [p.feed for p in plans]
+        for step in range(max((p.k for p in plans), default=0)):
+            logits = self._append_chains([plans[i].entry for i in active], [inputs[i] for i in active])
+            for i, lg in zip(active, logits):
+                p = plans[i]
+                probs = softmax(lg[-1], p.temperature)
+                if p.temperature > 0:
+                    u = rngs[i].random()
+                    tok = int(min(np.searchsorted(np.cumsum(probs), u * probs.sum(), side="right"), self.V - 1))
+                else:
+                    tok = int(np.argmax(lg[-1]))
+                if p.forced is not None and p.forced[step] >= 0:
+                    tok = p.forced[step]
+                chosen[i].append((tok, probs))
+                inputs[i] = np.array([tok], np.int64)
+            # The last chosen token is not fed (the caller's convention, docs/design.md).
+            active = [i for i in active if plans[i].k > step + 1]
+
+        return self._draft_reply(plans, chosen)
+
+    def _draft_reply(self, plans: list[DraftPlan], chosen: list[list[tuple[int, np.ndarray]]]) -> Reply:
+        R = sum(p.k for p in plans)
+        width = max((p.topk for p in plans), default=0)
+        tokens = np.zeros(R, np.int32)
+        token_probs = np.zeros(R, np.float32)
+        topk_ids = np.full((R, width), -1, np.int32)
+        topk_probs = np.zeros((R, width), np.float32)
+        want_probs = any(p.return_probs for p in plans)
+        probs_out = np.zeros((R, self.V), np.float32) if want_probs else None
+        row = 0
+        for p, steps in zip(plans, chosen):
+            for tok, probs in steps:
+                tokens[row] = tok
+                token_probs[row] = probs[tok]
+                if p.topk:
+                    top = np.argpartition(-probs, p.topk - 1)[:p.topk] if p.topk < self.V else np.arange(self.V)
+                    top = top[np.lexsort((top, -probs[top]))]  # prob descending, ties by id
+                    topk_ids[row, :p.topk] = top
+                    topk_probs[row, :p.topk] = probs[top]
+                if probs_out is not None and p.return_probs:
+                    probs_out[row] = probs
+                row += 1
+        out = {"tokens": tokens, "token_probs": token_probs, "topk_ids": topk_ids, "topk_probs": topk_probs}
+        if probs_out is not None:
+            out["probs"] = probs_out
+        reqs = [{"rid": p.entry.rid, "length": p.entry.length, "k": p.k} for p in plans]
+        return {"requests": reqs}, out
+
+    def verify(self, h: dict[str, Any], arrs: dict[str, np.ndarray]) -> Reply:
+        ret = h.get("return", "argmax")
+        if ret not in ("argmax", "logits"):
+            raise val.bad(f"'return' must be 'argmax' or 'logits', got {ret!r}")
+        reqs = val.requests(h, {"n", "commit"})
+        ns = [val.int_field(r, "n", 1, self.limits.max_tree_nodes) for r in reqs]
+        a = val.arrays(arrs, {"tokens": ("int32", sum(ns)), "parents": ("int32", sum(ns))})
+        val.token_range("tokens", a["tokens"], self.V)
+        feeds: list[Feed] = []
+        plans: list[tuple[Entry, list[int] | None, np.ndarray]] = []
+        growth = 0
+        for r, toks, par in zip(reqs, val.split(a["tokens"], ns), val.split(a["parents"], ns)):
+            e = self._held(r["rid"])
+            try:
+                parents = validate_parents(par)
+            except TreeError as err:
+                raise val.bad(f"request {e.rid!r}: bad tree: {err}") from None
+            commit = r.get("commit")
+            if commit is not None:
+                check_commit_nodes(e.rid, e.pending, commit)
+            base = e.length + (len(commit) if commit else 0)
+            d = depths(parents)
+            self._fits(e.rid, base + int(d.max()) + 1)
+            growth += base + parents.size - e.tokens
+            plans.append((e, commit, parents))
+            feeds.append(Feed(e, toks, d + base, ancestor_mask(parents)))
+        self.cache.check_budget(growth, "verify")
+
+        self._touch([e for e, _, _ in plans])
+        for e, commit, _ in plans:
+            if commit:
+                self.cache.commit(e, commit)
+            e.pending = None  # an uncommitted tree from the previous verify is discarded
+        results = run_batched(self.engine, feeds, self.worker.max_batch)
+        for (e, _, parents), res in zip(plans, results):
+            self.cache.set_pending(e, parents, res.k, res.v)
+        logits = np.concatenate([res.logits for res in results]) if results else np.zeros((0, self.V), np.float32)
+        out = {"argmax": logits.argmax(-1).astype(np.int32)}
+        if ret == "logits":
+            out["logits"] = np.ascontiguousarray(logits, np.float32)
+        return {"requests": self._lengths([e for e, _, _ in plans])}, out
+
+    def commit(self, h: dict[str, Any], arrs: dict[str, np.ndarray]) -> Reply:
+        reqs = val.requests(h, {"nodes"})
+        val.arrays(arrs, {})
+        entries = [self._held(r["rid"]) for r in reqs]
+        nodes = [check_commit_nodes(e.rid, e.pending, r.get("nodes")) for r, e in zip(reqs, entries)]
+        self._touch(entries)
+        for e, n in zip(entries, nodes):
+            self.cache.commit(e, n)
+        return {"requests": self._lengths(entries)}, {}
+
+    def release(self, h: dict[str, Any], arrs: dict[str, np.ndarray]) -> Reply:
+        rids = h.get("rids")
+        if not isinstance(rids, list) or not all(isinstance(r, str) for r in rids):
+            raise val.bad(f"header 'rids' must be a list of strings, got {rids!r}")
+        val.arrays(arrs, {})
+        released, unknown = [], []
+        for rid in rids:
+            (released if self.cache.release(rid) else unknown).append(rid)
+        return {"released": released, "unknown": unknown}, {}
+
+    def health(self, h: dict[str, Any], arrs: dict[str, np.ndarray]) -> Reply:
+        return {"name": self.worker.name, "role": self.model.role, "model": self.model.name,
+                "provider": self.worker.provider, "device": self.worker.device, "pid": os.getpid(),
+                "uptime_s": self.stats.uptime_s(), "protocol": VERSION, "engine": self.engine.summary()}, {}
+
+    def stats_op(self, h: dict[str, Any], arrs: dict[str, np.ndarray]) -> Reply:
+        return {"requests_held": len(self.cache), "cache_tokens_used": self.cache.used,
+                "cache_tokens_budget": self.cache.budget, "freed_idle": self.cache.freed_idle,
+                **self.stats.snapshot()}, {}

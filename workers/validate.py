@@ -1,0 +1,113 @@
+"""Field checks for untrusted request headers and arrays.
+
+Every failure is a ProtocolError("bad_request") whose message names the field (and the
+rid when there is one), so a client can fix its call from the error alone.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping
+
+import numpy as np
+
+from cosine.protocol import ProtocolError
+
+_MISSING = object()
+
+
+def bad(msg: str) -> ProtocolError:
+    return ProtocolError("bad_request", msg)
+
+
+def is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def requests(header: Mapping[str, Any], allowed: set[str], dup_code: str = "bad_request") -> list[dict[str, Any]]:
+    """header["requests"] as a list of maps with a string rid, no rid twice, no unknown keys."""
+    reqs = header.get("requests")
+    if not isinstance(reqs, list):
+        raise bad(f"header 'requests' must be a list of maps, got {type(reqs).__name__}")
+    seen: set[str] = set()
+    for i, r in enumerate(reqs):
+        if not isinstance(r, dict):
+            raise bad(f"requests[{i}] must be a map, got {type(r).__name__}")
+        rid = r.get("rid")
+        if not isinstance(rid, str) or not rid:
+            raise bad(f"requests[{i}].rid must be a non-empty string, got {rid!r}")
+        if rid in seen:
+            raise ProtocolError(dup_code, f"request {rid!r} appears twice in one message")
+        seen.add(rid)
+        unknown = sorted(set(r) - allowed - {"rid"})
+        if unknown:
+            raise bad(f"request {rid!r}: unknown field {unknown[0]!r}; known: {sorted(allowed)}")
+    return reqs
+
+
+def int_field(r: Mapping[str, Any], key: str, lo: int, hi: int | None = None, default: Any = _MISSING,
+              nullable: bool = False) -> Any:
+    v = r.get(key, default)
+    if v is _MISSING:
+        raise bad(f"request {r.get('rid')!r}: missing field {key!r}")
+    if v is None and (nullable or default is None):
+        return None
+    if not is_int(v) or v < lo or (hi is not None and v > hi):
+        rng = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
+        raise bad(f"request {r.get('rid')!r}: {key} must be an int {rng}, got {v!r}")
+    return v
+
+
+def float_field(r: Mapping[str, Any], key: str, lo: float, default: float) -> float:
+    v = r.get(key, default)
+    if not (is_int(v) or isinstance(v, float)) or not math.isfinite(v) or v < lo:
+        raise bad(f"request {r.get('rid')!r}: {key} must be a finite number >= {lo}, got {v!r}")
+    return float(v)
+
+
+def bool_field(r: Mapping[str, Any], key: str, default: bool) -> bool:
+    v = r.get(key, default)
+    if not isinstance(v, bool):
+        raise bad(f"request {r.get('rid')!r}: {key} must be a bool, got {v!r}")
+    return v
+
+
+def int_list(r: Mapping[str, Any], key: str, length: int | None = None) -> list[int] | None:
+    v = r.get(key)
+    if v is None:
+        return None
+    if not isinstance(v, list) or not all(is_int(x) for x in v) or (length is not None and len(v) != length):
+        want = f" of {length}" if length is not None else ""
+        raise bad(f"request {r.get('rid')!r}: {key} must be a list{want} ints, got {v!r}")
+    return v
+
+
+def arrays(arrs: Mapping[str, np.ndarray], spec: dict[str, tuple[str, int]]) -> dict[str, np.ndarray]:
+    """Check that exactly the arrays in ``spec`` = {name: (dtype, length)} came, 1-D."""
+    extra = sorted(set(arrs) - set(spec))
+    if extra:
+        raise bad(f"unexpected array {extra[0]!r}; this op takes {sorted(spec) or 'no arrays'}")
+    for name, (dtype, length) in spec.items():
+        a = arrs.get(name)
+        if a is None:
+            raise bad(f"missing array {name!r} ({dtype} [{length}])")
+        if a.dtype.name != dtype:
+            raise bad(f"array {name!r} must be {dtype}, got {a.dtype.name}")
+        if a.shape != (length,):
+            raise bad(f"array {name!r} must have shape [{length}] (sum over requests), got {list(a.shape)}")
+    return dict(arrs)
+
+
+def token_range(name: str, a: np.ndarray, vocab: int) -> None:
+    if a.size and (int(a.min()) < 0 or int(a.max()) >= vocab):
+        bad_i = int(np.nonzero((a < 0) | (a >= vocab))[0][0])
+        raise bad(f"array {name!r}[{bad_i}] = {int(a[bad_i])} is not a token id in [0, {vocab})")
+
+
+def split(a: np.ndarray, sizes: list[int]) -> list[np.ndarray]:
+    """Consecutive views of ``a`` with the given lengths (the per-request parts of a batch)."""
+    out, off = [], 0
+    for n in sizes:
+        out.append(a[off:off + n])
+        off += n
+    return out
