@@ -34,7 +34,7 @@ from cosine.control import rounds
 from cosine.control.fusion import make_rule
 from cosine.control.pool import Request
 from cosine.control.proxies import DraftJob, DraftOut, Timed
-from cosine.control.routing import DrafterInfo, Router
+from cosine.control.routing import Router
 from cosine.control.scheduling import CostModel, PendingRequest, select_batch
 from cosine.control.speculation import DraftPlan, SpeculationController
 from cosine.protocol import VERSION
@@ -59,9 +59,15 @@ class RouterActor(pykka.ThreadingActor):
 
     def update(self, updates: list[tuple[str, str, float, int, int]], rounds_: list[tuple[str, int]]) -> None:
         for rid, drafter, conf, acc, prop in updates:
-            self.router.update(rid, drafter, conf, acc, prop)
+            try:
+                self.router.update(rid, drafter, conf, acc, prop)
+            except KeyError:  # the request ended meanwhile (cancel): nothing to learn
+                pass
         for rid, acc in rounds_:
-            self.router.record_round(rid, acc)
+            try:
+                self.router.record_round(rid, acc)
+            except KeyError:
+                pass
 
     def finish(self, rids: list[str]) -> None:
         for rid in rids:
@@ -124,7 +130,7 @@ class ControllerActor(pykka.ThreadingActor):
     """Request pool, round loop, scheduling, speculation control, stats."""
 
     def __init__(self, cfg: Config, verifiers: list[VerifierSlot], drafters: list[DrafterSlot], router: Any,
-                 fuser: Any, emit_factory: Callable[[], Emit], decode: Callable[[list[int]], str],
+                 fuser: Any, emit_factory: Callable[[], Emit],
                  cost: CostModel | None = None):
         super().__init__()
         self.cfg = cfg
@@ -135,7 +141,6 @@ class ControllerActor(pykka.ThreadingActor):
         self.fuser = fuser
         self.emit_factory = emit_factory
         self.emit: Emit = lambda a, h: None
-        self.decode = decode
         self.cost = cost or CostModel.default()
         self.spec = SpeculationController.from_config(self.cc.speculation, self.cc.scheduling.max_verify_tokens)
         self.requests: dict[str, Request] = {}          # admitted (prefilled) requests
@@ -290,6 +295,8 @@ class ControllerActor(pykka.ThreadingActor):
         t0 = time.perf_counter()
         self._draft(seq_now, plans)
         seq_draft_s = time.perf_counter() - t0
+        for r in seq_now:
+            r.draft_s, r.draft_overlap_s = seq_draft_s, 0.0
         verify_set = [r for r in candidates if r.rid in chosen]
         futures = self._issue_verify(verify_set)
 
@@ -301,11 +308,9 @@ class ControllerActor(pykka.ThreadingActor):
         t1 = time.perf_counter()
         self._draft(to_draft, plans)
         draft_s = time.perf_counter() - t1
-        for r in to_draft:
-            r.draft_s = draft_s
-        for r in seq_now:
-            r.draft_s = seq_draft_s
         verify_busy = self._collect_verify(futures)
+        for r in to_draft:
+            r.draft_s, r.draft_overlap_s = draft_s, min(draft_s, verify_busy)
 
         wall = time.perf_counter() - t_start
         s = self.stats_
@@ -400,9 +405,10 @@ class ControllerActor(pykka.ThreadingActor):
                 plans[r.rid] = self.spec.plan(r.rid)
             else:
                 plans[r.rid] = DraftPlan(True, sc.draft_len, sc.tree_width)
-        if plans:
-            plans = self.spec.trim_to_cap(plans)
         n_alive = max(1, sum(d.alive for d in self.drafters))
+        if plans:
+            k = min(n_alive, self.cc.routing.max_drafters_per_request)
+            plans = self.spec.trim_to_cap(plans, lambda p: 1 + p.draft_len * p.tree_width * k if p.speculate else 1)
         max_nodes = self.cfg.limits.max_tree_nodes
         for r in reqs:
             p = plans[r.rid]
@@ -425,7 +431,7 @@ class ControllerActor(pykka.ThreadingActor):
             pool.append(PendingRequest(rid=r.rid, seq_len=len(r.committed), planned_tokens=planned,
                                        waiting_s=now - r.wait_since, cache_tokens=len(r.committed) + planned))
         sch = self.cc.scheduling
-        budget = sum(1 for _ in self.verifiers) * 10 ** 9  # workers enforce their own KV budget
+        budget = sum(self.cfg.worker(v.name).kv_budget_tokens for v in self.verifiers)
         chosen = select_batch(pool, self.cost, max_batch=sch.max_batch * len(self.verifiers),
                               max_verify_tokens=sch.max_verify_tokens * len(self.verifiers),
                               memory_budget_tokens=budget, latency_weight=sch.latency_weight,
@@ -603,7 +609,7 @@ class ControllerActor(pykka.ThreadingActor):
                 self._fail(r, code, f"verification on {v.name} failed: {res.message}")
             return res.busy_s
         n_total = sum(r.tree.n for r in rs)
-        upd, rnd = [], []
+        upd, rnd, finished = [], [], []
         for r in rs:
             argmax, logits = res.value[r.rid]
             vr = rounds.verify(r.tree, argmax, logits, r.params.temperature, r.params.top_p, r.draft_dists, r.rng)
@@ -626,7 +632,8 @@ class ControllerActor(pykka.ThreadingActor):
             if r.drafters and r.params.mode == "cosine":
                 rnd.append((r.rid, n_acc))
             if r.params.mode == "cosine" and drafted:
-                self.spec.observe(r.rid, drafted, n_acc, r.draft_s, res.busy_s * r.tree.n / max(n_total, 1))
+                self.spec.observe(r.rid, drafted, n_acc, r.draft_s, res.busy_s * r.tree.n / max(n_total, 1),
+                                  overlapped_s=r.draft_overlap_s)
             elif r.tree.n == 1:
                 self.spec.observe_plain(res.busy_s)
             for name in r.drafters:
@@ -640,7 +647,9 @@ class ControllerActor(pykka.ThreadingActor):
                 self.emit(ident, {"v": VERSION, "op": "chunk", "seq": seq, "rid": crid, "ok": True,
                                   "text": text, "tokens": ids})
             if r.done:
-                self._finish(r)
+                finished.append(r)
         if upd or rnd:
             self.router.update(upd, rnd)
+        for r in finished:  # after the router update, which must reach it before finish()
+            self._finish(r)
         return res.busy_s

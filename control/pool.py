@@ -80,6 +80,7 @@ class Request:
     draft_dists: dict = field(default_factory=dict)
     drafters: list[str] = field(default_factory=list)
     draft_s: float = 0.0
+    draft_overlap_s: float = 0.0                     # part of draft_s hidden behind verification
     prefilled: bool = False
     proposals: dict = field(default_factory=dict)   # drafter name -> (tokens, probs) this round
     commit_nodes: list[int] | None = None            # accepted nodes of the last verify (inline commit)

@@ -117,7 +117,7 @@ class Server:
             self.drafters.append(DrafterSlot(n, i, DrafterProxyActor.start(n, w.endpoint, t, i).proxy(),
                                              int(eng.get("max_positions") or 1 << 30), cfg.model(w.model).domains))
         infos = [DrafterInfo(d.name, tuple(d.domains)) for d in self.drafters]
-        self.router = RouterActor.start(Router.from_config(infos, cc.routing)).proxy()
+        self.router = RouterActor.start(Router.from_config(infos, cc.routing, seed=cc.seed)).proxy()
         self.fuser = FuserActor.start(cc.fusion.rule, cc.fusion.min_confidence).proxy()
         pull_addr = self.pull_addr
         ctx = self.ctx
@@ -134,7 +134,7 @@ class Server:
         tok = Tokenizer.from_file(str(cfg.engine_dir(target) / "tokenizer.json"))
         self.decode_out = lambda ids: tok.decode(ids, skip_special_tokens=False)
         self.controller = ControllerActor.start(
-            cfg, self.verifiers, self.drafters, self.router, self.fuser, emit_factory, self.decode_out).proxy()
+            cfg, self.verifiers, self.drafters, self.router, self.fuser, emit_factory).proxy()
         if profile:
             self.controller.set_cost_model(self.profile()).get()
         self.router_sock = self.ctx.socket(zmq.ROUTER)
@@ -165,13 +165,13 @@ class Server:
                 res = v.verify([(rid, toks, parents, None)], False).get()
                 if res.error:
                     break
-                vsamples.append((1, len(prompt), n, res.busy_s))
+                vsamples.append((1, n, len(prompt), res.busy_s))  # (batch, tokens, seq_len, s)
             for d in self.drafters:
                 for k in (1, 2, 4):
                     res = d.proxy.draft([DraftJob(rid, list(prompt), k)]).get()
                     if res.error:
                         break
-                    dsamples.append((1, len(prompt), k, res.busy_s))
+                    dsamples.append((1, k, len(prompt), res.busy_s))  # (batch, steps, seq_len, s)
         finally:
             self.verifiers[0].proxy.release([rid]).get()
             for d in self.drafters:

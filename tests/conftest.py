@@ -90,7 +90,9 @@ def write_cluster_config(path: Path, target: Path, drafters: dict[str, Path], co
     c = {"endpoint": f"tcp://127.0.0.1:{free_port()}", "mode": "cosine", "worker_timeout_s": 3.0,
          **(controller or {})}
     lines += ["", "[controller]"] + [f"{k} = {_toml_value(v)}" for k, v in c.items()]
-    for sec, kv in (sections or {}).items():
+    # tiny engines draft about as slowly as they verify: keep speculation on regardless
+    sections = {"speculation": {"disable_below_ratio": 0.0}, **(sections or {})}
+    for sec, kv in sections.items():
         lines += ["", f"[controller.{sec}]"] + [f"{k} = {_toml_value(v)}" for k, v in kv.items()]
     path.write_text("\n".join(lines) + "\n")
     return path

@@ -23,7 +23,8 @@ def test_stream_chunks_concatenate_to_text(control_cluster):
     assert s.result is not None
     assert "".join(ch.text for ch in chunks) == s.result.text
     assert [t for ch in chunks for t in ch.token_ids] == s.result.token_ids == ref.token_ids
-    assert len(chunks) >= 2
+    if len(ref.token_ids) >= 10:
+        assert len(chunks) >= 2
 
 
 def test_stop_string(control_cluster):

@@ -226,12 +226,20 @@ def scen_two_drafters(rng):
     return b
 
 
+def draws_without_replacement(rng: np.random.Generator, q: np.ndarray, k: int) -> list[int]:
+    """k sequential draws, each from q with the earlier draws removed and renormalized."""
+    out, rest = [], q.copy()
+    for _ in range(k):
+        out.append(draw(rng, rest / rest.sum()))
+        rest[out[-1]] = 0.0
+    return out
+
+
 def scen_without_replacement(rng):
     b = Builder()
     q = drafter(0, ROOT_CTX)
-    first, second = rng.choice(VOCAB, size=2, replace=False, p=q)  # sequential draws w/o replacement
-    for tok in (first, second):
-        b.sample(b.add(0, int(tok), 0, q), 0, rng)
+    for tok in draws_without_replacement(rng, q, 2):
+        b.sample(b.add(0, tok, 0, q), 0, rng)
     b.sample(0, 1, rng)
     return b
 
@@ -314,8 +322,8 @@ def test_stochastic_first_token_wide_tree():
         for d in range(4):
             b.sample(0, d, rng)
         q = drafter(5, ROOT_CTX)
-        for tok in rng.choice(VOCAB, size=3, replace=False, p=q):
-            b.add(0, int(tok), 5, q)
+        for tok in draws_without_replacement(rng, q, 3):
+            b.add(0, tok, 5, q)
         probs = np.stack([target(c) for c in b.ctx])
         counts[verify_stochastic(b.tree(), probs, b.dists, rng).tokens[0]] += 1
     p = target(ROOT_CTX)

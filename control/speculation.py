@@ -1,0 +1,281 @@
+"""Adaptive speculation control: per-request draft length by expected goodput, a
+speculation on/off switch against plain decoding, a global pipeline bias, and the
+per-round verify-token cap.
+
+Goodput (committed tokens per second), not acceptance rate, drives every decision:
+a high acceptance rate is worthless if drafting or verifying the extra tokens costs
+more than it saves. Formulas and defaults: docs/algorithms.md, "Adaptive speculation control".
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Mapping
+
+from cosine.config import SpeculationConfig
+
+
+@dataclass(frozen=True)
+class DraftPlan:
+    speculate: bool
+    draft_len: int
+    tree_width: int
+
+
+OFF = DraftPlan(False, 0, 1)
+
+
+def expected_tokens(alpha: float, k: int) -> float:
+    """E(k) = 1 + alpha + ... + alpha^k = (1 - alpha^(k+1)) / (1 - alpha): tokens committed
+    per round (accepted drafts plus the bonus token) when each position is accepted with
+    probability alpha given its parent was."""
+    if alpha >= 1.0:
+        return float(k + 1)
+    return (1.0 - alpha ** (k + 1)) / (1.0 - alpha)
+
+
+def _ema(old: float | None, new: float, keep: float) -> float:
+    return new if old is None else keep * old + (1.0 - keep) * new
+
+
+class _VerifyFit:
+    """Exponentially weighted least squares of verify time on tree size n:
+    t(n) = a + b*n. Shared by all requests: it is a property of the verifier."""
+
+    def __init__(self, decay: float):
+        self.decay = decay
+        self.w = self.sn = self.st = self.snn = self.snt = 0.0
+
+    def add(self, n: float, t: float) -> None:
+        d = self.decay
+        self.w = d * self.w + 1.0
+        self.sn = d * self.sn + n
+        self.st = d * self.st + t
+        self.snn = d * self.snn + n * n
+        self.snt = d * self.snt + n * t
+
+    def predict(self, n: float, token_frac: float) -> float | None:
+        if self.w == 0.0:
+            return None
+        mn, mt = self.sn / self.w, self.st / self.w
+        var = self.snn / self.w - mn * mn
+        if var > 1e-6 * max(1.0, mn * mn):
+            b = max(0.0, (self.snt / self.w - mn * mt) / var)
+        else:
+            # One tree size seen so far: assume each extra token costs token_frac of the mean.
+            b = token_frac * mt / max(mn, 1.0)
+        a = max(0.0, mt - b * mn)
+        return a + b * n
+
+
+@dataclass
+class _ReqState:
+    alpha: float
+    draft_step_s: float | None = None   # non-overlapped draft time per draft step
+    tok_ema: float | None = None         # committed tokens per round (EMA)
+    time_ema: float | None = None        # seconds per round (EMA)
+    rounds_on: int = 0                   # speculative rounds since (re)enabled
+    off: bool = False
+    off_rounds: int = 0
+    last_plan: DraftPlan | None = None
+
+    def goodput(self) -> float | None:
+        return None if self.tok_ema is None or not self.time_ema else self.tok_ema / self.time_ema
+
+
+class SpeculationController:
+    """Plans each request's next round and learns from what each round cost and yielded."""
+
+    def __init__(self, draft_len: int = 4, min_draft_len: int = 1, max_draft_len: int = 8,
+                 tree_width: int = 1, max_tree_width: int = 4, adaptive: bool = True,
+                 disable_below_ratio: float = 0.9, max_verify_tokens: int = 256, probe_every: int = 16,
+                 ema: float = 0.5, alpha_init: float = 0.6, min_rounds: int = 2,
+                 idle_high: float = 0.25, queue_high: int = 8, bias_step: float = 0.5,
+                 bias_decay: float = 0.9, verify_decay: float = 0.95, verify_token_frac: float = 0.05):
+        if not 1 <= min_draft_len <= draft_len <= max_draft_len:
+            raise ValueError("SpeculationController: need 1 <= min_draft_len <= draft_len <= max_draft_len, got "
+                             f"{min_draft_len}, {draft_len}, {max_draft_len}")
+        if not 1 <= tree_width <= max_tree_width:
+            raise ValueError(f"SpeculationController: need 1 <= tree_width <= max_tree_width, got "
+                             f"{tree_width}, {max_tree_width}")
+        self.draft_len, self.min_draft_len, self.max_draft_len = draft_len, min_draft_len, max_draft_len
+        self.tree_width, self.max_tree_width = tree_width, max_tree_width
+        self.adaptive = adaptive
+        self.disable_below_ratio = disable_below_ratio
+        self.max_verify_tokens = max_verify_tokens
+        self.probe_every = max(1, probe_every)
+        self.ema = ema
+        self.min_rounds = max(1, min_rounds)
+        self.idle_high, self.queue_high = idle_high, queue_high
+        self.bias_step, self.bias_decay = bias_step, bias_decay
+        self.verify_token_frac = verify_token_frac
+        # Pipeline bias in draft steps; beyond the draft-length range it spills into tree width.
+        self.bias_limit = float((max_draft_len - min_draft_len) + (max_tree_width - 1))
+        self.bias = 0.0
+        self.alpha_global = alpha_init        # seeds new requests
+        self.draft_step_global: float | None = None
+        self.plain_tok_s: float | None = None  # EMA of a plain (one-token) target step
+        self._verify = _VerifyFit(verify_decay)
+        self._reqs: dict[str, _ReqState] = {}
+
+    @classmethod
+    def from_config(cls, cfg: SpeculationConfig, max_verify_tokens: int, **kw) -> "SpeculationController":
+        return cls(draft_len=cfg.draft_len, min_draft_len=cfg.min_draft_len, max_draft_len=cfg.max_draft_len,
+                   tree_width=cfg.tree_width, max_tree_width=max(cfg.tree_width, kw.pop("max_tree_width", 4)),
+                   adaptive=cfg.adaptive, disable_below_ratio=cfg.disable_below_ratio,
+                   max_verify_tokens=max_verify_tokens, **kw)
+
+    def _state(self, rid: str) -> _ReqState:
+        st = self._reqs.get(rid)
+        if st is None:
+            st = self._reqs[rid] = _ReqState(alpha=self.alpha_global, draft_step_s=self.draft_step_global)
+        return st
+
+    def forget(self, rid: str) -> None:
+        self._reqs.pop(rid, None)
+
+    # -- cost model ----------------------------------------------------------------------
+    def verify_s(self, n_tokens: int) -> float:
+        """Predicted verify time of an n-token tree (0 before any measurement)."""
+        t = self._verify.predict(n_tokens, self.verify_token_frac)
+        if t is None and self.plain_tok_s is not None:
+            t = self.plain_tok_s * (1.0 + self.verify_token_frac * (n_tokens - 1))
+        return t or 0.0
+
+    def best_draft_len(self, rid: str, tree_width: int = 1) -> int:
+        """argmax over k in [min, max] of E(k) / (verify_s(1 + k*width) + draft_step_s*k);
+        ties go to the shorter draft (less wasted work)."""
+        st = self._state(rid)
+        step = st.draft_step_s or 0.0
+        best_k, best_g = self.draft_len, -1.0
+        for k in range(self.min_draft_len, self.max_draft_len + 1):
+            cost = self.verify_s(1 + k * tree_width) + step * k
+            g = expected_tokens(st.alpha, k) / cost if cost > 0 else expected_tokens(st.alpha, k)
+            if g > best_g * (1.0 + 1e-9):
+                best_k, best_g = k, g
+        return best_k
+
+    # -- planning ------------------------------------------------------------------------
+    def _shape(self, k: int) -> tuple[int, int]:
+        """Apply the pipeline bias: lengthen/shorten first, then widen/narrow the tree."""
+        target = k + round(self.bias)
+        width = self.tree_width
+        if target > self.max_draft_len:
+            width += target - self.max_draft_len
+        elif target < self.min_draft_len:
+            width -= self.min_draft_len - target
+        k = min(self.max_draft_len, max(self.min_draft_len, target))
+        return k, min(self.max_tree_width, max(1, width))
+
+    def plan(self, rid: str) -> DraftPlan:
+        if not self.adaptive:
+            return DraftPlan(True, self.draft_len, self.tree_width)
+        st = self._state(rid)
+        if st.off:
+            st.off_rounds += 1
+            if st.off_rounds < self.probe_every:
+                st.last_plan = OFF
+                return OFF
+            st.off, st.off_rounds, st.rounds_on = False, 0, 0  # probe: measure speculation afresh
+            st.tok_ema = st.time_ema = None
+        k = self.best_draft_len(rid, self.tree_width) if st.tok_ema is not None else self.draft_len
+        k, width = self._shape(k)
+        st.last_plan = DraftPlan(True, k, width)
+        return st.last_plan
+
+    def is_off(self, rid: str) -> bool:
+        st = self._reqs.get(rid)
+        return bool(st and st.off)
+
+    def goodput(self, rid: str) -> float | None:
+        st = self._reqs.get(rid)
+        return st.goodput() if st else None
+
+    @property
+    def plain_rate(self) -> float | None:
+        """Plain decoding tokens per second (1 / EMA of a one-token target step)."""
+        return 1.0 / self.plain_tok_s if self.plain_tok_s else None
+
+    # -- feedback ------------------------------------------------------------------------
+    def observe_plain(self, verify_s_single_token: float) -> None:
+        if verify_s_single_token > 0:
+            self.plain_tok_s = _ema(self.plain_tok_s, float(verify_s_single_token), self.ema)
+            self._verify.add(1.0, float(verify_s_single_token))
+
+    def observe(self, rid: str, drafted: int, accepted: int, draft_s: float, verify_s: float,
+                depth: int | None = None, overlapped_s: float = 0.0) -> None:
+        """One speculative round of ``rid``: ``drafted`` tree nodes besides the root,
+        ``accepted`` of them on the committed path, ``draft_s`` drafting wall time of which
+        ``overlapped_s`` ran while the verifier was busy, ``verify_s`` its verify time.
+        ``depth`` is the draft length (tree depth); default: the last plan's, else drafted."""
+        st = self._state(rid)
+        drafted, accepted = max(0, int(drafted)), max(0, int(accepted))
+        draft_s = max(0.0, float(draft_s) - max(0.0, float(overlapped_s)))
+        verify_s = max(0.0, float(verify_s))
+        if depth is None:
+            depth = st.last_plan.draft_len if st.last_plan is not None and st.last_plan.draft_len else drafted
+        depth = max(depth, accepted)
+        if depth > 0:
+            # Per-position acceptance: positions 1..accepted succeeded, the next one (if any)
+            # failed. accepted/drafted would understate alpha for trees and long drafts.
+            trials = accepted + (1 if accepted < depth else 0)
+            sample = accepted / trials if trials else 0.0
+            st.alpha = _ema(st.alpha, sample, self.ema)
+            self.alpha_global = _ema(self.alpha_global, sample, self.ema)
+            st.draft_step_s = _ema(st.draft_step_s, draft_s / depth, self.ema)
+            self.draft_step_global = _ema(self.draft_step_global, draft_s / depth, self.ema)
+        if verify_s > 0:
+            self._verify.add(1.0 + drafted, verify_s)
+        st.tok_ema = _ema(st.tok_ema, accepted + 1.0, self.ema)
+        st.time_ema = _ema(st.time_ema, verify_s + draft_s, self.ema)
+        st.rounds_on += 1
+        g, plain = st.goodput(), self.plain_rate
+        if (self.adaptive and plain is not None and g is not None and st.rounds_on >= self.min_rounds
+                and g < self.disable_below_ratio * plain):
+            st.off, st.off_rounds = True, 0
+
+    def observe_pipeline(self, verifier_idle_frac: float, draft_queue_len: int) -> None:
+        """Verifier waiting -> draft more; drafts queueing at the verifier -> draft less;
+        neither -> the bias relaxes towards 0."""
+        up = verifier_idle_frac > self.idle_high
+        down = draft_queue_len > self.queue_high
+        if up != down:
+            self.bias += self.bias_step if up else -self.bias_step
+        else:
+            self.bias *= self.bias_decay
+        self.bias = min(self.bias_limit, max(-self.bias_limit, self.bias))
+
+    # -- verify-token cap ----------------------------------------------------------------
+    def trim_to_cap(self, plans: Mapping[str, DraftPlan],
+                    tokens_per_plan: Callable[[DraftPlan], int] | None = None) -> dict[str, DraftPlan]:
+        """Fit the round under max_verify_tokens: repeatedly shorten (by one step) the plan
+        with the most candidate tokens, down to min_draft_len, then narrow it to width 1;
+        if still over, turn speculation off for the largest plans. Among equally large
+        plans the smallest rid goes first (deterministic). Pure: returns a new dict."""
+        size = tokens_per_plan or (lambda p: 1 + p.draft_len * p.tree_width if p.speculate else 1)
+        out = dict(plans)
+        total = sum(size(p) for p in out.values())
+        cap = self.max_verify_tokens
+
+        def largest(ok: Callable[[DraftPlan], bool]) -> str | None:
+            cands = [(-size(p), rid) for rid, p in out.items() if p.speculate and ok(p)]
+            return min(cands)[1] if cands else None
+
+        steps = (lambda p: p.draft_len > self.min_draft_len,
+                 lambda p: p.tree_width > 1,
+                 lambda p: True)
+        for stage, ok in enumerate(steps):
+            while total > cap:
+                rid = largest(ok)
+                if rid is None:
+                    break
+                p = out[rid]
+                if stage == 0:
+                    q = DraftPlan(True, p.draft_len - 1, p.tree_width)
+                elif stage == 1:
+                    q = DraftPlan(True, p.draft_len, p.tree_width - 1)
+                else:
+                    q = OFF
+                total += size(q) - size(p)
+                out[rid] = q
+        return out

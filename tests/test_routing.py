@@ -1,0 +1,274 @@
+"""Router and domain classifier: pure policies, no I/O."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from cosine.bench.prompts import BUILTIN
+from cosine.config import RoutingConfig
+from cosine.control.domains import DomainClassifier, KeywordClassifier
+from cosine.control.routing import DrafterInfo, Router, harmonic_mean
+
+DRAFTERS = [DrafterInfo("general"), DrafterInfo("coder", ("code",)), DrafterInfo("writer", ("prose", "docs")),
+            DrafterInfo("deutsch", ("german",))]
+
+
+class Fixed:
+    def __init__(self, domain: str):
+        self.d = domain
+
+    def classify(self, text: str) -> str:
+        return self.d
+
+
+def router(**kw) -> Router:
+    kw.setdefault("explore_prob", 0.0)
+    return Router(DRAFTERS, **kw)
+
+
+# -- classifier ------------------------------------------------------------------------
+@pytest.mark.parametrize("domain", ["code", "docs", "prose", "german"])
+def test_keyword_classifier_builtin_prompts(domain):
+    c = KeywordClassifier()
+    for p in BUILTIN[domain]:
+        assert c.classify(p) == domain, p
+
+
+def test_keyword_classifier_math_default_and_custom():
+    c = KeywordClassifier()
+    assert c.classify("|- ( ph -> ( ps -> ph ) ) $.") == "math"
+    assert c.classify("Theorem. For every integer n, n + 0 = n. Proof: induction.") == "math"
+    assert c.classify("") == "general"
+    assert c.classify("zzz qqq") == "general"
+    assert isinstance(c, DomainClassifier)
+    custom = KeywordClassifier({"sql": ["SELECT", "FROM", "WHERE"], "shell": {"$ ": 2.0, "sudo": 3.0}}, default="x")
+    assert custom.classify("SELECT a FROM t WHERE b") == "sql"
+    assert custom.classify("select a from t") == "x"  # upper-case markers are case-sensitive
+    assert custom.classify("$ sudo apt install") == "shell"
+
+
+# -- math ----------------------------------------------------------------------------------
+@given(st.floats(0, 1), st.floats(0, 1))
+def test_harmonic_mean_bounds(a, b):
+    h = harmonic_mean(a, b)
+    assert min(a, b) - 1e-12 <= h <= max(a, b) + 1e-12
+    assert h == 0.0 if a == 0 or b == 0 else h == pytest.approx(2 * a * b / (a + b))
+
+
+def test_update_is_ema_of_harmonic_mean():
+    r = router(ema=0.5, classifier=Fixed("general"))
+    r.start("a")
+    s0 = r.scores("a")["coder"]
+    assert s0 == pytest.approx(0.5)  # base score, no declared domain match
+    r.update("a", "coder", confidence=0.8, accepted=2, proposed=4)
+    s1 = 0.5 * s0 + 0.5 * harmonic_mean(0.8, 0.5)
+    assert r.scores("a")["coder"] == pytest.approx(s1)
+    r.update("a", "coder", confidence=0.9, accepted=0, proposed=3)  # nothing accepted: sample 0
+    assert r.scores("a")["coder"] == pytest.approx(0.5 * s1)
+    r.update("a", "coder", confidence=0.9, accepted=0, proposed=0)  # nothing proposed: accuracy 0
+    assert r.scores("a")["coder"] == pytest.approx(0.25 * s1)
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from([d.name for d in DRAFTERS]), st.floats(0, 1),
+                          st.integers(0, 8), st.integers(0, 8)), max_size=30))
+def test_scores_stay_in_unit_interval(updates):
+    r = router(classifier=Fixed("code"))
+    r.start("a")
+    for name, conf, acc, prop in updates:
+        r.update("a", name, conf, min(acc, prop), prop)
+        assert all(0.0 <= s <= 1.0 for s in r.scores("a").values())
+        assert r.select("a", k=2)
+
+
+# -- selection -----------------------------------------------------------------------------
+def test_declared_domain_drafter_first_before_any_data():
+    r = router(classifier=KeywordClassifier())
+    assert r.start("a", "def f(x):\n    return x  # python") == "code"
+    assert r.select("a", k=1) == ["coder"]
+    assert r.start("b", "Der Hund ist nicht müde und die Katze schläft.") == "german"
+    assert r.select("b", k=1) == ["deutsch"]
+
+
+def test_exploits_best_drafter_after_evidence():
+    r = router(classifier=Fixed("code"))
+    r.start("a")
+    for _ in range(6):
+        r.update("a", "writer", 0.9, 4, 4)
+        r.update("a", "coder", 0.3, 0, 4)
+        r.record_round("a", 4)
+    assert r.select("a", k=1) == ["writer"]
+    assert r.select("a", k=2) == ["writer", "general"]  # coder fell below the untried base score
+    assert r.scores("a")["coder"] < r.scores("a")["general"]
+
+
+def test_respects_available_and_k():
+    r = router(classifier=Fixed("code"))
+    r.start("a")
+    assert r.select("a", available={"writer", "deutsch"}, k=3) == ["writer", "deutsch"]
+    assert r.select("a", available={"coder"}) == ["coder"]
+    assert r.select("a", available=set()) == []
+    assert r.select("a", available={"ghost"}) == []
+    assert r.select("a", k=0) == []
+    assert len(r.select("a")) == 2  # default k = max_drafters
+    assert len(r.select("a", k=10)) == 4
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.sets(st.sampled_from([d.name for d in DRAFTERS])), st.integers(0, 5), st.integers(0, 2**31),
+       st.lists(st.integers(0, 5), max_size=12))
+def test_select_properties(avail, k, seed, rounds):
+    r = Router(DRAFTERS, explore_prob=0.5, seed=seed, classifier=Fixed("prose"))
+    r.start("a")
+    for acc in rounds:
+        r.record_round("a", acc)
+        picks = r.select("a", available=avail, k=k)
+        assert len(picks) == min(k, len(avail))
+        assert len(set(picks)) == len(picks)
+        assert set(picks) <= avail
+
+
+def test_explores_untried_drafter_when_accepted_length_drops():
+    r = router(classifier=Fixed("code"), window=3, explore_threshold=1.5)
+    r.start("a")
+    assert r.select("a", k=1) == ["coder"]
+    r.update("a", "coder", 0.9, 1, 1)  # coder stays the best-scored drafter ...
+    for _ in range(2):
+        r.record_round("a", 0)  # ... but the request's accepted length is 1
+        assert r.select("a", k=1) == ["coder"]  # window not full yet: keep exploiting
+    r.record_round("a", 0)
+    assert r.select("a", k=1) == ["general"]  # best-ranked untried drafter
+    assert r.explorations == 1
+    # exploration restarted the window: no second exploration on the same evidence
+    assert r.select("a", k=1) == ["coder"]
+    assert r.explorations == 1
+
+
+def test_explores_untried_first_then_random_when_all_tried():
+    r = router(classifier=Fixed("code"), window=1)
+    r.start("a")
+    names = [d.name for d in DRAFTERS]
+    r.update("a", "coder", 0.9, 1, 1)
+    seen = []
+    for _ in range(3):
+        r.record_round("a", 0)
+        picks = r.select("a", k=2)
+        assert picks[0] == "coder"
+        seen.append(picks[1])
+        for p in picks:
+            r.update("a", p, 0.9 if p == "coder" else 0.1, 1 if p == "coder" else 0, 1)
+    # the runner-up ("general") is swapped for the best-ranked untried drafter each time
+    assert seen[:2] == ["writer", "deutsch"]
+    assert r.scores("a")["general"] == 0.5 and seen[2] in {"writer", "deutsch"}  # none untried left: random
+    stream = []
+    for _ in range(20):
+        r.record_round("a", 0)
+        picks = r.select("a", k=2)
+        assert picks[0] == "coder" and picks[1] in names[:1] + names[2:]
+        stream.append(picks[1])
+    assert len(set(stream)) > 1  # random among the unpicked, seeded
+
+
+def test_no_exploration_when_accepted_length_is_good():
+    r = router(classifier=Fixed("code"), window=2)
+    r.start("a")
+    for _ in range(10):
+        r.update("a", "coder", 0.9, 3, 4)
+        r.record_round("a", 3)
+        assert r.select("a", k=1) == ["coder"]
+    assert r.explorations == 0
+    assert r.accepted_length("a") == 4.0
+
+
+def test_update_without_record_round_feeds_window():
+    r = router(classifier=Fixed("code"), window=1)
+    r.start("a")
+    r.update("a", "coder", 0.5, 0, 4)
+    r.update("a", "general", 0.5, 0, 4)
+    assert r.select("a", k=1) != ["coder"]  # best drafter matched nothing: explore
+    assert r.accepted_length("a") is None  # window restarted after exploring
+
+
+def test_explore_prob_is_seeded():
+    def picks(seed):
+        r = Router(DRAFTERS, explore_prob=0.5, seed=seed, classifier=Fixed("code"))
+        r.start("a")
+        return [tuple(r.select("a", k=1)) for _ in range(40)]
+    assert picks(1) == picks(1)
+    assert len(set(picks(1))) > 1  # it does explore
+    assert Router(DRAFTERS, explore_prob=0.0, classifier=Fixed("code")).explorations == 0
+
+
+# -- priors across requests ------------------------------------------------------------------
+def test_priors_learned_across_requests_change_initial_order():
+    r = router(classifier=Fixed("code"))
+    r.start("new0")
+    assert r.select("new0", k=4)[0] == "coder"  # declared specialist first
+    for i in range(3):  # evidence: for this domain the generalist is much better
+        rid = f"r{i}"
+        r.start(rid)
+        for _ in range(5):
+            r.update(rid, "general", 0.9, 4, 4)
+            r.update(rid, "coder", 0.2, 0, 4)
+        r.finish(rid)
+    pri = r.priors["code"]
+    assert pri["general"] > pri["coder"]
+    assert set(pri) == {"general", "coder"}  # only tried drafters are folded in
+    assert r.prior_counts["code"]["general"] == 3
+    r.start("new1")
+    assert r.select("new1", k=1) == ["general"]
+    # another domain is unaffected
+    r2 = Router(DRAFTERS, explore_prob=0.0, classifier=Fixed("german"))
+    r2._prior_sums = r._prior_sums
+    r2.start("g")
+    assert r2.select("g", k=1) == ["deutsch"]
+
+
+def test_prior_is_running_mean_shrunk_to_base():
+    r = router(classifier=Fixed("prose"), ema=0.0, prior_weight=1.0)
+    for i, acc in enumerate([4, 2]):
+        r.start(f"r{i}")
+        r.update(f"r{i}", "general", 1.0, acc, 4)
+        r.finish(f"r{i}")
+    finals = [1.0, harmonic_mean(1.0, 0.5)]
+    assert r.priors["prose"]["general"] == pytest.approx(sum(finals) / 2)
+    assert r.initial_score("prose", DRAFTERS[0]) == pytest.approx((sum(finals) + 0.5) / 3)
+    assert r.initial_score("prose", DRAFTERS[2]) == pytest.approx(0.75)  # declared, no data
+
+
+# -- lifecycle and errors -------------------------------------------------------------------
+def test_unknown_rid_errors_and_finish_forgets():
+    r = router(classifier=Fixed("code"))
+    with pytest.raises(KeyError, match="unknown request 'x'"):
+        r.select("x")
+    with pytest.raises(KeyError, match="unknown request"):
+        r.update("x", "coder", 0.5, 1, 2)
+    r.start("a")
+    with pytest.raises(KeyError, match="unknown drafter"):
+        r.update("a", "nobody", 0.5, 1, 2)
+    assert r.domain("a") == "code"
+    r.finish("a")
+    r.finish("a")  # idempotent
+    with pytest.raises(KeyError):
+        r.scores("a")
+    assert r.active == []
+
+
+def test_from_config_and_validation():
+    cfg = RoutingConfig(max_drafters_per_request=3, ema=0.25, explore_threshold=2.0, explore_prob=0.0)
+    r = Router.from_config(DRAFTERS, cfg, classifier=Fixed("code"), seed=3)
+    assert (r.max_drafters, r.ema, r.explore_threshold, r.explore_prob) == (3, 0.25, 2.0, 0.0)
+    r.start("a")
+    assert len(r.select("a")) == 3
+    with pytest.raises(ValueError):
+        Router([DrafterInfo("a"), DrafterInfo("a")])
+    with pytest.raises(ValueError):
+        Router(DRAFTERS, ema=1.0)
+    assert math.isfinite(Router([]).initial_score("x", DrafterInfo("d")))
+    r0 = Router([], classifier=Fixed("code"))
+    r0.start("a")
+    assert r0.select("a") == []

@@ -1,0 +1,196 @@
+"""Adaptive speculation control: goodput-driven draft length, on/off switch, pipeline
+bias, verify-token cap."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from cosine.config import SpeculationConfig
+from cosine.control.speculation import DraftPlan, SpeculationController, expected_tokens
+
+
+def simulate(sc: SpeculationController, rid: str, alpha: float, rounds: int = 60, step_s: float = 0.002,
+             verify_base: float = 0.02, verify_tok: float = 0.0005, seed: int = 0) -> list[DraftPlan]:
+    """Seeded environment: each drafted position is accepted with probability alpha
+    given its parent was; verify and draft times are linear in the work."""
+    rng = np.random.default_rng(seed)
+    plans = []
+    for _ in range(rounds):
+        p = sc.plan(rid)
+        plans.append(p)
+        if not p.speculate:
+            sc.observe_plain(verify_base + verify_tok)
+            continue
+        k = p.draft_len
+        acc = 0
+        while acc < k and rng.random() < alpha:
+            acc += 1
+        n = 1 + k * p.tree_width
+        sc.observe(rid, drafted=n - 1, accepted=min(acc, k), draft_s=step_s * k,
+                   verify_s=verify_base + verify_tok * n)
+    return plans
+
+
+def test_expected_tokens():
+    assert expected_tokens(0.0, 5) == 1.0
+    assert expected_tokens(1.0, 5) == 6.0
+    assert expected_tokens(0.5, 2) == pytest.approx(1.75)
+
+
+@given(st.floats(0, 0.999), st.integers(0, 16))
+def test_expected_tokens_monotone(alpha, k):
+    assert 1.0 <= expected_tokens(alpha, k) <= expected_tokens(alpha, k + 1) <= k + 2
+
+
+def test_draft_len_moves_up_with_high_acceptance_and_down_with_low():
+    hi, lo = SpeculationController(), SpeculationController()
+    for sc in (hi, lo):
+        sc.observe_plain(0.0205)
+    k_hi = np.mean([p.draft_len for p in simulate(hi, "a", alpha=0.95)[-40:]])
+    k_lo = np.mean([p.draft_len for p in simulate(lo, "a", alpha=0.2)[-40:]])
+    assert k_hi > 5 and k_lo < 3, (k_hi, k_lo)
+    assert hi.alpha_global > 0.7 and lo.alpha_global < 0.4
+
+
+def test_goodput_not_acceptance_drives_draft_len():
+    # Same acceptance, but drafting is expensive relative to verifying: shorter drafts.
+    cheap, dear = SpeculationController(disable_below_ratio=0.0), SpeculationController(disable_below_ratio=0.0)
+    k_cheap = np.mean([p.draft_len for p in simulate(cheap, "a", alpha=0.8, step_s=0.0005)[-40:]])
+    k_dear = np.mean([p.draft_len for p in simulate(dear, "a", alpha=0.8, step_s=0.02)[-40:]])
+    assert k_cheap > k_dear + 1, (k_cheap, k_dear)
+
+
+def test_best_draft_len_is_argmax_of_goodput():
+    sc = SpeculationController(min_draft_len=1, max_draft_len=8)
+    st_ = sc._state("r")
+    st_.alpha, st_.draft_step_s = 0.7, 0.003
+    sc.observe_plain(0.02)
+    sc.observe_plain(0.02)  # one tree size only: per-token slope falls back to verify_token_frac
+    g = {k: expected_tokens(0.7, k) / (sc.verify_s(1 + k) + 0.003 * k) for k in range(1, 9)}
+    assert sc.best_draft_len("r") == max(g, key=g.get)
+
+
+def test_speculation_turns_off_when_slower_than_plain_and_reprobes():
+    sc = SpeculationController(probe_every=5, min_rounds=2, disable_below_ratio=0.9)
+    sc.observe_plain(0.01)  # plain: 100 tok/s
+    assert sc.plan("a").speculate
+    sc.observe("a", drafted=4, accepted=0, draft_s=0.02, verify_s=0.012)  # 1 tok / 0.032 s
+    assert not sc.is_off("a")  # one round is not enough evidence
+    sc.plan("a")
+    sc.observe("a", drafted=4, accepted=0, draft_s=0.02, verify_s=0.012)
+    assert sc.is_off("a") and sc.goodput("a") < 0.9 * sc.plain_rate
+    plans = [sc.plan("a") for _ in range(5)]
+    assert [p.speculate for p in plans] == [False] * 4 + [True]  # probe on the 5th round
+    assert plans[0] == DraftPlan(False, 0, 1)
+    # the probe goes well this time: speculation stays on
+    for _ in range(3):
+        sc.observe("a", drafted=4, accepted=4, draft_s=0.004, verify_s=0.012)
+        assert sc.plan("a").speculate
+    assert not sc.is_off("a")
+
+
+def test_speculation_stays_on_when_faster_than_plain():
+    sc = SpeculationController()
+    sc.observe_plain(0.02)
+    plans = simulate(sc, "a", alpha=0.7)
+    assert all(p.speculate for p in plans)
+
+
+def test_no_plain_measurement_never_turns_off_and_non_adaptive_is_fixed():
+    sc = SpeculationController()
+    for _ in range(10):
+        sc.plan("a")
+        sc.observe("a", 4, 0, 1.0, 1.0)
+    assert not sc.is_off("a")
+    fixed = SpeculationController(draft_len=3, tree_width=2, adaptive=False)
+    fixed.observe_plain(0.001)
+    for _ in range(5):
+        fixed.observe("a", 6, 0, 1.0, 1.0)
+        fixed.observe_pipeline(1.0, 0)
+        assert fixed.plan("a") == DraftPlan(True, 3, 2)
+
+
+def test_pipeline_bias_lengthens_then_widens_and_shortens():
+    sc = SpeculationController(draft_len=4, max_draft_len=6, tree_width=1, max_tree_width=3, queue_high=2)
+    assert sc.plan("a") == DraftPlan(True, 4, 1)
+    for _ in range(4):
+        sc.observe_pipeline(verifier_idle_frac=0.8, draft_queue_len=0)
+    assert sc.plan("a") == DraftPlan(True, 6, 1)
+    for _ in range(4):
+        sc.observe_pipeline(0.8, 0)
+    assert sc.plan("a") == DraftPlan(True, 6, 3)  # draft length maxed out: wider trees
+    for _ in range(40):
+        sc.observe_pipeline(0.8, 0)
+    assert sc.bias == sc.bias_limit  # bounded
+    for _ in range(60):
+        sc.observe_pipeline(0.0, draft_queue_len=5)
+    assert sc.plan("a") == DraftPlan(True, 1, 1)
+    for _ in range(200):
+        sc.observe_pipeline(0.1, 1)  # balanced: bias decays to 0
+    assert sc.plan("a") == DraftPlan(True, 4, 1)
+
+
+def test_trim_to_cap_shortens_largest_first():
+    sc = SpeculationController(min_draft_len=1, max_verify_tokens=20)
+    plans = {"big": DraftPlan(True, 8, 2), "mid": DraftPlan(True, 4, 1), "small": DraftPlan(True, 2, 1),
+             "off": DraftPlan(False, 0, 1)}
+    out = sc.trim_to_cap(plans)
+    size = lambda p: 1 + p.draft_len * p.tree_width if p.speculate else 1  # noqa: E731
+    assert sum(size(p) for p in out.values()) <= 20
+    assert out["small"] == plans["small"] and out["mid"] == plans["mid"] and out["off"] == plans["off"]
+    assert out["big"].draft_len < 8 and out["big"].speculate
+    assert plans["big"] == DraftPlan(True, 8, 2)  # input untouched
+    assert sc.trim_to_cap(plans, tokens_per_plan=lambda p: 1) == plans
+
+
+def test_trim_to_cap_turns_off_largest_when_minimal_drafts_still_exceed():
+    sc = SpeculationController(min_draft_len=2, max_verify_tokens=8)
+    plans = {"a": DraftPlan(True, 6, 2), "b": DraftPlan(True, 3, 1), "c": DraftPlan(True, 2, 1)}
+    out = sc.trim_to_cap(plans)
+    assert sum(1 + p.draft_len * p.tree_width if p.speculate else 1 for p in out.values()) <= 8
+    # everyone at min length and width 1 needs 9 tokens; the tie a/b/c -> smallest rid "a" goes off
+    assert out["a"] == DraftPlan(False, 0, 1)
+    assert out["b"] == DraftPlan(True, 2, 1) and out["c"] == DraftPlan(True, 2, 1)
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.dictionaries(st.text("abcdef", min_size=1, max_size=3),
+                       st.tuples(st.booleans(), st.integers(1, 8), st.integers(1, 4)), max_size=12),
+       st.integers(1, 120), st.integers(1, 3))
+def test_trim_to_cap_properties(raw, cap, min_len):
+    sc = SpeculationController(min_draft_len=min_len, draft_len=max(min_len, 4), max_draft_len=8,
+                               max_verify_tokens=cap)
+    plans = {rid: DraftPlan(s, max(d, min_len), w) if s else DraftPlan(False, 0, 1) for rid, (s, d, w) in raw.items()}
+    out = sc.trim_to_cap(plans)
+    size = lambda p: 1 + p.draft_len * p.tree_width if p.speculate else 1  # noqa: E731
+    assert set(out) == set(plans)
+    assert sum(size(p) for p in out.values()) <= max(cap, len(plans))
+    for rid, p in out.items():
+        q = plans[rid]
+        assert size(p) <= size(q)
+        assert not p.speculate or p.draft_len >= min(min_len, q.draft_len)
+    if sum(size(p) for p in plans.values()) <= cap:
+        assert out == plans
+    # largest first: a plan left untouched while it could still be shortened is never
+    # more than one draft step larger than any plan that was shortened
+    trimmed = [r for r in out if out[r] != plans[r] and out[r].speculate]
+    for u in out:
+        if out[u] == plans[u] and out[u].speculate and out[u].draft_len > min_len:
+            assert all(size(out[u]) <= size(out[x]) + plans[x].tree_width for x in trimmed)
+
+
+def test_forget_and_from_config():
+    cfg = SpeculationConfig(draft_len=3, min_draft_len=2, max_draft_len=5, tree_width=2, adaptive=True,
+                            disable_below_ratio=0.5)
+    sc = SpeculationController.from_config(cfg, max_verify_tokens=64, probe_every=4)
+    assert (sc.draft_len, sc.min_draft_len, sc.max_draft_len, sc.tree_width, sc.max_verify_tokens,
+            sc.disable_below_ratio, sc.probe_every) == (3, 2, 5, 2, 64, 0.5, 4)
+    assert sc.plan("x") == DraftPlan(True, 3, 2)
+    sc.forget("x")
+    sc.forget("never")
+    assert "x" not in sc._reqs
+    with pytest.raises(ValueError):
+        SpeculationController(draft_len=9, max_draft_len=8)
