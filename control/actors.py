@@ -322,7 +322,9 @@ class ControllerActor(pykka.ThreadingActor):
         s.last_round = {"wall_s": wall, "verify_s": verify_busy, "draft_s": draft_s + seq_draft_s,
                         "verified": len(verify_set), "drafted": len(to_draft) + len(seq_now),
                         "held_back": hold, "verifier_idle_frac": max(0.0, 1.0 - verify_busy / max(wall, 1e-9))}
-        if self.cc.speculation.adaptive and verify_set:
+        # Pipeline feedback only from rounds that pipelined (both groups present): with one
+        # group the verifier's wait is structural and drafting more would not fill it.
+        if self.cc.speculation.adaptive and verify_set and to_draft:
             idle = max(0.0, 1.0 - verify_busy / max(wall, 1e-9))
             queued = len([r for r in self.requests.values() if r.phase == "verify"])
             self.spec.observe_pipeline(idle, queued)

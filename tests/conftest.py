@@ -21,18 +21,14 @@ def free_port() -> int:
 @pytest.fixture(scope="session")
 def worker_engines(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """Tiny fp32 engines exported by cosine.export, by architecture."""
-    import os  # DEVTMP
-    if os.environ.get("COSINE_DEV_TOY"):  # DEVTMP
-        import sys; sys.path.insert(0, "/tmp/dev"); import toy  # DEVTMP
-        return {"llama": toy.make(tmp_path_factory.mktemp("toy") / "e")}  # DEVTMP
     from cosine.export.build import export_engine
     from cosine.export.tiny import make_tiny_model
 
     root = tmp_path_factory.mktemp("worker-engines")
     out = {}
-    for arch in ("llama",):
+    for arch in ("llama", "qwen2", "gpt2"):  # after the first, each export takes ~2 s
         model = make_tiny_model(root / f"{arch}-hf", arch=arch, seed=0)
-        export_engine(model, root / f"{arch}-engine", dtype="float32")
+        export_engine(model, root / f"{arch}-engine", dtype="float32", progress=False)
         out[arch] = root / f"{arch}-engine"
     return out
 
@@ -125,3 +121,15 @@ def control_cluster(control_engines: dict[str, Path], tmp_path_factory: pytest.T
                                sections={"scheduling": {"max_batch": 16}})
     with LocalCluster(cfg) as c:
         yield c
+
+
+# ----- export fixtures (tests/test_export*.py) -----------------------------------------------
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Tiny random Hugging Face model directories (seed 0, vocab 64), by architecture:
+    "llama" (GQA, untied head), "qwen2" (GQA, qkv bias, tied head), "gpt2"."""
+    from cosine.export.tiny import ARCHS, make_tiny_model
+
+    root = tmp_path_factory.mktemp("tiny-models")
+    return {arch: make_tiny_model(root / arch, arch=arch, seed=0) for arch in ARCHS}

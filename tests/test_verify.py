@@ -342,12 +342,18 @@ def _accept_by_p_only(rng, px, qx):
     return rng.random() < px
 
 
+def _shuffle_all(children, proposers, rng):
+    return [children[i] for i in rng.permutation(len(children))]
+
+
 PLANTED = {
     # (scenario, which helper of cosine.control.verify to replace, wrong version)
     "always_accept": ("two_drafters", "_accepts", _accept_without_test),
     "ignore_q": ("two_drafters", "_accepts", _accept_by_p_only),
     "no_residual": ("two_drafters", "_residual", lambda p, q: p),
     "no_drop_without_replacement": ("without_replacement", "_drop", lambda q, x: q),
+    # testing one drafter's without-replacement samples out of draw order is biased too
+    "draw_order_ignored": ("without_replacement", "_trial_order", _shuffle_all),
 }
 
 

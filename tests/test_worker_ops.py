@@ -14,9 +14,9 @@ from cosine.workers.client import WorkerClient, WorkerError, spawn_worker, stop_
 from cosine.workers.engine import Engine
 
 
-@pytest.fixture(scope="module")
-def engine_dir(worker_engines: dict[str, Path]) -> Path:
-    return worker_engines["llama"]
+@pytest.fixture(scope="module", params=["llama", "qwen2", "gpt2"])
+def engine_dir(request: pytest.FixtureRequest, worker_engines: dict[str, Path]) -> Path:
+    return worker_engines[request.param]
 
 
 @pytest.fixture(scope="module")

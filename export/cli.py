@@ -1,0 +1,52 @@
+"""``cosine-export``: build an engine directory from a Hugging Face model or GGUF file.
+
+Exit codes: 0 ok, 2 user error (one line on stderr, no traceback), 1 internal error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from typing import Sequence
+
+from .build import DTYPES, export_engine
+from .errors import ExportError
+from .runtime import PROVIDERS
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="cosine-export", description=__doc__.splitlines()[0])
+    p.add_argument("--model", required=True, help="Hugging Face model directory or .gguf file")
+    p.add_argument("--out", required=True, help="engine directory to write")
+    p.add_argument("--dtype", choices=DTYPES, default="float32")
+    p.add_argument("--provider", choices=tuple(PROVIDERS), default="cpu",
+                   help="execution provider to check parity on (tensorrt also builds and caches its engine)")
+    p.add_argument("--name", default=None, help="engine name in the manifest (default: model file/dir name)")
+    p.add_argument("--no-parity", action="store_true", help="skip the parity check against PyTorch")
+    p.add_argument("--quiet", action="store_true", help="no progress bar, warnings only")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)  # argparse itself exits 2 on bad flags
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    try:
+        manifest = export_engine(args.model, args.out, dtype=args.dtype, provider=args.provider, name=args.name,
+                                 check_parity=not args.no_parity, progress=not args.quiet)
+    except ExportError as e:
+        print(f"cosine-export: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("cosine-export: interrupted", file=sys.stderr)
+        return 130
+    summary = {k: manifest[k] for k in ("name", "architecture", "dtype", "num_layers", "vocab_size")}
+    summary["parity_passed"] = manifest["parity"]["passed"]
+    print(json.dumps({"engine": str(args.out), **summary}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

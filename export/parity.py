@@ -1,0 +1,180 @@
+"""Parity: the exported graph, used the way a worker uses it, against PyTorch.
+
+One case = a random prefix and a random token tree. The engine runs the prefix with
+P=0, then the whole tree in one call with the prefix's new K/V as past, the tree
+attention mask and positions prefix_len + depth. The reference runs plain causal
+forwards of prefix + root-to-node path for every node and takes the last position.
+Both are compared as log-softmax over the whole vocabulary. A second, batched run
+(B=2: the same prefix and a shorter, left-padded one) checks that padding expressed by
+the mask changes nothing.
+
+Pass rule, per log-prob: |engine - ref| <= atol + rtol * |ref| with atol = rtol =
+tolerance (1e-4 float32, 1e-2 float16): tight where tokens are likely (log-prob near 0),
+proportionally looser for log-probs like -30 whose absolute float error is larger.
+And the engine's argmax must be the reference's argmax, unless the two reference
+log-probs are within atol of each other (a tie at this precision).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cosine.tree import ancestor_mask, path_to, position_ids, validate_parents
+
+from .runtime import session
+
+log = logging.getLogger("cosine.export")
+
+TOLERANCE = {"float32": 1e-4, "float16": 1e-2}
+
+
+@dataclass(frozen=True)
+class ParityCase:
+    prefixes: tuple[np.ndarray, ...]  # one int64 prefix per batch row, row 0 the longest
+    tree_tokens: np.ndarray  # int64 [N], node 0 = root
+    parents: np.ndarray  # int64 [N]
+
+
+def make_case(vocab_size: int, seed: int = 0, prefix_len: int = 12, tree_nodes: int = 10,
+              short_prefix_len: int = 7) -> ParityCase:
+    rng = np.random.default_rng(seed)
+    parents = np.array([-1] + [int(rng.integers(0, i)) for i in range(1, tree_nodes)], dtype=np.int64)
+    validate_parents(parents)
+    prefixes = (rng.integers(0, vocab_size, prefix_len), rng.integers(0, vocab_size, short_prefix_len))
+    return ParityCase(tuple(p.astype(np.int64) for p in prefixes),
+                      rng.integers(0, vocab_size, tree_nodes).astype(np.int64), parents)
+
+
+def _log_softmax(x: np.ndarray) -> np.ndarray:
+    x = x.astype(np.float64)
+    m = x.max(axis=-1, keepdims=True)
+    return x - m - np.log(np.exp(x - m).sum(axis=-1, keepdims=True))
+
+
+def reference_logprobs(model: Any, case: ParityCase) -> list[dict[str, np.ndarray]]:
+    """Per prefix row: {"prefix": [Lp, V], "tree": [N, V]} log-probs from the PyTorch model."""
+    import torch
+
+    out = []
+    with torch.no_grad():
+        for prefix in case.prefixes:
+            full = model(input_ids=torch.as_tensor(prefix)[None]).logits[0].float().numpy()
+            tree = []
+            for u in range(case.parents.size):
+                seq = np.concatenate([prefix, case.tree_tokens[path_to(case.parents, u)]])
+                tree.append(model(input_ids=torch.as_tensor(seq)[None]).logits[0, -1].float().numpy())
+            out.append({"prefix": _log_softmax(full), "tree": _log_softmax(np.stack(tree))})
+    return out
+
+
+def _run_rows(sess: Any, case: ParityCase, rows: list[int], num_layers: int, kv_heads: int, head_dim: int,
+              dtype: np.dtype) -> list[dict[str, np.ndarray]]:
+    """Engine log-probs for the given prefix rows batched together (left padding)."""
+    pre = [case.prefixes[r] for r in rows]
+    B, P, N = len(pre), max(p.size for p in pre), case.parents.size
+    ids = np.zeros((B, P), np.int64)
+    pos = np.zeros((B, P), np.int64)
+    valid = np.zeros((B, P), bool)  # real (non-padding) cache slots
+    for b, p in enumerate(pre):
+        ids[b, P - p.size:] = p
+        pos[b, P - p.size:] = np.arange(p.size)
+        valid[b, P - p.size:] = True
+    causal = np.tril(np.ones((P, P), bool))
+    mask = causal[None] & valid[:, None, :]
+    mask |= np.eye(P, dtype=bool)[None]  # padding rows see themselves: no all-masked row
+    empty = np.zeros((B, 0, kv_heads, head_dim), dtype)
+    feeds: dict[str, np.ndarray] = {"input_ids": ids, "position_ids": pos, "attention_mask": mask[:, None]}
+    for i in range(num_layers):
+        feeds[f"past_key.{i}"] = empty
+        feeds[f"past_value.{i}"] = empty
+    names = ["logits"] + [f"new_key.{i}" for i in range(num_layers)] + [f"new_value.{i}" for i in range(num_layers)]
+    outs = sess.run(names, feeds)
+    prefix_lp = _log_softmax(outs[0])
+
+    tmask = np.zeros((B, N, P + N), bool)
+    tmask[:, :, :P] = valid[:, None, :]
+    tmask[:, :, P:] = ancestor_mask(case.parents)[None]
+    feeds = {"input_ids": np.tile(case.tree_tokens, (B, 1)),
+             "position_ids": np.stack([position_ids(case.parents, p.size) for p in pre]),
+             "attention_mask": tmask[:, None]}
+    for i in range(num_layers):
+        feeds[f"past_key.{i}"] = outs[1 + i]
+        feeds[f"past_value.{i}"] = outs[1 + num_layers + i]
+    tree_lp = _log_softmax(sess.run(["logits"], feeds)[0])
+    return [{"prefix": prefix_lp[b, P - p.size:], "tree": tree_lp[b]} for b, p in enumerate(pre)]
+
+
+def engine_logprobs(engine_dir: Path, case: ParityCase, manifest_facts: dict[str, Any],
+                    provider: str = "cpu") -> dict[str, list[dict[str, np.ndarray]]]:
+    """{"single": rows run one at a time (B=1), "batched": all rows together (B=2, padded)}."""
+    sess = session(engine_dir, provider)
+    args = (int(manifest_facts["num_layers"]), int(manifest_facts["num_kv_heads"]),
+            int(manifest_facts["head_dim"]), np.dtype(manifest_facts["dtype"]))
+    single = [_run_rows(sess, case, [r], *args)[0] for r in range(len(case.prefixes))]
+    batched = _run_rows(sess, case, list(range(len(case.prefixes))), *args)
+    return {"single": single, "batched": batched}
+
+
+def compare(ref: list[dict[str, np.ndarray]], eng: dict[str, list[dict[str, np.ndarray]]],
+            tolerance: float) -> dict[str, Any]:
+    """Apply the pass rule (module docstring) to every row/run; returns the manifest entry."""
+    max_diff, worst_ratio, argmax_ok, n_checked = 0.0, 0.0, True, 0
+    for run in eng.values():
+        for r, e in zip(ref, run):
+            for part in ("prefix", "tree"):
+                a, b = e[part], r[part]
+                d = np.abs(a - b)
+                max_diff = max(max_diff, float(d.max()))
+                worst_ratio = max(worst_ratio, float((d / (tolerance + tolerance * np.abs(b))).max()))
+                top_e = a.argmax(axis=-1)
+                gap = b.max(axis=-1) - np.take_along_axis(b, top_e[:, None], axis=-1)[:, 0]
+                argmax_ok &= bool((gap <= tolerance).all())
+                n_checked += a.shape[0]
+    passed = bool(worst_ratio <= 1.0 and argmax_ok and np.isfinite(max_diff))
+    return {"tolerance": tolerance, "rule": "abs(diff) <= tol + tol*abs(ref_logprob)",
+            "max_abs_logprob_diff": max_diff, "worst_diff_over_allowed": worst_ratio,
+            "argmax_match": argmax_ok, "passed": passed, "positions_checked": n_checked}
+
+
+def check_parity(engine_dir: str | Path, model: Any, manifest_facts: dict[str, Any], provider: str = "cpu",
+                 seed: int = 0, tolerance: float | None = None, prefix_len: int = 12,
+                 tree_nodes: int = 10) -> dict[str, Any]:
+    """Run one parity case against an in-memory PyTorch ``model``; returns the result dict
+    (``passed`` False on mismatch; raising is the caller's decision)."""
+    ref, case = reference_case(model, manifest_facts, seed, prefix_len, tree_nodes)
+    return finish_parity(engine_dir, case, ref, manifest_facts, provider, tolerance)
+
+
+def reference_case(model: Any, manifest_facts: dict[str, Any], seed: int = 0, prefix_len: int = 12,
+                   tree_nodes: int = 10) -> tuple[list[dict[str, np.ndarray]], ParityCase]:
+    """The PyTorch half of parity; split out so the exporter can free the model before
+    loading the ONNX session (peak memory = one copy of the weights, not two)."""
+    t0 = time.perf_counter()
+    case = make_case(int(manifest_facts["vocab_size"]), seed, prefix_len, tree_nodes,
+                     short_prefix_len=max(1, prefix_len // 2 + 1))
+    ref = reference_logprobs(model, case)
+    log.info("parity: PyTorch reference for a %d-token prefix and a %d-node tree in %.1fs",
+             prefix_len, tree_nodes, time.perf_counter() - t0)
+    return ref, case
+
+
+def finish_parity(engine_dir: str | Path, case: ParityCase, ref: list[dict[str, np.ndarray]],
+                  manifest_facts: dict[str, Any], provider: str = "cpu",
+                  tolerance: float | None = None) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    tol = TOLERANCE[manifest_facts["dtype"]] if tolerance is None else float(tolerance)
+    eng = engine_logprobs(Path(engine_dir), case, manifest_facts, provider)
+    result = compare(ref, eng, tol)
+    result.update(prefix_len=int(case.prefixes[0].size), tree_nodes=int(case.parents.size),
+                  batch_prefix_lens=[int(p.size) for p in case.prefixes], provider=provider)
+    log.info("parity: %s on %s in %.1fs (max |d logprob| %.2e, worst diff/allowed %.3f, argmax %s)",
+             "PASSED" if result["passed"] else "FAILED", provider, time.perf_counter() - t0,
+             result["max_abs_logprob_diff"], result["worst_diff_over_allowed"],
+             "match" if result["argmax_match"] else "MISMATCH")
+    return result
