@@ -3,7 +3,8 @@
 One case = a random prefix and a random token tree. The engine runs the prefix with
 P=0, then the whole tree in one call with the prefix's new K/V as past, the tree
 attention mask and positions prefix_len + depth. The reference runs plain causal
-forwards of prefix + root-to-node path for every node and takes the last position.
+forwards of prefix + root-to-node path for every node (one right-padded batch) and
+takes the last real position.
 Both are compared as log-softmax over the whole vocabulary. A second, batched run
 (B=2: the same prefix and a shorter, left-padded one) checks that padding expressed by
 the mask changes nothing.
@@ -62,14 +63,21 @@ def reference_logprobs(model: Any, case: ParityCase) -> list[dict[str, np.ndarra
     import torch
 
     out = []
+    N = case.parents.size
     with torch.no_grad():
         for prefix in case.prefixes:
             full = model(input_ids=torch.as_tensor(prefix)[None]).logits[0].float().numpy()
-            tree = []
-            for u in range(case.parents.size):
-                seq = np.concatenate([prefix, case.tree_tokens[path_to(case.parents, u)]])
-                tree.append(model(input_ids=torch.as_tensor(seq)[None]).logits[0, -1].float().numpy())
-            out.append({"prefix": _log_softmax(full), "tree": _log_softmax(np.stack(tree))})
+            # All root-to-node sequences in one right-padded batch: real tokens come first,
+            # so under the causal mask they never see the padding; positions are 0.. as usual.
+            seqs = [np.concatenate([prefix, case.tree_tokens[path_to(case.parents, u)]]) for u in range(N)]
+            width = max(s.size for s in seqs)
+            ids = np.zeros((N, width), np.int64)
+            am = np.zeros((N, width), np.int64)
+            for u, s in enumerate(seqs):
+                ids[u, :s.size], am[u, :s.size] = s, 1
+            logits = model(input_ids=torch.as_tensor(ids), attention_mask=torch.as_tensor(am)).logits.float().numpy()
+            tree = np.stack([logits[u, s.size - 1] for u, s in enumerate(seqs)])
+            out.append({"prefix": _log_softmax(full), "tree": _log_softmax(tree)})
     return out
 
 

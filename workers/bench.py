@@ -126,7 +126,8 @@ def main(argv: list[str] | None = None) -> int:
             from cosine.export.build import export_engine
             from cosine.export.tiny import make_tiny_model
             engine_dir = Path(tmp) / "engine"
-            export_engine(make_tiny_model(Path(tmp) / "hf", arch="llama", seed=0), engine_dir, dtype="float32")
+            export_engine(make_tiny_model(Path(tmp) / "hf", arch="llama", seed=0), engine_dir, dtype="float32",
+                          progress=False)
         res = measure(engine_dir, args.iters, args.prefix, args.tree_nodes, args.threads)
     if args.json:
         print(json.dumps(res, indent=2))

@@ -32,8 +32,9 @@ Every probability is computed in float64 by the same expression in the sparse
 (top-k, draft) and dense (full_distribution) paths, then rounded to float32; ranking
 uses the float32 values, so the greedy token is exactly np.argmax(full_distribution).
 
-Not thread-safe: one scratch array is reused across calls (the worker has one compute
-thread).
+Cost per drafted token: Fagin's threshold algorithm over the count-sorted candidate
+lists (greedy and T = 1 never touch a whole list); T not in {0, 1} needs the normalizer
+sum_v P(v)^(1/T), which costs one pass over the lowest matched list.
 """
 
 from __future__ import annotations
@@ -79,6 +80,22 @@ def context_keys(windows: np.ndarray, vocab_size: int) -> np.ndarray:
 
 # ----- top-k selection shared with the lookup drafter ---------------------------------
 
+def context_key(ctx: Sequence[int], vocab_size: int) -> int:
+    """context_keys for one context, in Python ints (a single row is far cheaper this way)."""
+    bits, mask = key_bits(vocab_size), (1 << 64) - 1
+    if len(ctx) * bits <= 64:
+        key = 0
+        for x in ctx:
+            key = (key << bits) | int(x)
+        return key
+    h = 0x9E3779B97F4A7C15
+    for x in ctx:
+        h = ((h ^ (int(x) + 1)) * 0xBF58476D1CE4E5B9) & mask
+    h ^= h >> 31
+    h = (h * 0x94D049BB133111EB) & mask
+    return h ^ (h >> 29)
+
+
 def top_k(ids: np.ndarray, probs: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """The k most probable (prob desc, ties to the lower id) of candidates with prob > 0;
     ids padded with -1, probs with 0. ``probs`` are float32 (the ranking values)."""
@@ -109,16 +126,38 @@ def check_forced(forced: Sequence[int] | None, k: int) -> list[int]:
 
 # ----- the model ----------------------------------------------------------------------
 
+TABLE_ARRAYS = ("keys", "offsets", "ids", "counts", "totals", "bids", "bcounts")
+
+
 class _Table:
-    """Arrays of one context length (possibly memory-mapped)."""
+    """Arrays of one context length (possibly memory-mapped). ``bids``/``bcounts`` hold
+    the same pairs as ``ids``/``counts`` but sorted by id within each context, so the
+    count of one token is a binary search."""
 
     def __init__(self, keys: np.ndarray, offsets: np.ndarray, ids: np.ndarray, counts: np.ndarray,
-                 totals: np.ndarray):
-        self.keys, self.offsets, self.ids, self.counts, self.totals = keys, offsets, ids, counts, totals
+                 totals: np.ndarray, bids: np.ndarray, bcounts: np.ndarray):
+        self.keys, self.offsets, self.ids, self.counts = keys, offsets, ids, counts
+        self.totals, self.bids, self.bcounts = totals, bids, bcounts
 
-    def find(self, key: np.uint64) -> int:
-        i = int(np.searchsorted(self.keys, key))
-        return i if i < self.keys.size and self.keys[i] == key else -1
+    def find(self, key: int) -> int:
+        k = np.uint64(key)
+        i = int(np.searchsorted(self.keys, k))
+        return i if i < self.keys.size and self.keys[i] == k else -1
+
+
+class _Level:
+    """One matched context: its candidate slices, discount, total and interpolation weight."""
+
+    def __init__(self, t: _Table, i: int, D: float):
+        lo, hi = int(t.offsets[i]), int(t.offsets[i + 1])
+        self.ids, self.counts = t.ids[lo:hi], t.counts[lo:hi]
+        self.bids, self.bcounts = t.bids[lo:hi], t.bcounts[lo:hi]
+        self.total, self.D, self.n = int(t.totals[i]), D, hi - lo
+        self.beta = 1.0
+
+    def terms(self, counts: np.ndarray) -> np.ndarray:
+        # the one expression for beta_c * a_c(w), shared by every path (bitwise-equal results)
+        return self.beta * ((counts - self.D) / self.total)
 
 
 class NgramModel:
@@ -136,18 +175,19 @@ class NgramModel:
         if self.tokens <= 0:
             raise ValueError("empty corpus")
         # Derived (in memory): unigram probabilities, support sorted by (count desc, id asc),
-        # and a scratch id -> candidate-slot map kept at -1 between calls.
+        # cached per temperature: cumsum of a_0^(1/T) along the support.
         self.a0 = np.asarray(unigram, dtype=np.float64) / self.tokens
         support = np.nonzero(unigram)[0]
-        self.support = support[np.lexsort((support, -np.asarray(unigram)[support]))].astype(np.int32)
-        self._pos = np.full(self.vocab_size, -1, np.int64)
+        self.support = support[np.lexsort((support, -np.asarray(unigram)[support]))].astype(np.int64)
+        self.a0_support = self.a0[self.support]
         self._pow_cache: dict[float, tuple[np.ndarray, float]] = {}
 
     # ----- building and storage -----------------------------------------------------------
     @classmethod
     def build(cls, docs: np.ndarray | Sequence[np.ndarray], vocab_size: int, order: int = 4,
               min_count: int = 1) -> "NgramModel":
-        """Count a corpus: one int array, or a list of documents (contexts never span two)."""
+        """Count a corpus: one int array, or a list of documents (contexts never span two).
+        Pairs (context, next) seen fewer than ``min_count`` times are dropped (c >= 1)."""
         if isinstance(docs, np.ndarray):
             docs = [docs]
         docs = [np.asarray(d, dtype=np.int64).ravel() for d in docs if len(d)]
@@ -156,15 +196,14 @@ class NgramModel:
             raise ValueError("empty corpus")
         if corpus.min() < 0 or corpus.max() >= vocab_size:
             raise ValueError(f"token ids must lie in [0, {vocab_size})")
-        starts = np.cumsum([0] + [d.size for d in docs[:-1]])
-        # offset of every position inside its document
-        in_doc = np.arange(corpus.size) - np.repeat(starts, [d.size for d in docs])
+        sizes = [d.size for d in docs]
+        starts = np.cumsum([0] + sizes[:-1])
+        in_doc = np.arange(corpus.size) - np.repeat(starts, sizes)  # offset inside its document
         unigram = np.bincount(corpus, minlength=vocab_size).astype(np.int64)
         tables, discounts = [], []
         for c in range(1, order):
             pos = np.nonzero(in_doc >= c)[0]
-            windows = np.stack([corpus[pos - c + j] for j in range(c)], axis=1) if pos.size else \
-                np.zeros((0, c), np.int64)
+            windows = np.stack([corpus[pos - c + j] for j in range(c)], axis=1)
             t, d = _count_table(context_keys(windows, vocab_size), corpus[pos], min_count)
             tables.append(t)
             discounts.append(d)
@@ -175,13 +214,14 @@ class NgramModel:
         out.mkdir(parents=True, exist_ok=True)
         np.save(out / "unigram.npy", np.asarray(self.unigram, np.int64))
         for c, t in enumerate(self.tables, start=1):
-            for name in ("keys", "offsets", "ids", "counts", "totals"):
+            for name in TABLE_ARRAYS:
                 np.save(out / f"c{c}_{name}.npy", np.asarray(getattr(t, name)))
+        bits = key_bits(self.vocab_size)
         meta = {"format_version": FORMAT_VERSION, "order": self.order, "vocab_size": self.vocab_size,
                 "min_count": self.min_count, "tokens": self.tokens, "discounts": self.discounts,
                 "contexts": [int(t.keys.size) for t in self.tables],
                 "pairs": [int(t.ids.size) for t in self.tables],
-                "key": {"bits": key_bits(self.vocab_size), "exact_up_to_context": 64 // key_bits(self.vocab_size)}}
+                "key": {"bits": bits, "exact_up_to_context": 64 // bits}}
         (out / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
 
     @classmethod
@@ -194,38 +234,46 @@ class NgramModel:
         if meta.get("format_version") != FORMAT_VERSION:
             raise ValueError(f"{meta_path}: format_version {meta.get('format_version')}, expected {FORMAT_VERSION}")
         mode = "r" if mmap else None
-        tables = [_Table(*(np.load(d / f"c{c}_{n}.npy", mmap_mode=mode)
-                           for n in ("keys", "offsets", "ids", "counts", "totals")))
+        # np.asarray: plain ndarray views of the maps (np.memmap's subclass hooks are slow)
+        tables = [_Table(*(np.asarray(np.load(d / f"c{c}_{n}.npy", mmap_mode=mode)) for n in TABLE_ARRAYS))
                   for c in range(1, meta["order"])]
         return cls(meta["order"], meta["vocab_size"], np.load(d / "unigram.npy"), tables, meta["discounts"],
                    meta.get("min_count", 1), meta["tokens"])
 
     # ----- probabilities --------------------------------------------------------------------
-    def _chain(self, context: np.ndarray) -> tuple[float, list[tuple[np.ndarray, np.ndarray]]]:
-        """beta_0 and, for context lengths 1..c*, (ids, beta_c * a_c(ids)) where
-        P(w) = beta_0 a_0(w) + sum_c beta_c a_c(w), summed in that order."""
-        ctx = np.asarray(context, dtype=np.int64).ravel()
-        slices = []
-        for c in range(1, min(self.order - 1, ctx.size) + 1):
+    def _chain(self, context: np.ndarray) -> tuple[float, list[_Level]]:
+        """beta_0 and the matched levels c = 1..c* (each with its beta_c), such that
+        P(w) = beta_0 a_0(w) + sum_c beta_c a_c(w), always summed in that order."""
+        ctx = [int(x) for x in np.asarray(context).ravel()[-(self.order - 1):]] if self.order > 1 else []
+        levels: list[_Level] = []
+        for c in range(1, min(self.order - 1, len(ctx)) + 1):
             t = self.tables[c - 1]
-            i = t.find(context_keys(ctx[-c:][None, :], self.vocab_size)[0])
+            i = t.find(context_key(ctx[-c:], self.vocab_size))
             if i < 0:
                 break
-            lo, hi = int(t.offsets[i]), int(t.offsets[i + 1])
-            slices.append((np.asarray(t.ids[lo:hi]), np.asarray(t.counts[lo:hi]), int(t.totals[i]),
-                           self.discounts[c - 1]))
-        beta, terms = 1.0, []
-        for ids, counts, total, D in reversed(slices):
-            terms.append((ids, beta * ((counts - D) / total)))
-            beta *= D * ids.size / total
-        terms.reverse()
-        return beta, terms
+            levels.append(_Level(t, i, self.discounts[c - 1]))
+        beta = 1.0
+        for lv in reversed(levels):
+            lv.beta = beta
+            beta *= lv.D * lv.n / lv.total
+        return beta, levels
+
+    def _exact(self, beta0: float, levels: list[_Level], ws: np.ndarray) -> np.ndarray:
+        """P(w) for the ids ``ws`` (float64), by binary search in each level's id-sorted slice."""
+        p = beta0 * self.a0[ws]
+        ws32 = ws.astype(np.int32)  # the haystack's dtype: a mismatch would copy the whole slice
+        for lv in levels:
+            j = np.minimum(np.searchsorted(lv.bids, ws32), lv.n - 1)
+            hit = lv.bids[j] == ws32
+            if hit.any():
+                p[hit] += lv.terms(lv.bcounts[j[hit]])
+        return p
 
     def _dense(self, context: np.ndarray) -> np.ndarray:
-        beta0, terms = self._chain(context)
+        beta0, levels = self._chain(context)
         p = beta0 * self.a0
-        for ids, v in terms:
-            p[ids] += v
+        for lv in levels:
+            p[lv.ids] += lv.terms(lv.counts)
         return p
 
     def full_distribution(self, context: np.ndarray, vocab_size: int | None = None,
@@ -237,7 +285,7 @@ class NgramModel:
             raise ValueError(f"vocab_size {V} is smaller than the model's {self.vocab_size}")
         p = self._dense(context)
         if temperature > 0 and temperature != 1.0:
-            p = np.where(p > 0, p, 0.0) ** (1.0 / temperature)
+            p = p ** (1.0 / temperature)
             p /= p.sum()
         out = np.zeros(V, np.float32)
         out[:self.vocab_size] = p
@@ -250,95 +298,118 @@ class NgramModel:
         return ids, probs
 
     # ----- one drafting step --------------------------------------------------------------
+    def _candidates(self, beta0: float, levels: list[_Level], want: int) -> tuple[np.ndarray, np.ndarray]:
+        """Ids and exact P of a candidate set that contains the ``want`` most probable
+        tokens (Fagin's threshold algorithm): take the first M entries of every
+        count-sorted list (the unigram's included); a token outside all prefixes has
+        P <= sum_c beta_c a_c(M-th entry of c), so stop once the want-th best float32
+        value beats that bound, else double M. Cost ~ M log(list), not the list lengths."""
+        lists = [(self.support, None)] + [(lv.ids, lv) for lv in levels]
+        M = max(2 * want, 16)
+        while True:
+            cand = np.unique(np.concatenate([np.asarray(ids[:M], np.int64) for ids, _ in lists]))
+            p = self._exact(beta0, levels, cand)
+            bound, exhausted = 0.0, True
+            for ids, lv in lists:
+                if len(ids) > M:
+                    exhausted = False
+                    bound += beta0 * self.a0_support[M] if lv is None else float(lv.terms(lv.counts[M]))
+            if exhausted or cand.size < want:
+                if exhausted:
+                    return cand, p
+            else:
+                kth = np.partition(p.astype(np.float32), cand.size - want)[cand.size - want]
+                if np.float32(bound * (1 + 1e-9)) < kth:
+                    return cand, p
+            M *= 4
+
     def _pow_unigram(self, inv_t: float) -> tuple[np.ndarray, float]:
         """cumsum of a_0^(1/T) over the support order, and its total (cached per T)."""
         hit = self._pow_cache.get(inv_t)
         if hit is None:
-            cum = np.cumsum(self.a0[self.support] ** inv_t)
+            cum = np.cumsum(self.a0_support ** inv_t)
             hit = (cum, float(cum[-1]))
-            self._pow_cache = {inv_t: hit}
+            if len(self._pow_cache) >= 8:
+                self._pow_cache.clear()
+            self._pow_cache[inv_t] = hit
         return hit
 
     def _step(self, context: np.ndarray, topk: int, temperature: float, rng: np.random.Generator | None,
               forced: int) -> tuple[int, float, np.ndarray, np.ndarray]:
-        """(chosen token, its probability, top-k ids, top-k probs), probabilities at T
-        (T = 1 when greedy). Candidates: U = tokens of the matched lists (exact P), and the
-        rest of the support R, where P(w) = beta_0 a_0(w) and the order is the unigram's."""
-        beta0, terms = self._chain(context)
-        pos = self._pos
-        if terms:
-            U = terms[0][0].astype(np.int64)
-            pos[U] = np.arange(U.size)
-            for ids, _ in terms[1:]:  # a hash collision could break list nesting: extend U
-                new = ids[pos[ids] < 0]
-                if new.size:
-                    pos[new] = np.arange(U.size, U.size + new.size)
-                    U = np.concatenate([U, new])
+        """(chosen token, its probability, top-k ids, top-k probs); probabilities at T
+        (T = 1 when greedy). q_T ranks like P, so the top-k come from P's candidates."""
+        beta0, levels = self._chain(context)
+        want = max(topk, 1)
+        cand, p = self._candidates(beta0, levels, want)
+        inv_t = 1.0 / temperature if temperature > 0 else 1.0
+        tempered = None
+        if inv_t == 1.0:
+            z = 1.0  # P is normalized; the dense path does not renormalize either
         else:
-            U = np.zeros(0, np.int64)
-        try:
-            vals = beta0 * self.a0[U]
-            for ids, v in terms:
-                vals[pos[ids]] += v
-            want = max(topk, 1)
-            rest = self._rest(want)  # best `want` support tokens outside U
-            rest_vals = beta0 * self.a0[rest]
-            inv_t = 1.0 / temperature if temperature > 0 else 1.0
-            if inv_t == 1.0:
-                z = 1.0
-            else:
-                _, a_t = self._pow_unigram(inv_t)
-                r_mass = max(a_t - float(np.sum(self.a0[U] ** inv_t)), 0.0)
-                z = float(np.sum(vals ** inv_t)) + beta0 ** inv_t * r_mass
-            cand = np.concatenate([U, rest])
-            cand_p = (np.concatenate([vals, rest_vals]) ** inv_t / z).astype(np.float32)
-            top_ids, top_p = top_k(cand, cand_p, want)
-            if forced >= 0:
-                tok = forced
-            elif temperature > 0:
-                tok = self._sample(U, vals, beta0, inv_t, z, rng if rng is not None else np.random.default_rng())
-            else:
-                tok = int(top_ids[0])
-            if 0 <= tok < self.vocab_size:
-                pt = vals[pos[tok]] if pos[tok] >= 0 else beta0 * self.a0[tok]
-                tok_p = float(np.float32(pt ** inv_t / z)) if pt > 0 else 0.0
-            else:
-                tok_p = 0.0
-        finally:
-            pos[U] = -1
+            tempered = self._tempered(beta0, levels, inv_t)
+            z = tempered[2]
+        top_ids, top_p = top_k(cand.astype(np.int32), (p ** inv_t / z).astype(np.float32), want)
+        if forced >= 0:
+            tok = forced
+        elif temperature <= 0:
+            tok = int(top_ids[0])
+        else:
+            rng = rng if rng is not None else np.random.default_rng()
+            tok = (self._sample_t1(beta0, levels, rng) if tempered is None
+                   else self._sample_tempered(*tempered, inv_t, rng))
+        tok_p = 0.0
+        if 0 <= tok < self.vocab_size:
+            pt = float(self._exact(beta0, levels, np.array([tok], np.int64))[0])
+            tok_p = float(np.float32(pt ** inv_t / z)) if pt > 0 else 0.0
         return tok, tok_p, top_ids[:topk], top_p[:topk]
 
-    def _rest(self, n: int) -> np.ndarray:
-        """The first n support tokens (unigram order) whose slot in self._pos is free."""
-        got: list[np.ndarray] = []
-        have, start, chunk = 0, 0, max(4 * n, 256)
-        while have < n and start < self.support.size:
-            block = self.support[start:start + chunk]
-            free = block[self._pos[block] < 0]
-            got.append(free)
-            have += free.size
-            start += chunk
-            chunk *= 2
-        return np.concatenate(got)[:n].astype(np.int64) if got else np.zeros(0, np.int64)
+    def _sample_t1(self, beta0: float, levels: list[_Level], rng: np.random.Generator) -> int:
+        """Exact draw from P (T = 1) as the mixture it is: pick a level by its mass
+        (beta_0 for the unigram, beta_c (n - D u) / n for c >= 1), then a token of that
+        level by (count - D), resp. the unigram count."""
+        masses = [beta0] + [lv.beta * (lv.total - lv.D * lv.n) / lv.total for lv in levels]
+        cm = np.cumsum(masses)
+        lvl = min(int(np.searchsorted(cm, rng.random() * cm[-1], side="right")), len(masses) - 1)
+        if lvl == 0:
+            cum, tot = self._pow_unigram(1.0)
+            return int(self.support[min(int(np.searchsorted(cum, rng.random() * tot, side="right")),
+                                        self.support.size - 1)])
+        lv = levels[lvl - 1]
+        cum = np.cumsum(lv.counts - lv.D)
+        return int(lv.ids[min(int(np.searchsorted(cum, rng.random() * cum[-1], side="right")), lv.n - 1)])
 
-    def _sample(self, U: np.ndarray, vals: np.ndarray, beta0: float, inv_t: float, z: float,
-                rng: np.random.Generator) -> int:
-        """Exact draw from P^(1/T)/z: U by its weights, else R by the unigram's weights
-        (rejection sampling from the full unigram^(1/T), explicit after 64 misses)."""
-        w_u = vals ** inv_t
-        m_u = float(w_u.sum())
+    def _tempered(self, beta0: float, levels: list[_Level], inv_t: float) -> tuple[np.ndarray, np.ndarray, float]:
+        """For T != 1: U = all ids of the matched lists with exact P^(1/T), and the
+        normalizer z = sum_U P^(1/T) + beta_0^(1/T) (sum_support a_0^(1/T) - sum_U a_0^(1/T)),
+        since outside U P = beta_0 a_0. Cost ~ the lowest matched list's length."""
+        if levels:
+            U = np.unique(np.concatenate([np.asarray(lv.ids, np.int64) for lv in levels]))
+        else:
+            U = np.zeros(0, np.int64)
+        w = self._exact(beta0, levels, U) ** inv_t
+        _, a_t = self._pow_unigram(inv_t)
+        rest = max(a_t - float(np.sum(self.a0[U] ** inv_t)), 0.0)
+        return U, w, float(w.sum()) + beta0 ** inv_t * rest
+
+    def _sample_tempered(self, U: np.ndarray, w: np.ndarray, z: float, inv_t: float,
+                         rng: np.random.Generator) -> int:
+        """Exact draw from P^(1/T)/z: from U by w, else from the rest of the support by
+        a_0^(1/T) (rejection from the whole unigram^(1/T), explicit after 64 misses)."""
+        m_u = float(w.sum())
         r = rng.random() * z
-        if r < m_u or beta0 <= 0:
-            return int(U[min(np.searchsorted(np.cumsum(w_u), r, side="right"), U.size - 1)])
+        if r < m_u:
+            return int(U[min(int(np.searchsorted(np.cumsum(w), r, side="right")), U.size - 1)])
         cum, a_t = self._pow_unigram(inv_t)
         for _ in range(64):
             j = min(int(np.searchsorted(cum, rng.random() * a_t, side="right")), self.support.size - 1)
-            w = int(self.support[j])
-            if self._pos[w] < 0:
-                return w
-        rest = self.support[self._pos[self.support] < 0]
-        wr = np.cumsum(self.a0[rest] ** inv_t)
-        return int(rest[min(np.searchsorted(wr, rng.random() * wr[-1], side="right"), rest.size - 1)])
+            w_id = int(self.support[j])
+            i = np.searchsorted(U, w_id)
+            if not (i < U.size and U[i] == w_id):
+                return w_id
+        in_u = np.isin(self.support, U)
+        rest = self.support[~in_u]
+        wr = np.cumsum(self.a0_support[~in_u] ** inv_t)
+        return int(rest[min(int(np.searchsorted(wr, rng.random() * wr[-1], side="right")), rest.size - 1)])
 
     def draft(self, context: np.ndarray, k: int, topk: int, temperature: float = 0.0,
               rng: np.random.Generator | None = None, forced: Sequence[int] | None = None,
@@ -350,7 +421,8 @@ class NgramModel:
         forced_l = check_forced(forced, k)
         if temperature > 0 and rng is None:
             rng = np.random.default_rng()
-        hist = list(np.asarray(context, dtype=np.int64).ravel()[-(self.order - 1):]) if self.order > 1 else []
+        n_ctx = self.order - 1
+        hist = list(np.asarray(context, dtype=np.int64).ravel()[-n_ctx:]) if n_ctx else []
         tokens = np.zeros(k, np.int32)
         token_probs = np.zeros(k, np.float32)
         topk_ids = np.full((k, topk), -1, np.int32)
@@ -358,17 +430,14 @@ class NgramModel:
         for i in range(k):
             tok, p, ids, probs = self._step(np.asarray(hist, np.int64), topk, temperature, rng, forced_l[i])
             tokens[i], token_probs[i], topk_ids[i], topk_probs[i] = tok, p, ids, probs
-            if self.order > 1:
-                hist = (hist + [tok])[-(self.order - 1):]
+            if n_ctx:
+                hist = (hist + [tok])[-n_ctx:]
         return tokens, token_probs, topk_ids, topk_probs
 
 
 def _count_table(keys: np.ndarray, nxt: np.ndarray, min_count: int) -> tuple[_Table, float]:
-    """Group (context key, next token) pairs into a _Table and estimate the discount."""
-    if keys.size == 0:
-        empty = np.zeros(0, np.int64)
-        return _Table(np.zeros(0, np.uint64), np.zeros(1, np.int64), np.zeros(0, np.int32),
-                      np.zeros(0, np.int32), empty), 0.5
+    """Group (context key, next token) pairs into a _Table and estimate the discount
+    (from the unpruned count-of-counts)."""
     order = np.lexsort((nxt, keys))
     k, t = keys[order], nxt[order]
     new = np.ones(k.size, bool)
@@ -379,23 +448,24 @@ def _count_table(keys: np.ndarray, nxt: np.ndarray, min_count: int) -> tuple[_Ta
     n1, n2 = int(np.sum(pc == 1)), int(np.sum(pc == 2))
     D = float(np.clip(n1 / (n1 + 2 * n2), 0.05, 0.95)) if n1 + n2 else 0.5
     keep = pc >= min_count
-    pk, pt, pc = pk[keep], pt[keep], pc[keep]
-    o = np.lexsort((pt, -pc, pk))  # per context: count desc, id asc
-    pk, pt, pc = pk[o], pt[o], pc[o]
+    pk, pt, pc = pk[keep], pt[keep], pc[keep]  # still sorted by (key, id): the by-id layout
     first = np.ones(pk.size, bool)
     first[1:] = pk[1:] != pk[:-1]
     cstarts = np.nonzero(first)[0]
     offsets = np.append(cstarts, pk.size).astype(np.int64)
     totals = np.add.reduceat(pc, cstarts).astype(np.int64) if pk.size else np.zeros(0, np.int64)
-    return _Table(pk[cstarts].astype(np.uint64), offsets, pt.astype(np.int32), pc.astype(np.int32), totals), D
+    o = np.lexsort((pt, -pc, pk))  # per context: count desc, id asc
+    return _Table(pk[cstarts].astype(np.uint64), offsets, pt[o].astype(np.int32), pc[o].astype(np.int32), totals,
+                  pt.astype(np.int32), pc.astype(np.int32)), D
 
 
 def bench_draft(model, contexts: Sequence[np.ndarray], k: int = 8, topk: int = 8, temperature: float = 0.0,
                 seed: int = 0) -> float:
-    """Mean microseconds per drafted token over ``contexts`` (k tokens each, one core)."""
+    """Mean microseconds of CPU time per drafted token over ``contexts`` (k tokens each,
+    one thread). CPU time, not wall time, so a busy machine does not inflate it."""
     rng = np.random.default_rng(seed)
     model.draft(contexts[0], k, topk, temperature, rng)  # warm caches and page in the mmap
-    t0 = time.perf_counter()
+    t0 = time.process_time()
     for c in contexts:
         model.draft(c, k, topk, temperature, rng)
-    return (time.perf_counter() - t0) / (len(contexts) * k) * 1e6
+    return (time.process_time() - t0) / (len(contexts) * k) * 1e6

@@ -55,7 +55,7 @@ class WorkerServer:
         self.idle_timeout_s = idle_timeout_s
         self.ctx = context or zmq.Context.instance()
         self._inproc = f"inproc://cosine-worker-replies-{next(_instance)}"
-        self._queue: queue.Queue[tuple[bytes, dict[str, Any], dict[str, np.ndarray]]] = queue.Queue()
+        self._queue: queue.Queue[tuple[bytes, dict[str, Any], dict[str, np.ndarray]] | None] = queue.Queue()
         self._stop = threading.Event()
         self._bound = threading.Event()
         self._bind_error: BaseException | None = None
@@ -75,6 +75,7 @@ class WorkerServer:
 
     def stop(self, timeout_s: float = 10.0) -> None:
         self._stop.set()
+        self._queue.put(None)  # wakes the compute thread now rather than at its next tick
         for t in (self._compute, self._io):
             if t.is_alive():
                 t.join(timeout_s)
@@ -170,10 +171,13 @@ class WorkerServer:
                     self.cache.evict_idle(self.idle_timeout_s, t0)
                     next_evict = t0 + tick
                 try:
-                    ident, header, arrays = self._queue.get(timeout=max(0.0, next_evict - t0))
+                    item = self._queue.get(timeout=max(0.0, next_evict - t0))
                 except queue.Empty:
+                    item = None
+                if item is None:  # eviction tick or stop
                     self.stats.add_idle(time.monotonic() - t0)
                     continue
+                ident, header, arrays = item
                 t1 = time.monotonic()
                 self.stats.add_idle(t1 - t0)
                 frames, ok = self._run(header, arrays)
