@@ -217,6 +217,13 @@ class ControllerActor(pykka.ThreadingActor):
                 out[d.name] = {"error": "marked dead; probing"}
         return out
 
+    def shutdown(self) -> int:
+        """Fail every request still running (the server is stopping); returns how many."""
+        pending = list(self.requests.values()) + list(self.incoming)
+        for r in pending:
+            self._fail(r, "unavailable", "the server is shutting down")
+        return len(pending)
+
     def set_cost_model(self, cost: CostModel) -> None:
         self.cost = cost
 

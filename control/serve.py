@@ -343,6 +343,13 @@ class Server:
 
     def close(self) -> None:
         self.stopping.set()
+        try:  # tell clients of running requests, rather than leaving them to time out
+            if self.controller.shutdown().get(timeout=self.cfg.controller.worker_timeout_s + 5):
+                deadline = time.monotonic() + 0.5
+                while time.monotonic() < deadline and self.pull.poll(50):
+                    self.router_sock.send_multipart(self.pull.recv_multipart())
+        except (pykka.Timeout, pykka.ActorDeadError, zmq.ZMQError) as e:
+            log.warning("could not fail the running requests cleanly: %s", e)
         pykka.ActorRegistry.stop_all(timeout=10)
         self.router_sock.close(0)
         self.pull.close(0)
@@ -363,8 +370,8 @@ def main(argv: list[str] | None = None) -> int:
     setup(a.log_level or cfg.logging.level, cfg.logging.file, "serve")
     try:
         server = Server(cfg, connect_timeout_s=a.connect_timeout, profile=not a.no_profile)
-    except (RuntimeError, zmq.ZMQError, OSError) as e:
-        log.error("cannot start: %s", e)
+    except Exception as e:  # noqa: BLE001 - any start-up failure: say why and stop the actor threads
+        log.error("cannot start: %s", e, exc_info=not isinstance(e, (RuntimeError, zmq.ZMQError, OSError)))
         pykka.ActorRegistry.stop_all(timeout=5)
         return 1
 

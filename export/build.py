@@ -36,11 +36,19 @@ SUPPORTED = tuple(_BUILDERS) + ("smollm (llama architecture)",)
 _WEIGHT_GLOBS = ("*.safetensors", "pytorch_model*.bin")
 
 
+def _peak_rss_mib() -> float:
+    import resource
+    import sys
+
+    kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return kb / 1024 / (1024 if sys.platform == "darwin" else 1)  # macOS reports bytes
+
+
 @contextlib.contextmanager
 def _phase(what: str) -> Iterator[None]:
     t0 = time.perf_counter()
     yield
-    log.info("%s: %.2fs", what, time.perf_counter() - t0)
+    log.info("%s: %.2fs (peak RSS so far %.0f MiB)", what, time.perf_counter() - t0, _peak_rss_mib())
 
 
 def _sha256(files: list[Path]) -> str:
@@ -99,12 +107,43 @@ class _Source:
 
         if not progress:
             hf_logging.disable_progress_bar()
+        if self.gguf:
+            return self._load_gguf()
 
         try:
             model = AutoModelForCausalLM.from_pretrained(self.dir, dtype=torch.float32, attn_implementation="eager",
                                                          low_cpu_mem_usage=True, **self.kwargs())
         except Exception as e:
             raise ExportError(f"could not load the weights of {self.path}: {type(e).__name__}: {e}") from e
+        return model.eval()
+
+    def _load_gguf(self) -> Any:
+        """GGUF -> float32 PyTorch model without ``accelerate`` (which transformers'
+        from_pretrained(gguf_file=...) insists on): the model skeleton is built on the meta
+        device and the dequantized tensors are assigned into it, so only one copy of the
+        weights ever exists."""
+        import torch
+        from transformers import AutoModelForCausalLM
+        from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+        config = self.load_config()
+        try:
+            with torch.device("meta"):
+                model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="eager")
+            parsed = load_gguf_checkpoint(str(self.path), return_tensors=True, model_to_load=model,
+                                          torch_dtype=torch.float32)
+        except Exception as e:
+            raise ExportError(f"could not load the weights of {self.path}: {type(e).__name__}: {e}") from e
+        _, unexpected = model.load_state_dict(parsed.pop("tensors"), strict=False, assign=True)
+        if getattr(config, "tie_word_embeddings", False):
+            model.tie_weights()
+        rot = getattr(getattr(model, "model", None), "rotary_emb", None)
+        if rot is not None:  # non-persistent buffers (inv_freq) were never materialized
+            model.model.rotary_emb = type(rot)(config=config)
+        meta = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+        if meta or unexpected:
+            raise ExportError(f"{self.path}: GGUF tensors do not match the {config.model_type} model "
+                              f"(missing: {meta[:5]}, unexpected: {list(unexpected)[:5]})")
         return model.eval()
 
     def write_tokenizer(self, out: Path) -> None:
@@ -173,9 +212,7 @@ def export_engine(model: str | Path, out_dir: str | Path, dtype: str = "float32"
                   parity_tolerance: float | None = None, parity_seed: int = 0) -> dict[str, Any]:
     """Export ``model`` (HF directory or .gguf file) to an engine in ``out_dir``; returns
     the manifest. Raises ExportError (UnsupportedArchitecture, ParityError) with a hint."""
-    import os as _os
-
-    _os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach a model hub from here
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach a model hub from here
     t_all = time.perf_counter()
     if dtype not in DTYPES:
         raise ExportError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
@@ -223,7 +260,8 @@ def export_engine(model: str | Path, out_dir: str | Path, dtype: str = "float32"
     if check_parity:
         from . import parity as par
 
-        ref, case = par.reference_case(torch_model, facts, seed=parity_seed)
+        with _phase("parity reference (PyTorch)"):
+            ref, case = par.reference_case(torch_model, facts, seed=parity_seed)
         del torch_model, tensor
         gc.collect()  # the ONNX session below should not coexist with the PyTorch weights
         if dtype == "float16" and provider == "cpu" and not _cpu_runs_fp16(out):
@@ -231,7 +269,8 @@ def export_engine(model: str | Path, out_dir: str | Path, dtype: str = "float32"
                       "run cosine-export --provider cuda on a GPU machine to check float16 parity"}
             log.warning("parity skipped: %s", parity["skipped"])
         else:
-            parity = par.finish_parity(out, case, ref, facts, provider, parity_tolerance)
+            with _phase(f"parity run (onnxruntime {provider})"):
+                parity = par.finish_parity(out, case, ref, facts, provider, parity_tolerance)
             if not parity["passed"]:
                 (out / "parity_failed.json").write_text(json.dumps(parity, indent=2) + "\n")
                 raise ParityError(

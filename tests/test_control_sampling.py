@@ -110,21 +110,24 @@ def _sample(endpoint: str, mode: str, n: int) -> list:
     return asyncio.run(main())
 
 
-def test_cosine_sampling_matches_target_distribution(sampling_cluster, control_engines):
+@pytest.mark.parametrize("mode,n", [("cosine", N), ("specinfer", N // 2)])
+def test_sampling_matches_target_distribution(sampling_cluster, control_engines, mode, n):
+    """cosine: fused per-step trees; specinfer: merged chains of both drafters (unmerged
+    equal siblings). Both must leave the target's distribution exactly unchanged."""
     exact = exact_distribution(control_engines["small"])
     m = json.loads((control_engines["small"] / "manifest.json").read_text())
     eos = set(m.get("eos_token_ids") or [])
     E = min(eos) if eos else -1
-    results = _sample(sampling_cluster.endpoint, "cosine", N)
+    results = _sample(sampling_cluster.endpoint, mode, n)
     # eos is not part of token_ids: a sequence that ended with eos is completed with E
     fixed: dict[tuple[int, ...], int] = {}
     for r in results:
         ids = list(r.token_ids) + ([E] if r.finish_reason == "eos" else [])
         key = (E,) if ids[0] == E else tuple(ids[:2])
         fixed[key] = fixed.get(key, 0) + 1
-    assert sum(fixed.values()) == N
-    p, df = chi2_pvalue(fixed, exact, N)
+    assert sum(fixed.values()) == n
+    p, df = chi2_pvalue(fixed, exact, n)
     assert df >= 8, "the target distribution is too peaked for a meaningful test; raise TEMPERATURE"
-    assert p > 0.001, f"chi-square p = {p:.2e}: cosine sampling does not match the target distribution"
+    assert p > 0.001, f"chi-square p = {p:.2e}: {mode} sampling does not match the target distribution"
     # speculation really happened (not just target-only sampling)
-    assert sum(r.stats["mean_accepted_length"] > 1 for r in results) > N // 10
+    assert sum(r.stats["mean_accepted_length"] > 1 for r in results) > n // 10

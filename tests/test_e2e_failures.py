@@ -71,3 +71,21 @@ def test_all_drafters_dead_then_verifier_dead(cluster):
         with pytest.raises(Unavailable, match="verifier-0"):
             c.generate(PROMPT, max_tokens=30, mode="cosine")
         assert time.monotonic() - t0 < 10
+
+
+def test_serve_sigterm_fails_running_requests(cluster):
+    with Client(cluster.endpoint, timeout_s=30) as c:
+        s = c.generate(PROMPT, max_tokens=200, mode="autoregressive", stream=True)
+        it = iter(s)
+        next(it)
+        verifier = cluster.workers["verifier-0"].proc
+        verifier.send_signal(signal.SIGSTOP)  # hold the generation mid-way
+        try:
+            cluster.serve.proc.send_signal(signal.SIGTERM)
+            time.sleep(0.3)
+        finally:
+            verifier.send_signal(signal.SIGCONT)
+        with pytest.raises(Unavailable, match="shutting down"):
+            for _ in it:
+                pass
+        assert cluster.serve.proc.wait(20) == 0
