@@ -158,7 +158,8 @@ class _Source:
             tok = AutoTokenizer.from_pretrained(self.dir, **self.kwargs())
             backend = tok.backend_tokenizer
         except Exception as e:
-            raise ExportError(f"could not build a fast tokenizer for {self.path}: {e}") from e
+            raise ExportError(f"could not build a fast tokenizer for {self.path} (put its tokenizer.json next "
+                              f"to config.json): {str(e).splitlines()[0]}") from e
         backend.save(str(out / "tokenizer.json"))
 
 
@@ -229,6 +230,8 @@ def export_engine(model: str | Path, out_dir: str | Path, dtype: str = "float32"
     for stale in ("manifest.json", "parity_failed.json"):  # an interrupted export is not an engine
         (out / stale).unlink(missing_ok=True)
 
+    with _phase("tokenizer"):  # before the slow weight load: a missing tokenizer fails fast
+        src.write_tokenizer(out)
     with _phase(f"load {src.path.name} ({config.model_type})"):
         torch_model = src.load_model(progress)
     with _phase("source sha256"):
@@ -247,8 +250,6 @@ def export_engine(model: str | Path, out_dir: str | Path, dtype: str = "float32"
         log.info("wrote %s (%d nodes) and %s (%.1f MiB)", out / "model.onnx", len(g.nodes), DATA_FILE,
                  g.bytes_written / 2**20)
 
-    with _phase("tokenizer"):
-        src.write_tokenizer(out)
     eos_ids = _eos_ids(torch_model, config)
     bos = getattr(getattr(torch_model, "generation_config", None), "bos_token_id", None)
     if bos is None:

@@ -154,13 +154,19 @@ def build_ngram(corpus_paths: list[Path], tokenizer: str | Path, out_dir: Path, 
 def add_ngram_args(parser: argparse.ArgumentParser) -> None:
     """Arguments of --kind ngram (the caller owns --kind itself)."""
     g = parser.add_argument_group("n-gram drafter (--kind ngram)")
-    g.add_argument("--corpus", nargs="+", type=Path, metavar="PATH",
-                   help="text files or directories of *.txt (e.g. datasets/train/code.txt)")
-    g.add_argument("--tokenizer", help="the target's engine directory, or a tokenizer.json")
-    g.add_argument("--out", type=Path, help="output engine directory")
-    g.add_argument("--order", type=int, default=4, help="n-gram order (context = order - 1 tokens; default 4)")
-    g.add_argument("--min-count", type=int, default=1, help="drop (context, token) pairs seen fewer times")
-    g.add_argument("--max-tokens", type=int, default=None, help="stop tokenizing after this many tokens")
+    taken = set(getattr(parser, "_option_string_actions", {}))  # e.g. an existing --out: reuse it
+
+    def add(flag: str, **kw) -> None:
+        if flag not in taken:
+            g.add_argument(flag, **kw)
+
+    add("--corpus", nargs="+", type=Path, metavar="PATH",
+        help="text files or directories of *.txt (e.g. datasets/train/code.txt)")
+    add("--tokenizer", help="the target's engine directory, or a tokenizer.json")
+    add("--out", type=Path, help="output engine directory")
+    add("--order", type=int, default=4, help="n-gram order (context = order - 1 tokens; default 4)")
+    add("--min-count", type=int, default=1, help="drop (context, token) pairs seen fewer times")
+    add("--max-tokens", type=int, default=None, help="stop tokenizing after this many tokens")
 
 
 def run_ngram(args: argparse.Namespace) -> int:
@@ -168,11 +174,12 @@ def run_ngram(args: argparse.Namespace) -> int:
     if missing:
         log.error("--kind ngram needs %s", ", ".join(missing))
         return 2
-    if args.order < 1 or args.min_count < 1:
+    if getattr(args, "order", 4) < 1 or getattr(args, "min_count", 1) < 1:
         log.error("--order and --min-count must be >= 1")
         return 2
     try:
-        m = build_ngram(args.corpus, args.tokenizer, args.out, args.order, args.min_count, args.max_tokens)
+        m = build_ngram([Path(p) for p in args.corpus], args.tokenizer, Path(args.out), getattr(args, "order", 4),
+                        getattr(args, "min_count", 1), getattr(args, "max_tokens", None))
     except FileNotFoundError as e:
         log.error("%s", e)
         return 2

@@ -118,6 +118,23 @@ def test_tokenizer_copied(engines: dict[str, Path], tiny_models: dict[str, Path]
     assert len(ids) == 11 and tok.decode(ids) == "hello world"
 
 
+def test_mistral_with_explicit_head_dim(tmp_path: Path, tiny_models: dict[str, Path]) -> None:
+    """Mistral = llama family; head_dim != hidden/heads (as in Mistral-Nemo) must be honoured."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    torch.manual_seed(0)
+    cfg = MistralConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=1, head_dim=16, max_position_embeddings=64,
+                        sliding_window=4096, initializer_range=0.2)
+    MistralForCausalLM(cfg).save_pretrained(tmp_path / "hf")
+    with pytest.raises(ExportError, match="could not build a fast tokenizer"):  # before any weight work
+        export_engine(tmp_path / "hf", tmp_path / "e", progress=False)
+    shutil.copy(tiny_models["llama"] / "tokenizer.json", tmp_path / "hf")
+    m = export_engine(tmp_path / "hf", tmp_path / "e", progress=False)
+    assert m["parity"]["passed"] and m["model_type"] == "mistral" and m["architecture"] == "llama"
+    assert (m["num_heads"], m["num_kv_heads"], m["head_dim"], m["sliding_window"]) == (4, 1, 16, 4096)
+
+
 # ----- the engine interface, checked directly --------------------------------------------
 
 @pytest.mark.parametrize("arch", ("llama", "gpt2"))

@@ -142,3 +142,34 @@ def test_bench_draft_reports_microseconds() -> None:
     m = random_model()
     us = bench_draft(m, [np.array([1, 10, 3])] * 5, k=4)
     assert 0 < us < 1e5
+
+
+def test_build_ngram_engine_directory(tmp_path) -> None:
+    import argparse
+
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    from cosine.export.ngram import add_ngram_args, run_ngram
+
+    words = ["a", "b", "c", "d"]
+    tok = Tokenizer(models.WordLevel({"[UNK]": 0, **{w: i + 1 for i, w in enumerate(words)}}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "corpus").mkdir()
+    (tmp_path / "corpus" / "one.txt").write_text("a b c a b d a b c\n")
+    (tmp_path / "corpus" / "two.txt").write_text("c d c d\n")
+    p = argparse.ArgumentParser()
+    p.add_argument("--kind")
+    p.add_argument("--out")  # already defined by the caller: add_ngram_args must reuse it
+    add_ngram_args(p)
+    args = p.parse_args(["--kind", "ngram", "--corpus", str(tmp_path / "corpus"), "--tokenizer",
+                         str(tmp_path / "tokenizer.json"), "--out", str(tmp_path / "eng"), "--order", "3"])
+    assert run_ngram(args) == 0
+    man = json.loads((tmp_path / "eng" / "manifest.json").read_text())
+    assert man["format"] == "cosine-engine" and man["kind"] == "ngram" and man["order"] == 3
+    assert man["vocab_size"] == 5 and man["tokens"] == 13 and len(man["sources"]) == 2
+    assert len(man["source_sha256"]) == 64 and len(man["tokenizer_sha256"]) == 64
+    assert (tmp_path / "eng" / "tokenizer.json").is_file()
+    m = NgramModel.load(tmp_path / "eng")
+    assert m.draft(np.array([1, 2]), 1, 1)[0][0] == 3  # "a b" -> c (twice) over d (once)
+    assert run_ngram(p.parse_args(["--kind", "ngram"])) == 2
