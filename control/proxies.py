@@ -197,11 +197,15 @@ class DrafterProxyActor(_WorkerProxy):
         for j in jobs:
             k = j.k
             toks = [int(t) for t in a["tokens"][off:off + k]]
-            out[j.rid] = DraftOut(tokens=toks, probs=[float(p) for p in a["token_probs"][off:off + k]],
-                                  topk_ids=np.asarray(a["topk_ids"][off:off + k]),
-                                  topk_probs=np.asarray(a["topk_probs"][off:off + k]),
-                                  dists=np.asarray(a["probs"][off:off + k]) if j.return_probs and "probs" in a else None)
-            self.cached[j.rid] = list(j.context) + toks[:-1]
+            # A weight-free drafter (prompt lookup) marks "nothing to propose" with -1: the
+            # draft ends there, and its worker appended only the tokens before it.
+            n = toks.index(-1) if -1 in toks else k
+            self.cached[j.rid] = list(j.context) + toks[:min(n, k - 1)]
+            if n:
+                sl = slice(off, off + n)
+                out[j.rid] = DraftOut(tokens=toks[:n], probs=[float(p) for p in a["token_probs"][sl]],
+                                      topk_ids=np.asarray(a["topk_ids"][sl]), topk_probs=np.asarray(a["topk_probs"][sl]),
+                                      dists=np.asarray(a["probs"][sl]) if j.return_probs and "probs" in a else None)
             off += k
         dt = time.perf_counter() - t0
         self.busy_s += dt

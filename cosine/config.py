@@ -53,7 +53,7 @@ class LimitsConfig:
 class ModelConfig:
     name: str
     role: str
-    engine: str  # engine directory made by cosine-export (relative to config.toml)
+    engine: str = ""  # engine directory made by cosine-export (relative to config.toml); none for lookup
     kind: str = "neural"
     source: str = ""  # `cosine models fetch` name or a path; used by `make demo` to export
     domains: tuple[str, ...] = ()
@@ -239,7 +239,11 @@ def _check(cfg: Config, text: str, check_engines: bool) -> None:
             raise ConfigError(f"{where('models', 'role')}: model {m.name!r} has role {m.role!r}; use one of {ROLES}")
         if m.kind not in MODEL_KINDS:
             raise ConfigError(f"{where('models', 'kind')}: model {m.name!r} has kind {m.kind!r}; use one of {MODEL_KINDS}")
-        if check_engines and not (cfg.engine_dir(m) / "manifest.json").is_file():
+        if m.kind != "lookup" and not m.engine:
+            raise ConfigError(f"{where('models', 'name')}: model {m.name!r} (kind {m.kind}) needs `engine = \"DIR\"`")
+        if m.kind != "neural" and m.role == "target":
+            raise ConfigError(f"{where('models', 'kind')}: the target {m.name!r} must be a neural model, not {m.kind}")
+        if check_engines and m.kind != "lookup" and not (cfg.engine_dir(m) / "manifest.json").is_file():
             raise ConfigError(f"{where('models', 'engine')}: engine for model {m.name!r} not found at "
                               f"{cfg.engine_dir(m)} (no manifest.json); build it with "
                               f"`cosine-export --model <weights> --out {cfg.engine_dir(m)}` or run `make demo`")

@@ -68,17 +68,19 @@ def _toml_value(v: Any) -> str:
     return repr(v)
 
 
-def write_cluster_config(path: Path, target: Path, drafters: dict[str, Path], controller: dict[str, Any] | None = None,
+def write_cluster_config(path: Path, target: Path, drafters: dict[str, Any], controller: dict[str, Any] | None = None,
                          sections: dict[str, dict[str, Any]] | None = None, limits: dict[str, Any] | None = None) -> Path:
     """config.toml for one verifier ("verifier-0", model "target") and one drafter worker per
     entry of ``drafters`` (worker name -> engine dir), all on free loopback ports."""
     lines = ["[logging]", 'level = "WARNING"', "", "[limits]"]
     lim = {"max_prompt_tokens": 96, "max_new_tokens": 256, **(limits or {})}
     lines += [f"{k} = {_toml_value(v)}" for k, v in lim.items()]
-    models = [("target", "target", target, ())] + [(f"m-{n}", "drafter", e, (n,)) for n, e in drafters.items()]
-    for name, role, eng, domains in models:
-        lines += ["", "[[models]]", f'name = "{name}"', f'role = "{role}"', f'engine = "{eng}"',
-                  f"domains = {_toml_value(list(domains))}"]
+    # a drafter is an engine dir (neural) or (kind, engine dir or None) for weight-free ones
+    models = [("target", "target", ("neural", target), ())] + \
+        [(f"m-{n}", "drafter", e if isinstance(e, tuple) else ("neural", e), (n,)) for n, e in drafters.items()]
+    for name, role, (kind, eng), domains in models:
+        lines += ["", "[[models]]", f'name = "{name}"', f'role = "{role}"', f'kind = "{kind}"',
+                  f"domains = {_toml_value(list(domains))}"] + ([f'engine = "{eng}"'] if eng else [])
     workers = [("verifier-0", "target")] + [(n, f"m-{n}") for n in drafters]
     for wname, model in workers:
         lines += ["", "[[workers]]", f'name = "{wname}"', f'model = "{model}"', 'host = "127.0.0.1"',

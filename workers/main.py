@@ -28,6 +28,52 @@ def _setup_logging(cfg: Config | None, level: str | None) -> None:
                         format="%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s")
 
 
+def _build_ops(cfg: Config, wcfg, mcfg):
+    """The ops behind this worker: a neural engine with a KV cache, or a weight-free
+    drafter (n-gram tables, prompt lookup) over token histories."""
+    import json
+
+    from .engine import Engine, EngineError
+    from .stats import Stats
+
+    stats = Stats()
+    target = json.loads((cfg.engine_dir(cfg.target_model()) / "manifest.json").read_text()) \
+        if mcfg.kind != "neural" else {}
+    if mcfg.kind == "neural":
+        from .kvcache import KVCache
+        from .ops import Ops
+
+        engine_dir = cfg.engine_dir(mcfg)
+        log.info("worker %s starting: model %s (%s), engine %s, provider %s on %s, threads %s",
+                 wcfg.name, mcfg.name, mcfg.role, engine_dir, wcfg.provider, wcfg.device, wcfg.threads or "default")
+        engine = Engine(engine_dir, provider=wcfg.provider, device=wcfg.device, threads=wcfg.threads)
+        cache = KVCache(engine.num_layers, engine.num_kv_heads, engine.head_dim, engine.dtype,
+                        budget_tokens=wcfg.kv_budget_tokens, max_tokens=engine.max_positions)
+        return Ops(engine, cache, wcfg, mcfg, cfg.limits, stats), cache, stats
+
+    from .history import HistoryOps, HistoryStore
+
+    if mcfg.kind == "ngram":
+        from .ngram import NgramModel
+
+        d = cfg.engine_dir(mcfg)
+        if not (d / "manifest.json").is_file():
+            raise EngineError(f"n-gram engine {d} has no manifest.json; build it with "
+                              f"`cosine-export --kind ngram --corpus ... --tokenizer ... --out {d}`")
+        drafter = NgramModel.load(d)
+        log.info("worker %s starting: n-gram drafter %s (order %d) from %s", wcfg.name, mcfg.name, drafter.order, d)
+    else:
+        from .lookup import LookupDrafter
+
+        drafter = LookupDrafter(max_ngram=3, vocab_size=int(target["vocab_size"]))
+        log.info("worker %s starting: prompt-lookup drafter %s", wcfg.name, mcfg.name)
+    V = int(target["vocab_size"])
+    summary = {"name": mcfg.name, "architecture": mcfg.kind, "vocab_size": V, "num_layers": 0,
+               "dtype": "none", "max_positions": int(target["max_positions"])}
+    store = HistoryStore(wcfg.kv_budget_tokens, int(target["max_positions"]))
+    return HistoryOps(drafter, store, V, wcfg, mcfg, stats, summary), store, stats
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="cosine-worker", description="Serve one engine over ZeroMQ (docs/protocol.md).")
     ap.add_argument("--config", required=True, help="path to config.toml")
@@ -47,25 +93,14 @@ def main(argv: list[str] | None = None) -> int:
     _setup_logging(cfg, args.log_level)
 
     # Heavy imports after argument/config errors, which should be instant.
-    from .engine import Engine, EngineError
-    from .kvcache import KVCache
-    from .ops import Ops
+    from .engine import EngineError
     from .server import WorkerServer
-    from .stats import Stats
 
-    engine_dir = cfg.engine_dir(mcfg)
-    log.info("worker %s starting: model %s (%s), engine %s, provider %s on %s, threads %s",
-             wcfg.name, mcfg.name, mcfg.role, engine_dir, wcfg.provider, wcfg.device, wcfg.threads or "default")
     try:
-        engine = Engine(engine_dir, provider=wcfg.provider, device=wcfg.device, threads=wcfg.threads)
+        ops, cache, stats = _build_ops(cfg, wcfg, mcfg)
     except EngineError as e:
         log.error("worker %s cannot start: %s", wcfg.name, e)
         return 3
-
-    cache = KVCache(engine.num_layers, engine.num_kv_heads, engine.head_dim, engine.dtype,
-                    budget_tokens=wcfg.kv_budget_tokens, max_tokens=engine.max_positions)
-    stats = Stats()
-    ops = Ops(engine, cache, wcfg, mcfg, cfg.limits, stats)
     server = WorkerServer(ops, cache, stats, wcfg.endpoint, cfg.limits.max_message_bytes, wcfg.idle_timeout_s)
 
     stop = threading.Event()

@@ -1,0 +1,85 @@
+"""Weight-free drafters (domain n-gram tables, prompt lookup) served by real cosine-worker
+processes through the same protocol, alone and fused with a neural drafter: every mode
+stays token-identical to autoregressive."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cosine.client import Client
+from cosine.control.cluster import LocalCluster
+from cosine.workers.client import WorkerClient, WorkerError
+from cosine.workers.ngram import NgramModel
+
+from conftest import write_cluster_config
+
+
+def build_ngram_engine(out: Path, vocab: int) -> Path:
+    """A small 'domain corpus': repeated motifs plus noise, fixed seed."""
+    rng = np.random.default_rng(7)
+    motifs = [rng.integers(3, vocab, size=rng.integers(4, 9)) for _ in range(12)]
+    docs = [np.concatenate([motifs[i] for i in rng.integers(0, 12, size=40)] + [rng.integers(3, vocab, 50)])
+            for _ in range(20)]
+    NgramModel.build([d.astype(np.int32) for d in docs], vocab_size=vocab, order=4).save(out)
+    (out / "manifest.json").write_text(json.dumps({"format": "cosine-engine", "kind": "ngram", "order": 4,
+                                                   "vocab_size": vocab}))
+    return out
+
+
+@pytest.fixture(scope="module")
+def weightfree_cluster(control_engines, tmp_path_factory):
+    root = tmp_path_factory.mktemp("weightfree")
+    vocab = json.loads((control_engines["target"] / "manifest.json").read_text())["vocab_size"]
+    ngram = build_ngram_engine(root / "ngram-engine", vocab)
+    cfg = write_cluster_config(root / "config.toml", control_engines["target"],
+                               {"lookup": ("lookup", None), "ngram": ("ngram", ngram),
+                                "poor": control_engines["poor"]},
+                               sections={"routing": {"max_drafters_per_request": 3}})
+    with LocalCluster(cfg) as cluster:
+        yield cluster, cfg
+
+
+PROMPTS = [[5, 6, 7, 8, 9, 5, 6, 7, 8, 9, 5, 6], [11, 12, 13, 11, 12, 13, 11, 12], [40, 3, 17, 22, 9, 31]]
+
+
+def test_every_mode_with_weightfree_drafters_is_identical(weightfree_cluster) -> None:
+    cluster, _ = weightfree_cluster
+    with Client(cluster.endpoint, timeout_s=60) as c:
+        for prompt in PROMPTS:
+            ref = c.generate(prompt, max_tokens=24, mode="autoregressive").token_ids
+            for mode in ("speculative", "specinfer", "cosine"):
+                r = c.generate(prompt, max_tokens=24, mode=mode)
+                assert r.token_ids == ref, (mode, prompt)
+        used = c.generate(PROMPTS[0], max_tokens=24, mode="cosine").stats["drafters_used"]
+    assert set(used) & {"lookup", "ngram"}, used
+
+
+def test_weightfree_worker_refuses_verify_and_serves_draft(weightfree_cluster) -> None:
+    cluster, cfg_path = weightfree_cluster
+    from cosine import config
+
+    cfg = config.load(cfg_path)
+    wc = WorkerClient(cfg.worker("lookup").endpoint, timeout_s=10)
+    try:
+        h, _ = wc.call("health", {})
+        assert h["engine"]["architecture"] == "lookup"
+        with pytest.raises(WorkerError) as e:
+            wc.call("verify", {"requests": [{"rid": "x", "n": 1}]},
+                    {"tokens": np.zeros(1, np.int32), "parents": np.full(1, -1, np.int32)})
+        assert e.value.code == "unknown_op" and "weight-free" in e.value.message
+        wc.call("prefill", {"requests": [{"rid": "w", "n": 6}]}, {"tokens": np.array([1, 2, 3, 1, 2, 3], np.int32)})
+        h, a = wc.call("draft", {"requests": [{"rid": "w", "n_feed": 1, "k": 3, "topk": 2}]},
+                       {"feed": np.array([1], np.int32)})
+        # history 1 2 3 1 2 3 1: lookup continues the repeated span
+        assert a["tokens"].tolist() == [2, 3, 1] and h["requests"][0]["length"] == 7 + 2
+        h, a = wc.call("draft", {"requests": [{"rid": "w", "n_feed": 1, "k": 2, "keep": 3}]},
+                       {"feed": np.array([9], np.int32)})
+        assert a["tokens"].tolist() == [-1, -1] and float(a["token_probs"].max()) == 0.0
+        assert h["requests"][0]["length"] == 4  # nothing proposed: only the fed token was kept
+        wc.call("release", {"rids": ["w"]})
+    finally:
+        wc.close()
