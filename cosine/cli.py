@@ -7,6 +7,7 @@
     cosine generate TEXT   talk to a running server
     cosine models fetch|list|path
     cosine keys generate   CurveZMQ key pairs
+    cosine datasets build  domain corpora and benchmark prompts from Debian text
     cosine bench ...       = cosine-bench ...
 """
 
@@ -73,7 +74,7 @@ def _keys(argv: list[str]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    cmds = ("export", "worker", "serve", "up", "generate", "models", "keys", "bench")
+    cmds = ("export", "worker", "serve", "up", "generate", "models", "keys", "bench", "datasets")
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in cmds:
         print(__doc__.strip())
         return 0 if argv and argv[0] in ("-h", "--help") else 2
@@ -88,6 +89,8 @@ def main(argv: list[str] | None = None) -> int:
         from cosine.control.cluster import main as m
     elif cmd == "generate":
         from cosine.client import main as m
+    elif cmd == "datasets":
+        from cosine.datasets import main as m
     elif cmd == "bench":
         from cosine.bench import main as m
     elif cmd == "models":

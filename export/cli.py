@@ -13,12 +13,15 @@ from typing import Sequence
 
 from .build import DTYPES, export_engine
 from .errors import ExportError
+from .ngram import add_ngram_args, run_ngram
 from .runtime import PROVIDERS
 
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="cosine-export", description=__doc__.splitlines()[0])
-    p.add_argument("--model", required=True, help="Hugging Face model directory or .gguf file")
+    p.add_argument("--kind", choices=("neural", "ngram"), default="neural",
+                   help="neural: a transformer engine from --model; ngram: a domain n-gram drafter from --corpus")
+    p.add_argument("--model", help="Hugging Face model directory or .gguf file (--kind neural)")
     p.add_argument("--out", required=True, help="engine directory to write")
     p.add_argument("--dtype", choices=DTYPES, default="float32")
     p.add_argument("--provider", choices=tuple(PROVIDERS), default="cpu",
@@ -26,13 +29,19 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--name", default=None, help="engine name in the manifest (default: model file/dir name)")
     p.add_argument("--no-parity", action="store_true", help="skip the parity check against PyTorch")
     p.add_argument("--quiet", action="store_true", help="no progress bar, warnings only")
+    add_ngram_args(p)
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)  # argparse itself exits 2 on bad flags
+    parser = _parser()
+    args = parser.parse_args(argv)  # argparse itself exits 2 on bad flags
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    if args.kind == "ngram":
+        return run_ngram(args)
+    if not args.model:
+        parser.error("--model is required for --kind neural")
     try:
         manifest = export_engine(args.model, args.out, dtype=args.dtype, provider=args.provider, name=args.name,
                                  check_parity=not args.no_parity, progress=not args.quiet)

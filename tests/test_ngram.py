@@ -173,3 +173,22 @@ def test_build_ngram_engine_directory(tmp_path) -> None:
     m = NgramModel.load(tmp_path / "eng")
     assert m.draft(np.array([1, 2]), 1, 1)[0][0] == 3  # "a b" -> c (twice) over d (once)
     assert run_ngram(p.parse_args(["--kind", "ngram"])) == 2
+
+
+def test_cosine_export_kind_ngram_cli(tmp_path: Path) -> None:
+    """`cosine-export --kind ngram` builds a loadable engine; missing inputs exit 2."""
+    from tokenizers import Tokenizer, models as tmodels, pre_tokenizers
+
+    from cosine.export.cli import main as export_main
+
+    tok = Tokenizer(tmodels.WordLevel({w: i for i, w in enumerate("<unk> a b c d e".split())}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "corpus.txt").write_text("a b c d e a b c d e a b c\n" * 5)
+    out = tmp_path / "ng"
+    assert export_main(["--kind", "ngram", "--corpus", str(tmp_path / "corpus.txt"), "--tokenizer",
+                        str(tmp_path / "tokenizer.json"), "--out", str(out), "--quiet"]) == 0
+    m = NgramModel.load(out)
+    toks, *_ = m.draft(np.array([1, 2, 3], np.int64), k=3, topk=1)
+    assert toks.tolist() == [4, 5, 1]  # a b c -> d e a
+    assert export_main(["--kind", "ngram", "--out", str(tmp_path / "x")]) == 2
