@@ -25,8 +25,11 @@ PROMPTS = [
 
 def ensure_engines(cfg: cfgmod.Config) -> None:
     """Export every engine the config names but lacks, from its `source` model."""
-    missing = [m for m in cfg.models if not (cfg.engine_dir(m) / "manifest.json").is_file()]
+    missing = [m for m in cfg.models if m.kind != "lookup" and not (cfg.engine_dir(m) / "manifest.json").is_file()]
     for m in missing:
+        if m.kind == "ngram":
+            raise SystemExit(f"n-gram engine for {m.name!r} is missing at {cfg.engine_dir(m)}; build it with "
+                             f"`cosine datasets build` and `cosine-export --kind ngram --corpus ... --out ...`")
         if not m.source:
             raise SystemExit(f"engine for {m.name!r} is missing at {cfg.engine_dir(m)} and the model has no "
                              f"`source` to export it from; run cosine-export yourself")

@@ -1,0 +1,41 @@
+"""Opt-in (COSINE_REAL_MODELS=1): the Qwen2.5-Coder pair, exported to engines/, through
+the real cluster. Every mode must give the target's greedy tokens."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from conftest import write_cluster_config
+
+REPO = Path(__file__).resolve().parents[1]
+ENGINES = Path(os.environ.get("COSINE_ENGINES_DIR", REPO / "engines"))
+TARGET, DRAFTER = ENGINES / "qwen2.5-coder-1.5b-fp32", ENGINES / "qwen2.5-coder-0.5b-fp32"
+
+pytestmark = [
+    pytest.mark.real_models,
+    pytest.mark.skipif(os.environ.get("COSINE_REAL_MODELS") != "1", reason="opt-in: set COSINE_REAL_MODELS=1"),
+    pytest.mark.skipif(not ((TARGET / "manifest.json").is_file() and (DRAFTER / "manifest.json").is_file()),
+                       reason=f"needs {TARGET} and {DRAFTER} (make demo exports them)"),
+]
+
+PROMPTS = ["def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n",
+           "The capital of France is"]
+
+
+def test_qwen_pair_every_mode_matches_autoregressive(tmp_path: Path) -> None:
+    from cosine.client import Client
+    from cosine.control.cluster import LocalCluster
+
+    cfg = write_cluster_config(tmp_path / "config.toml", TARGET, {"qwen-0.5b": DRAFTER, "lookup": ("lookup", None)},
+                               limits={"max_prompt_tokens": 512},
+                               controller={"worker_timeout_s": 120.0, "request_timeout_s": 1200.0})
+    with LocalCluster(cfg) as cluster, Client(cluster.endpoint, timeout_s=1200) as c:
+        for p in PROMPTS:
+            ref = c.generate(p, max_tokens=16, mode="autoregressive")
+            for mode in ("speculative", "specinfer", "cosine"):
+                r = c.generate(p, max_tokens=16, mode=mode)
+                assert r.token_ids == ref.token_ids, (mode, p, r.text, ref.text)
+            assert r.stats["mean_accepted_length"] > 1.0
