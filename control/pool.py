@@ -21,6 +21,7 @@ class GenParams:
     mode: str = "cosine"
     stream: bool = False
     seed: int | None = None
+    ignore_eos: bool = False  # benchmarks: run to max_tokens
 
 
 class Detokenizer:

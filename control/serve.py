@@ -48,7 +48,7 @@ log = logging.getLogger("cosine.control.serve")
 
 INPROC = "inproc://cosine-serve-replies"
 GENERATE_KEYS = {"v", "op", "seq", "arrays", "rid", "prompt", "max_tokens", "temperature", "top_p", "stop",
-                 "mode", "stream", "seed"}
+                 "mode", "stream", "seed", "ignore_eos"}
 
 
 def wait_healthy(cfg: Config, names: list[str], timeout_s: float) -> dict[str, dict[str, Any]]:
@@ -232,6 +232,9 @@ class Server:
         stream = h.get("stream", False)
         if not isinstance(stream, bool):
             raise bad("stream must be a boolean")
+        ignore_eos = h.get("ignore_eos", False)
+        if not isinstance(ignore_eos, bool):
+            raise bad("ignore_eos must be a boolean")
         seed = h.get("seed", None)
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2 ** 63):
             raise bad("seed must be a non-negative integer or absent")
@@ -264,7 +267,7 @@ class Server:
             raise ProtocolError("too_long", f"prompt has {len(ids)} tokens; the model's context is "
                                             f"{self.max_positions} positions, which leaves no room to generate")
         params = GenParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, stop=tuple(stop),
-                           mode=mode, stream=stream, seed=seed)
+                           mode=mode, stream=stream, seed=seed, ignore_eos=ignore_eos)
         return rid, params, ids, text
 
     # -- serving ---------------------------------------------------------------------------
@@ -287,7 +290,8 @@ class Server:
             if op == "generate":
                 crid, params, ids, text = self.parse_generate(h, arrays)
                 rid = f"q{next(self.rids)}"
-                req = Request(rid=rid, client=(ident, crid, h["seq"]), prompt=ids, params=params, eos=self.eos,
+                req = Request(rid=rid, client=(ident, crid, h["seq"]), prompt=ids, params=params,
+                              eos=frozenset() if params.ignore_eos else self.eos,
                               context_limit=self.max_positions, prompt_text=text,
                               detok=Detokenizer(self.decode_out, ids),
                               rng=np.random.default_rng(params.seed))

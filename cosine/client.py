@@ -105,9 +105,11 @@ class GenerateResult:
 
 def _generate_header(rid: str, prompt: str | Sequence[int], max_tokens: int, temperature: float, top_p: float,
                      stop: Sequence[str] | None, mode: str | None, stream: bool,
-                     seed: int | None) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+                     seed: int | None, ignore_eos: bool = False) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     h: dict[str, Any] = {"op": "generate", "rid": rid, "max_tokens": max_tokens, "temperature": temperature,
                          "top_p": top_p, "stream": stream}
+    if ignore_eos:  # benchmarks: generate exactly max_tokens
+        h["ignore_eos"] = True
     arrays: dict[str, np.ndarray] = {}
     if isinstance(prompt, str):
         h["prompt"] = prompt
@@ -216,10 +218,10 @@ class Client:
     def generate(self, prompt: str | Sequence[int], max_tokens: int = 128, temperature: float = 0.0,
                  top_p: float = 1.0, stop: Sequence[str] | None = None, mode: str | None = None,
                  stream: bool = False, seed: int | None = None, timeout_s: float | None = None,
-                 rid: str | None = None) -> GenerateResult | Stream:
+                 rid: str | None = None, ignore_eos: bool = False) -> GenerateResult | Stream:
         """Generate a continuation. With ``stream=True`` returns a Stream of Chunk."""
         rid = rid or uuid.uuid4().hex
-        h, arrays = _generate_header(rid, prompt, max_tokens, temperature, top_p, stop, mode, stream, seed)
+        h, arrays = _generate_header(rid, prompt, max_tokens, temperature, top_p, stop, mode, stream, seed, ignore_eos)
         self._by_rid[rid] = deque()
         self._send(h, arrays)
         t = timeout_s or self.timeout_s
@@ -339,11 +341,11 @@ class AsyncClient:
     async def generate(self, prompt: str | Sequence[int], max_tokens: int = 128, temperature: float = 0.0,
                        top_p: float = 1.0, stop: Sequence[str] | None = None, mode: str | None = None,
                        stream: bool = False, seed: int | None = None, timeout_s: float | None = None,
-                       rid: str | None = None) -> GenerateResult | AsyncStream:
+                       rid: str | None = None, ignore_eos: bool = False) -> GenerateResult | AsyncStream:
         """Coroutine; with ``stream=True`` returns an AsyncStream (``async for chunk in ...``)."""
         self._ensure_reader()
         rid = rid or uuid.uuid4().hex
-        h, arrays = _generate_header(rid, prompt, max_tokens, temperature, top_p, stop, mode, stream, seed)
+        h, arrays = _generate_header(rid, prompt, max_tokens, temperature, top_p, stop, mode, stream, seed, ignore_eos)
         self._waiters[("rid", rid)] = asyncio.Queue()
         await self._send(h, arrays)
         s = AsyncStream(self, rid, timeout_s or self.timeout_s)

@@ -126,3 +126,13 @@ def test_async_client_concurrent(control_cluster):
     assert all(r.token_ids == ref.token_ids for r in rs)
     assert "".join(texts) == final.text == ref.text
     assert h["status"] == "ok"
+
+
+def test_ignore_eos_runs_to_max_tokens(control_cluster) -> None:
+    """Benchmarks ask for exactly max_tokens; the eos token is then ordinary output."""
+    cluster = control_cluster
+    with Client(cluster.endpoint, timeout_s=60) as c:
+        r = c.generate([3, 4, 5], max_tokens=40, mode="autoregressive", ignore_eos=True)
+        assert len(r.token_ids) == 40 and r.finish_reason == "length"
+        with pytest.raises(BadRequest, match="ignore_eos must be a boolean"):
+            c._call({"op": "generate", "rid": "x", "prompt": "a", "max_tokens": 2, "ignore_eos": "yes"})
