@@ -58,6 +58,7 @@ class ModelConfig:
     source: str = ""  # `cosine models fetch` name or a path; used by `make demo` to export
     domains: tuple[str, ...] = ()
     dtype: str = "float32"
+    quantize: str = ""  # drafters only: "int4" or "int8" (how `make demo` builds the engine)
 
 
 @dataclass(frozen=True)
@@ -241,6 +242,9 @@ def _check(cfg: Config, text: str, check_engines: bool) -> None:
             raise ConfigError(f"{where('models', 'kind')}: model {m.name!r} has kind {m.kind!r}; use one of {MODEL_KINDS}")
         if m.kind != "lookup" and not m.engine:
             raise ConfigError(f"{where('models', 'name')}: model {m.name!r} (kind {m.kind}) needs `engine = \"DIR\"`")
+        if m.quantize and (m.role == "target" or m.quantize not in ("int4", "int8")):
+            raise ConfigError(f"{where('models', 'quantize')}: model {m.name!r}: quantize must be \"int4\" or "
+                              f"\"int8\" and only on drafters (a quantized target would change the output)")
         if m.kind != "neural" and m.role == "target":
             raise ConfigError(f"{where('models', 'kind')}: the target {m.name!r} must be a neural model, not {m.kind}")
         if check_engines and m.kind != "lookup" and not (cfg.engine_dir(m) / "manifest.json").is_file():

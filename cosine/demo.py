@@ -39,8 +39,18 @@ def ensure_engines(cfg: cfgmod.Config) -> None:
         from cosine.export.build import export_engine  # torch is only needed here
 
         t0 = time.time()
-        log.info("exporting %s from %s to %s (%s), once; later runs reuse it", m.name, src, cfg.engine_dir(m), m.dtype)
-        export_engine(src, cfg.engine_dir(m), dtype=m.dtype, name=m.name)
+        out = cfg.engine_dir(m)
+        log.info("exporting %s from %s to %s (%s%s), once; later runs reuse it", m.name, src, out, m.dtype,
+                 f", then {m.quantize}" if m.quantize else "")
+        if m.quantize:
+            from cosine.export.quantize import quantize_engine
+
+            float_dir = out.with_name(out.name + "-float")
+            if not (float_dir / "manifest.json").is_file():
+                export_engine(src, float_dir, dtype=m.dtype, name=m.name)
+            quantize_engine(float_dir, out, m.quantize)
+        else:
+            export_engine(src, out, dtype=m.dtype, name=m.name)
         log.info("exported %s in %.0f s", m.name, time.time() - t0)
 
 

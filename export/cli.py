@@ -9,11 +9,13 @@ import argparse
 import json
 import logging
 import sys
+from pathlib import Path
 from typing import Sequence
 
 from .build import DTYPES, export_engine
 from .errors import ExportError
 from .ngram import add_ngram_args, run_ngram
+from .quantize import MODES as QUANT_MODES, quantize_engine
 from .runtime import PROVIDERS
 
 
@@ -28,6 +30,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="execution provider to check parity on (tensorrt also builds and caches its engine)")
     p.add_argument("--name", default=None, help="engine name in the manifest (default: model file/dir name)")
     p.add_argument("--no-parity", action="store_true", help="skip the parity check against PyTorch")
+    p.add_argument("--quantize", choices=QUANT_MODES, default=None,
+                   help="DRAFTERS ONLY: int8 (dynamic, per-channel) or int4 (weight-only blocks) MatMuls. "
+                        "--model may be an exported float engine; otherwise the float engine is exported to OUT-float first")
     p.add_argument("--quiet", action="store_true", help="no progress bar, warnings only")
     add_ngram_args(p)
     return p
@@ -43,6 +48,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.model:
         parser.error("--model is required for --kind neural")
     try:
+        if args.quantize:
+            src = Path(args.model)
+            if not (src / "manifest.json").is_file():
+                src = Path(f"{str(args.out).rstrip('/')}-float")
+                export_engine(args.model, src, dtype=args.dtype, provider=args.provider, name=args.name,
+                              check_parity=not args.no_parity, progress=not args.quiet)
+            manifest = quantize_engine(src, args.out, args.quantize)
+            print(json.dumps({"engine": str(args.out), "name": manifest["name"], **manifest["quantization"]}))
+            return 0
         manifest = export_engine(args.model, args.out, dtype=args.dtype, provider=args.provider, name=args.name,
                                  check_parity=not args.no_parity, progress=not args.quiet)
     except ExportError as e:

@@ -12,7 +12,6 @@ appended, and the reply's `length` says so; the control plane cuts the draft the
 
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol
@@ -20,9 +19,10 @@ from typing import Any, Callable, Protocol
 import numpy as np
 
 from cosine.config import ModelConfig, WorkerConfig
-from cosine.protocol import VERSION, ProtocolError
+from cosine.protocol import ProtocolError
 
 from . import validate as val
+from .ops import WorkerOps
 from .stats import Stats
 
 Reply = tuple[dict[str, Any], dict[str, np.ndarray]]
@@ -91,7 +91,7 @@ class HistoryStore:
         return gone
 
 
-class HistoryOps:
+class HistoryOps(WorkerOps):
     def __init__(self, drafter: TokenDrafter, store: HistoryStore, vocab_size: int, worker: WorkerConfig,
                  model: ModelConfig, stats: Stats, summary: dict[str, Any]):
         self.drafter, self.cache, self.V = drafter, store, vocab_size
@@ -106,10 +106,7 @@ class HistoryOps:
         if op in ("verify", "commit"):
             raise ProtocolError("unknown_op", f"{op!r}: worker {self.worker.name!r} serves a weight-free "
                                               f"{self.model.kind} drafter, which cannot score token trees")
-        fn = self.handlers.get(op) if isinstance(op, str) else None
-        if fn is None:
-            raise ProtocolError("unknown_op", f"unknown op {op!r}; ops: {sorted(self.handlers)}")
-        return fn(header, arrays)
+        return super().handle(header, arrays)
 
     def _fits(self, rid: str, length: int) -> None:
         if length > self.cache.max_tokens:
@@ -217,22 +214,5 @@ class HistoryOps:
             out["probs"] = np.stack(probs_rows)
         return {"requests": out_reqs}, out
 
-    def release(self, h: dict[str, Any], arrs: dict[str, np.ndarray]) -> Reply:
-        rids = h.get("rids")
-        if not isinstance(rids, list) or not all(isinstance(r, str) for r in rids):
-            raise val.bad(f"header 'rids' must be a list of strings, got {rids!r}")
-        val.arrays(arrs, {})
-        released, unknown = [], []
-        for rid in rids:
-            (released if self.cache.release(rid) else unknown).append(rid)
-        return {"released": released, "unknown": unknown}, {}
-
-    def health(self, h: dict[str, Any], arrs: dict[str, np.ndarray]) -> Reply:
-        return {"name": self.worker.name, "role": self.model.role, "model": self.model.name,
-                "provider": self.worker.provider, "device": self.worker.device, "pid": os.getpid(),
-                "uptime_s": self.stats.uptime_s(), "protocol": VERSION, "engine": self.summary}, {}
-
-    def stats_op(self, h: dict[str, Any], arrs: dict[str, np.ndarray]) -> Reply:
-        return {"requests_held": len(self.cache), "cache_tokens_used": self.cache.used,
-                "cache_tokens_budget": self.cache.budget, "freed_idle": self.cache.freed_idle,
-                **self.stats.snapshot()}, {}
+    def engine_summary(self) -> dict[str, Any]:
+        return self.summary

@@ -55,7 +55,44 @@ def softmax(logits: np.ndarray, temperature: float) -> np.ndarray:
     return p / p.sum()
 
 
-class Ops:
+class WorkerOps:
+    """What every worker kind shares: op dispatch, release, health and stats. Subclasses
+    set ``handlers``, ``cache`` (KVCache or HistoryStore), ``worker``, ``model``, ``stats``."""
+
+    handlers: dict[str, Callable[[dict[str, Any], dict[str, np.ndarray]], Reply]]
+
+    def handle(self, header: dict[str, Any], arrays: dict[str, np.ndarray]) -> Reply:
+        op = header.get("op")
+        fn = self.handlers.get(op) if isinstance(op, str) else None
+        if fn is None:
+            raise ProtocolError("unknown_op", f"unknown op {op!r}; ops: {sorted(self.handlers)}")
+        return fn(header, arrays)
+
+    def engine_summary(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def release(self, h: dict[str, Any], arrs: dict[str, np.ndarray]) -> Reply:
+        rids = h.get("rids")
+        if not isinstance(rids, list) or not all(isinstance(r, str) for r in rids):
+            raise val.bad(f"header 'rids' must be a list of strings, got {rids!r}")
+        val.arrays(arrs, {})
+        released, unknown = [], []
+        for rid in rids:
+            (released if self.cache.release(rid) else unknown).append(rid)
+        return {"released": released, "unknown": unknown}, {}
+
+    def health(self, h: dict[str, Any], arrs: dict[str, np.ndarray]) -> Reply:
+        return {"name": self.worker.name, "role": self.model.role, "model": self.model.name,
+                "provider": self.worker.provider, "device": self.worker.device, "pid": os.getpid(),
+                "uptime_s": self.stats.uptime_s(), "protocol": VERSION, "engine": self.engine_summary()}, {}
+
+    def stats_op(self, h: dict[str, Any], arrs: dict[str, np.ndarray]) -> Reply:
+        return {"requests_held": len(self.cache), "cache_tokens_used": self.cache.used,
+                "cache_tokens_budget": self.cache.budget, "freed_idle": self.cache.freed_idle,
+                **self.stats.snapshot()}, {}
+
+
+class Ops(WorkerOps):
     def __init__(self, engine: Engine, cache: KVCache, worker: WorkerConfig, model: ModelConfig,
                  limits: LimitsConfig, stats: Stats):
         self.engine = engine
@@ -71,12 +108,6 @@ class Ops:
             "health": self.health, "stats": self.stats_op,
         }
 
-    def handle(self, header: dict[str, Any], arrays: dict[str, np.ndarray]) -> Reply:
-        op = header.get("op")
-        fn = self.handlers.get(op) if isinstance(op, str) else None
-        if fn is None:
-            raise ProtocolError("unknown_op", f"unknown op {op!r}; ops: {sorted(self.handlers)}")
-        return fn(header, arrays)
 
     # ----- shared checks ------------------------------------------------------------
     def _held(self, rid: str) -> Entry:
@@ -282,22 +313,5 @@ class Ops:
             self.cache.commit(e, n)
         return {"requests": self._lengths(entries)}, {}
 
-    def release(self, h: dict[str, Any], arrs: dict[str, np.ndarray]) -> Reply:
-        rids = h.get("rids")
-        if not isinstance(rids, list) or not all(isinstance(r, str) for r in rids):
-            raise val.bad(f"header 'rids' must be a list of strings, got {rids!r}")
-        val.arrays(arrs, {})
-        released, unknown = [], []
-        for rid in rids:
-            (released if self.cache.release(rid) else unknown).append(rid)
-        return {"released": released, "unknown": unknown}, {}
-
-    def health(self, h: dict[str, Any], arrs: dict[str, np.ndarray]) -> Reply:
-        return {"name": self.worker.name, "role": self.model.role, "model": self.model.name,
-                "provider": self.worker.provider, "device": self.worker.device, "pid": os.getpid(),
-                "uptime_s": self.stats.uptime_s(), "protocol": VERSION, "engine": self.engine.summary()}, {}
-
-    def stats_op(self, h: dict[str, Any], arrs: dict[str, np.ndarray]) -> Reply:
-        return {"requests_held": len(self.cache), "cache_tokens_used": self.cache.used,
-                "cache_tokens_budget": self.cache.budget, "freed_idle": self.cache.freed_idle,
-                **self.stats.snapshot()}, {}
+    def engine_summary(self) -> dict[str, Any]:
+        return self.engine.summary()
