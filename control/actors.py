@@ -36,7 +36,7 @@ from cosine.control.pool import Request
 from cosine.control.proxies import DraftJob, DraftOut, Timed
 from cosine.control.routing import Router
 from cosine.control.scheduling import CostModel, PendingRequest, select_batch
-from cosine.control.speculation import DraftPlan, SpeculationController
+from cosine.control.speculation import DraftPlan, SpeculationController, speculation_pays
 from cosine.protocol import VERSION
 
 log = logging.getLogger("cosine.control.actors")
@@ -123,6 +123,7 @@ class ControllerStats:
     verify_busy_s: float = 0.0
     draft_wall_s: float = 0.0
     overlap_s: float = 0.0
+    gated_rounds: int = 0            # rounds where plain batched decoding beat speculation
     last_round: dict = field(default_factory=dict)
 
 
@@ -191,7 +192,7 @@ class ControllerActor(pykka.ThreadingActor):
         return {
             "uptime_s": time.monotonic() - s.started, "mode": self.cc.mode,
             "active_requests": len(self.requests), "queued_requests": len(self.incoming),
-            "rounds": s.rounds, "tokens": s.tokens, "requests_done": s.requests_done,
+            "rounds": s.rounds, "tokens": s.tokens, "requests_done": s.requests_done, "gated_rounds": s.gated_rounds,
             "requests_failed": s.requests_failed,
             "mean_accepted_length": 1.0 + s.accepted_drafts / s.rounds if s.rounds else 1.0,
             "busy_wall_s": s.wall_s, "draft_wall_s": s.draft_wall_s, "verify_busy_s": s.verify_busy_s,
@@ -403,6 +404,22 @@ class ControllerActor(pykka.ThreadingActor):
         """Draft tokens that still fit: positions and the remaining output budget."""
         return max(0, min(r.context_limit - len(r.committed), r.params.max_tokens - len(r.output)))
 
+    def _gate(self, reqs: list[Request], plans: dict[str, DraftPlan], width: int) -> dict[str, DraftPlan]:
+        """Plain batched decoding for this round's cosine requests when, by the profiled
+        cost model, speculation would commit fewer tokens per second (under load)."""
+        cos = [r.rid for r in reqs if r.params.mode == "cosine" and self.cc.speculation.adaptive
+               and plans[r.rid].speculate]
+        if not cos:
+            return plans
+        seq = max(len(r.committed) for r in reqs)
+        wide = {rid: DraftPlan(p.speculate, p.draft_len, p.tree_width * width) for rid, p in plans.items()}
+        if speculation_pays(wide, {rid: self.spec.alpha(rid) for rid in cos},
+                            lambda n: self.cost.verify_s(1, n, seq), lambda k: self.cost.draft_s(1, k, seq),
+                            self.cc.speculation.disable_below_ratio):
+            return plans
+        self.stats_.gated_rounds += 1
+        return {rid: (DraftPlan(False, 0, 1) if rid in cos else p) for rid, p in plans.items()}
+
     def _plans(self, reqs: list[Request]) -> dict[str, DraftPlan]:
         sc = self.cc.speculation
         plans: dict[str, DraftPlan] = {}
@@ -418,6 +435,7 @@ class ControllerActor(pykka.ThreadingActor):
         if plans:
             k = min(n_alive, self.cc.routing.max_drafters_per_request)
             plans = self.spec.trim_to_cap(plans, lambda p: 1 + p.draft_len * p.tree_width * k if p.speculate else 1)
+            plans = self._gate(reqs, plans, k)
         max_nodes = self.cfg.limits.max_tree_nodes
         for r in reqs:
             p = plans[r.rid]

@@ -183,6 +183,11 @@ class SpeculationController:
         st.last_plan = DraftPlan(True, k, width)
         return st.last_plan
 
+    def alpha(self, rid: str) -> float:
+        """Estimated per-position acceptance rate of this request (the global one if new)."""
+        st = self._reqs.get(rid)
+        return st.alpha if st else self.alpha_global
+
     def is_off(self, rid: str) -> bool:
         st = self._reqs.get(rid)
         return bool(st and st.off)
@@ -279,3 +284,28 @@ class SpeculationController:
                 total += size(q) - size(p)
                 out[rid] = q
         return out
+
+
+def speculation_pays(plans: Mapping[str, DraftPlan], alphas: Mapping[str, float],
+                     verify_s: Callable[[int], float], draft_s: Callable[[int], float], ratio: float = 1.0) -> bool:
+    """Whole-round check (CoSine: speculation must never be slower under load).
+
+    One round verifies every request's tree in one forward. With speculation the round
+    costs verify_s(all tree tokens) + the longest draft and commits sum E(k_r) tokens;
+    without it, one batched step costs verify_s(batch) and commits one token per request.
+    On a memory-bound GPU the bigger forward is nearly free; on a compute-bound CPU, or
+    with a large batch, it is not, and plain batched decoding wins. Unmeasured costs
+    (zero) never turn speculation off; it pays while its goodput is at least ``ratio``
+    times plain decoding's ([controller.speculation] disable_below_ratio; 0 = always).
+    """
+    spec = {r: p for r, p in plans.items() if p.speculate and p.draft_len > 0}
+    if not spec:
+        return False
+    B = len(plans)
+    t_plain = verify_s(B)
+    if t_plain <= 0:
+        return True
+    tokens = B + sum(p.draft_len * p.tree_width for p in spec.values())
+    committed = (B - len(spec)) + sum(expected_tokens(alphas.get(r, 0.0), p.draft_len) for r, p in spec.items())
+    t_spec = verify_s(tokens) + max(draft_s(p.draft_len) for p in spec.values())
+    return committed / t_spec >= ratio * B / t_plain

@@ -194,3 +194,25 @@ def test_forget_and_from_config():
     assert "x" not in sc._reqs
     with pytest.raises(ValueError):
         SpeculationController(draft_len=9, max_draft_len=8)
+
+
+def test_speculation_pays_compares_round_goodput() -> None:
+    from cosine.control.speculation import speculation_pays
+
+    plans = {f"r{i}": DraftPlan(True, 4, 1) for i in range(4)}
+    alphas = {r: 0.7 for r in plans}
+    flat = lambda n: 0.01  # noqa: E731 - memory-bound: a bigger forward costs the same
+    linear = lambda n: 0.01 * n  # noqa: E731 - compute-bound: cost grows with tokens
+    free_draft = lambda k: 0.0  # noqa: E731
+    assert speculation_pays(plans, alphas, flat, free_draft)
+    assert not speculation_pays(plans, alphas, linear, free_draft)
+    # one request on a CPU-like curve (T=8 costs 1.5x T=1): speculation pays with cheap drafts
+    cpu = lambda n: 0.28 * (1 + 0.5 * (n - 1) / 7)  # noqa: E731
+    one = {"a": DraftPlan(True, 4, 1)}
+    assert speculation_pays(one, {"a": 0.7}, cpu, lambda k: 0.05 * k)
+    assert not speculation_pays(one, {"a": 0.1}, cpu, lambda k: 0.05 * k)
+    # unmeasured costs never turn it off; nothing speculating -> False
+    assert speculation_pays(plans, alphas, lambda n: 0.0, free_draft)
+    assert not speculation_pays({"a": DraftPlan(False, 0, 1)}, {}, cpu, free_draft)
+    # ratio 0 (disable_below_ratio = 0) keeps speculation on whatever it costs
+    assert speculation_pays(plans, alphas, linear, free_draft, ratio=0.0)

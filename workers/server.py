@@ -17,7 +17,7 @@ import queue
 import threading
 import time
 from collections import OrderedDict
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgpack
 import numpy as np
@@ -26,8 +26,11 @@ import zmq
 from cosine.protocol import VERSION, ProtocolError, decode, encode, error_reply, ok_reply
 
 from .kvcache import KVCache
-from .ops import Ops
+from .ops import WorkerOps
 from .stats import Stats
+
+if TYPE_CHECKING:
+    from .history import HistoryStore
 
 log = logging.getLogger("cosine.worker.server")
 
@@ -45,7 +48,7 @@ def _peek_header(frame: Any) -> dict[str, Any] | None:
 
 
 class WorkerServer:
-    def __init__(self, ops: Ops, cache: KVCache, stats: Stats, endpoint: str, max_message_bytes: int,
+    def __init__(self, ops: WorkerOps, cache: KVCache | HistoryStore, stats: Stats, endpoint: str, max_message_bytes: int,
                  idle_timeout_s: float, context: zmq.Context | None = None):
         self.ops = ops
         self.cache = cache
