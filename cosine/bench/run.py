@@ -242,16 +242,19 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _delta(before: dict, after: dict) -> dict:
-    """Server counters accumulated during one level (idle fractions etc.)."""
-    keep = {}
-    for k in ("verifier_idle_s", "verifier_busy_s", "drafter_idle_s", "drafter_busy_s", "rounds"):
-        if isinstance(after.get(k), (int, float)) and isinstance(before.get(k), (int, float)):
-            keep[k] = after[k] - before[k]
-    for side in ("verifier", "drafter"):
-        busy, idle = keep.get(f"{side}_busy_s"), keep.get(f"{side}_idle_s")
-        if busy is not None and idle is not None and busy + idle > 0:
-            keep[f"{side}_idle_frac"] = idle / (busy + idle)
-    return keep
+    """Controller counters accumulated during one level: rounds, gated rounds, and the
+    verifier's and drafters' idle fractions of the time the controller had work."""
+    d = lambda k: (after.get(k) or 0.0) - (before.get(k) or 0.0)  # noqa: E731
+    wall = d("busy_wall_s")
+    out = {"rounds": d("rounds"), "gated_rounds": d("gated_rounds"), "busy_wall_s": wall,
+           "pipeline_overlap_s": d("pipeline_overlap_s")}
+    if wall > 0:
+        out["verifier_idle_frac"] = max(0.0, 1.0 - d("verify_busy_s") / wall)
+        busy = [(a.get("busy_s") or 0.0) - ((before.get("drafters") or {}).get(n, {}).get("busy_s") or 0.0)
+                for n, a in (after.get("drafters") or {}).items()]
+        if busy:
+            out["drafter_idle_frac"] = max(0.0, 1.0 - sum(busy) / len(busy) / wall)
+    return out
 
 
 def ratios(summary: dict) -> dict:
