@@ -72,11 +72,19 @@ def test_not_toml_and_missing_file(tmp_path: Path) -> None:
 def test_no_target_and_missing_required_key(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="no model has role"):
         config.load(write(tmp_path, BASE.replace('role = "target"', 'role = "drafter"')), check_engines=False)
-    with pytest.raises(ConfigError, match="missing required key 'engine'"):
-        config.load(write(tmp_path, re.sub(r'engine = "engines/qwen2.5-coder-0.5b-fp32"\n', "", BASE)),
+    with pytest.raises(ConfigError, match=r"model 'qwen2.5-coder-0.5b' \(kind neural\) needs `engine = \"DIR\"`"):
+        config.load(write(tmp_path, re.sub(r'engine = "engines/qwen2.5-coder-0.5b-int4"\n', "", BASE)),
                     check_engines=False)
 
 
 def test_relative_engine_paths_resolve_against_the_config(tmp_path: Path) -> None:
     cfg = config.load(write(tmp_path, BASE), check_engines=False)
     assert cfg.engine_dir(cfg.target_model()) == tmp_path / "engines" / "qwen2.5-coder-1.5b-fp32"
+
+
+def test_missing_required_key_and_quantized_target(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="missing required key 'role'"):
+        config.load(write(tmp_path, BASE.replace('role = "target"\n', "", 1)), check_engines=False)
+    with pytest.raises(ConfigError, match="only on drafters"):
+        config.load(write(tmp_path, BASE.replace('dtype = "float32"\n', 'dtype = "float32"\nquantize = "int4"\n', 1)),
+                    check_engines=False)

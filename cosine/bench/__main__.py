@@ -1,0 +1,5 @@
+import sys
+
+from cosine.bench import main
+
+sys.exit(main())
