@@ -160,30 +160,19 @@ class HistoryOps(WorkerOps):
         return {"requests": self._lengths(entries)}, {}
 
     def draft(self, h: dict[str, Any], arrs: dict[str, np.ndarray]) -> Reply:
-        reqs = val.requests(h, {"keep", "n_feed", "k", "topk", "temperature", "return_probs", "seed", "forced"})
-        n_feeds = [val.int_field(r, "n_feed", 1) for r in reqs]
-        a = val.arrays(arrs, {"feed": ("int32", sum(n_feeds))})
-        val.token_range("feed", a["feed"], self.V)
-        plans = []
-        for r, feed in zip(reqs, val.split(a["feed"], n_feeds)):
-            e = self.cache.get(r["rid"])
-            keep = val.int_field(r, "keep", 0, len(e.tokens), default=None)
-            k = val.int_field(r, "k", 1, 256)
-            forced = val.int_list(r, "forced", length=k)
-            if forced is not None and any(not -1 <= t < self.V for t in forced):
-                raise val.bad(f"request {e.rid!r}: forced tokens must be -1 or in [0, {self.V}), got {forced}")
-            self._fits(e.rid, (len(e.tokens) if keep is None else keep) + feed.size + k - 1)
-            plans.append((e, keep, feed, k, val.int_field(r, "topk", 0, self.V, default=0),
-                          val.float_field(r, "temperature", 0.0, 0.0), val.bool_field(r, "return_probs", False),
-                          val.int_field(r, "seed", 0, 2**64 - 1, default=None), forced))
-        self.cache.check_budget(sum(f.size + k for _, _, f, k, *_ in plans), "draft")
+        plans = val.draft_plans(h, arrs, self.V, self.cache.get, lambda e: len(e.tokens))
+        for p in plans:
+            self._fits(p.entry.rid, (len(p.entry.tokens) if p.keep is None else p.keep) + p.feed.size + p.k - 1)
+        self.cache.check_budget(sum(p.feed.size + p.k for p in plans), "draft")
 
-        width = max((p[4] for p in plans), default=0)
+        width = max((p.topk for p in plans), default=0)
         rows: dict[str, list[np.ndarray]] = {"tokens": [], "token_probs": [], "topk_ids": [], "topk_probs": []}
         probs_rows: list[np.ndarray] = []
-        want_probs = any(p[6] for p in plans)
+        want_probs = any(p.return_probs for p in plans)
         out_reqs = []
-        for e, keep, feed, k, topk, temp, ret_probs, seed, forced in plans:
+        for p in plans:
+            e, keep, feed, k, topk, temp, ret_probs, seed, forced = (p.entry, p.keep, p.feed, p.k, p.topk,
+                                                                     p.temperature, p.return_probs, p.seed, p.forced)
             e.last_used = time.monotonic()
             if keep is not None:
                 del e.tokens[keep:]

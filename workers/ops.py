@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 import os
 import time
-from dataclasses import dataclass
 from typing import Any, Callable
 
 import numpy as np
@@ -20,6 +19,7 @@ from cosine.protocol import VERSION, ProtocolError
 from cosine.tree import TreeError, ancestor_mask, depths, validate_parents
 
 from . import validate as val
+from .validate import DraftRequest
 from .batching import Feed, chain, run_batched
 from .engine import Engine
 from .kvcache import Entry, KVCache, check_commit_nodes
@@ -28,23 +28,6 @@ from .stats import Stats
 log = logging.getLogger("cosine.worker.ops")
 
 Reply = tuple[dict[str, Any], dict[str, np.ndarray]]
-
-# Bounds a draft reply (k rows of V probabilities each); speculation uses far fewer steps.
-MAX_DRAFT_STEPS = 256
-
-
-@dataclass
-class DraftPlan:
-    entry: Entry
-    keep: int | None
-    feed: np.ndarray
-    k: int
-    topk: int
-    temperature: float
-    return_probs: bool
-    seed: int | None
-    forced: list[int] | None
-
 
 def softmax(logits: np.ndarray, temperature: float) -> np.ndarray:
     """Distribution at ``temperature``; 0 (greedy) reports the plain softmax (T = 1) so
@@ -184,26 +167,12 @@ class Ops(WorkerOps):
         return {"requests": self._lengths(entries)}, {}
 
     def draft(self, h: dict[str, Any], arrs: dict[str, np.ndarray]) -> Reply:
-        reqs = val.requests(h, {"keep", "n_feed", "k", "topk", "temperature", "return_probs", "seed", "forced"})
-        n_feeds = [val.int_field(r, "n_feed", 1) for r in reqs]
-        a = val.arrays(arrs, {"feed": ("int32", sum(n_feeds))})
-        val.token_range("feed", a["feed"], self.V)
-        plans: list[DraftPlan] = []
+        plans = val.draft_plans(h, arrs, self.V, self._held, lambda e: e.length)
         growth = 0
-        for r, feed in zip(reqs, val.split(a["feed"], n_feeds)):
-            e = self._held(r["rid"])
-            keep = val.int_field(r, "keep", 0, e.length, default=None)
-            k = val.int_field(r, "k", 1, MAX_DRAFT_STEPS)
-            forced = val.int_list(r, "forced", length=k)
-            if forced is not None and any(not -1 <= t < self.V for t in forced):
-                raise val.bad(f"request {e.rid!r}: forced tokens must be -1 or in [0, {self.V}), got {forced}")
-            plan = DraftPlan(e, keep, feed, k, val.int_field(r, "topk", 0, self.V, default=0),
-                             val.float_field(r, "temperature", 0.0, 0.0), val.bool_field(r, "return_probs", False),
-                             val.int_field(r, "seed", 0, 2**64 - 1, default=None), forced)
-            final = (e.length if keep is None else keep) + feed.size + k - 1
-            self._fits(e.rid, final)
-            growth += final - e.tokens
-            plans.append(plan)
+        for p in plans:
+            final = (p.entry.length if p.keep is None else p.keep) + p.feed.size + p.k - 1
+            self._fits(p.entry.rid, final)
+            growth += final - p.entry.tokens
         self.cache.check_budget(growth, "draft")
 
         self._touch([p.entry for p in plans])
@@ -233,7 +202,7 @@ class Ops(WorkerOps):
 
         return self._draft_reply(plans, chosen)
 
-    def _draft_reply(self, plans: list[DraftPlan], chosen: list[list[tuple[int, np.ndarray]]]) -> Reply:
+    def _draft_reply(self, plans: list[DraftRequest], chosen: list[list[tuple[int, np.ndarray]]]) -> Reply:
         R = sum(p.k for p in plans)
         width = max((p.topk for p in plans), default=0)
         tokens = np.zeros(R, np.int32)

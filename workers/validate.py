@@ -7,7 +7,8 @@ rid when there is one), so a client can fix its call from the error alone.
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping
 
 import numpy as np
 
@@ -111,3 +112,42 @@ def split(a: np.ndarray, sizes: list[int]) -> list[np.ndarray]:
         out.append(a[off:off + n])
         off += n
     return out
+
+
+# Bounds a draft reply (k rows of V probabilities each); speculation uses far fewer steps.
+MAX_DRAFT_STEPS = 256
+
+
+@dataclass
+class DraftRequest:
+    """One request of a validated `draft` op (``entry`` is the worker's state for it)."""
+    entry: Any
+    keep: int | None
+    feed: np.ndarray
+    k: int
+    topk: int
+    temperature: float
+    return_probs: bool
+    seed: int | None
+    forced: list[int] | None
+
+
+def draft_plans(header: Mapping[str, Any], arrs: Mapping[str, np.ndarray], vocab: int,
+                held: Callable[[str], Any], length: Callable[[Any], int]) -> list[DraftRequest]:
+    """Parse and check a `draft` op for any worker kind; nothing is changed here."""
+    reqs = requests(header, {"keep", "n_feed", "k", "topk", "temperature", "return_probs", "seed", "forced"})
+    n_feeds = [int_field(r, "n_feed", 1) for r in reqs]
+    a = arrays(arrs, {"feed": ("int32", sum(n_feeds))})
+    token_range("feed", a["feed"], vocab)
+    plans = []
+    for r, feed in zip(reqs, split(a["feed"], n_feeds)):
+        e = held(r["rid"])
+        keep = int_field(r, "keep", 0, length(e), default=None)
+        k = int_field(r, "k", 1, MAX_DRAFT_STEPS)
+        forced = int_list(r, "forced", length=k)
+        if forced is not None and any(not -1 <= t < vocab for t in forced):
+            raise bad(f"request {r['rid']!r}: forced tokens must be -1 or in [0, {vocab}), got {forced}")
+        plans.append(DraftRequest(e, keep, feed, k, int_field(r, "topk", 0, vocab, default=0),
+                               float_field(r, "temperature", 0.0, 0.0), bool_field(r, "return_probs", False),
+                               int_field(r, "seed", 0, 2**64 - 1, default=None), forced))
+    return plans
