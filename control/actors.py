@@ -31,7 +31,7 @@ import pykka
 
 from cosine.config import Config
 from cosine.control import rounds
-from cosine.control.fusion import make_rule
+from cosine.control.fusion import make_rule, weighted
 from cosine.control.pool import Request
 from cosine.control.proxies import DraftJob, DraftOut, Timed
 from cosine.control.routing import Router
@@ -73,6 +73,15 @@ class RouterActor(pykka.ThreadingActor):
         for rid in rids:
             self.router.finish(rid)
 
+    def scores(self, rids: list[str]) -> dict[str, dict[str, float]]:
+        out = {}
+        for rid in rids:
+            try:
+                out[rid] = self.router.scores(rid)
+            except KeyError:  # finished meanwhile
+                out[rid] = {}
+        return out
+
 
 class FuserActor(pykka.ThreadingActor):
     """Confidence-based token fusion for one draft step of many requests."""
@@ -81,11 +90,11 @@ class FuserActor(pykka.ThreadingActor):
         super().__init__()
         self.rule = make_rule(rule_name, min_confidence)
 
-    def fuse(self, items: list[tuple[Any, int, list, bool]]) -> list[tuple[Any, int | None, dict]]:
+    def fuse(self, items: list[tuple[Any, int, list, bool, dict[int, float] | None]]) -> list[tuple[Any, int | None, dict]]:
         out = []
-        for tree, parent, cands, stochastic in items:
+        for tree, parent, cands, stochastic, weights in items:
             dists: dict = {}
-            t, fused = rounds.fuse_candidates(tree, parent, cands, self.rule, stochastic, dists)
+            t, fused = rounds.fuse_candidates(tree, parent, cands, weighted(self.rule, weights), stochastic, dists)
             out.append((t, fused, dists))
         return out
 
@@ -541,6 +550,10 @@ class ControllerActor(pykka.ThreadingActor):
         k_max = self.cc.routing.max_drafters_per_request
         sel = self.router.select([(r.rid, k_max) for r in reqs], alive).get() if alive else {}
         by_name = {d.name: d for d in self.drafters}
+        weights: dict[str, dict[int, float] | None] = {r.rid: None for r in reqs}
+        if self.cc.fusion.weight_by_router:
+            for rid, sc in self.router.scores([r.rid for r in reqs]).get().items():
+                weights[rid] = {by_name[n].index: s for n, s in sc.items() if n in by_name}
         state = {}
         for r in reqs:
             names = [n for n in sel.get(r.rid, []) if n in by_name]
@@ -579,7 +592,7 @@ class ControllerActor(pykka.ThreadingActor):
                 if not cands:
                     st["left"] = 0
                     continue
-                items.append((r.tree, st["parent"], cands, r.params.temperature > 0))
+                items.append((r.tree, st["parent"], cands, r.params.temperature > 0, weights[r.rid]))
                 order.append(r)
             if not items:
                 break

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -107,6 +107,24 @@ def make_rule(name: str, min_confidence: float = 0.0) -> FusionRule:
 
     rule.__name__ = f"{name}>={min_confidence}"
     return rule
+
+
+def weighted(rule: FusionRule, weights: Mapping[int, float] | None) -> FusionRule:
+    """Scale each candidate's confidence by its drafter's weight before ``rule`` decides.
+
+    Raw probabilities are not comparable across drafter kinds (a prompt-lookup match
+    count is not a model probability), so the controller passes the router's per-request
+    scores, which track how often each drafter's tokens were accepted. Only the choice of
+    the fused token changes; the tree keeps the drafters' own probabilities.
+    """
+    if not weights:
+        return rule
+
+    def w_rule(cands: Sequence[Candidate]) -> Candidate | None:
+        return rule([Candidate(c.drafter, c.token, c.prob * weights.get(c.drafter, 1.0)) for c in cands])
+
+    w_rule.__name__ = f"weighted({getattr(rule, '__name__', 'rule')})"
+    return w_rule
 
 
 def fuse_step(tree: TokenTree, parent: int, step: DraftStep, rule: FusionRule,

@@ -103,6 +103,9 @@ class RoutingConfig:
 class FusionConfig:
     rule: str = "max"
     min_confidence: float = 0.0
+    # Scale each drafter's confidence by the router's per-request score (its acceptance
+    # record) before fusing: raw probabilities are not comparable across drafter kinds.
+    weight_by_router: bool = True
 
 
 @dataclass(frozen=True)

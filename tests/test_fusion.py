@@ -100,3 +100,16 @@ def test_fusion_builds_union_with_fused_path(steps, rule_name):
     for u in range(tree.n):                                  # and only path nodes have children
         if u not in on_path:
             assert not tree.children(u)
+
+
+def test_weighted_rule_trusts_track_record_over_raw_confidence() -> None:
+    from cosine.control.fusion import weighted
+
+    cands = [Candidate(0, 11, 0.6), Candidate(1, 22, 0.8)]
+    base = make_rule("max")
+    assert base(cands).token == 22
+    assert weighted(base, {0: 0.9, 1: 0.3})(cands).token == 11  # 0.54 > 0.24
+    assert weighted(base, None) is base
+    tree, node = fuse_step(TokenTree.root(5), 0, DraftStep(cands), weighted(base, {0: 0.9, 1: 0.3}))
+    assert int(tree.tokens[node]) == 11
+    assert np.allclose(sorted(tree.probs[1:]), [0.6, 0.8])  # the tree keeps the raw probabilities
