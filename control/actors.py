@@ -153,6 +153,7 @@ class ControllerActor(pykka.ThreadingActor):
         self.emit: Emit = lambda a, h: None
         self.cost = cost or CostModel.default()
         self.spec = SpeculationController.from_config(self.cc.speculation, self.cc.scheduling.max_verify_tokens)
+        self.gated_streak: dict[str, int] = {}  # rid -> consecutive rounds the batch gate ran plain
         self.requests: dict[str, Request] = {}          # admitted (prefilled) requests
         self.incoming: deque[Request] = deque()
         self.by_client: dict[tuple[Any, str], str] = {}
@@ -272,6 +273,7 @@ class ControllerActor(pykka.ThreadingActor):
                 d.proxy.release([req.rid])
             self.router.finish([req.rid])
             self.spec.forget(req.rid)
+            self.gated_streak.pop(req.rid, None)
 
     # -- the round loop ----------------------------------------------------------------
     def _kick(self) -> None:
@@ -425,9 +427,18 @@ class ControllerActor(pykka.ThreadingActor):
         if speculation_pays(wide, {rid: self.spec.alpha(rid) for rid in cos},
                             lambda n: self.cost.verify_s(1, n, seq), lambda k: self.cost.draft_s(1, k, seq),
                             self.cc.speculation.disable_below_ratio):
+            for rid in cos:
+                self.gated_streak.pop(rid, None)
             return plans
         self.stats_.gated_rounds += 1
-        return {rid: (DraftPlan(False, 0, 1) if rid in cos else p) for rid, p in plans.items()}
+        # A gated request learns nothing about its acceptance rate, so every probe_every-th
+        # gated round it speculates anyway (else one pessimistic estimate would lock it out).
+        out = dict(plans)
+        for rid in cos:
+            self.gated_streak[rid] = self.gated_streak.get(rid, 0) + 1
+            if self.gated_streak[rid] % self.spec.probe_every:
+                out[rid] = DraftPlan(False, 0, 1)
+        return out
 
     def _plans(self, reqs: list[Request]) -> dict[str, DraftPlan]:
         sc = self.cc.speculation

@@ -167,6 +167,9 @@ class Server:
                     break
                 vsamples.append((1, n, len(prompt), res.busy_s))  # (batch, tokens, seq_len, s)
             for d in self.drafters:
+                # the first draft call also prefills the drafter: keep it out of the samples
+                if d.proxy.draft([DraftJob(rid, list(prompt), 1)]).get().error:
+                    continue
                 for k in (1, 2, 4):
                     res = d.proxy.draft([DraftJob(rid, list(prompt), k)]).get()
                     if res.error:
