@@ -424,9 +424,10 @@ class ControllerActor(pykka.ThreadingActor):
             return plans
         seq = max(len(r.committed) for r in reqs)
         wide = {rid: DraftPlan(p.speculate, p.draft_len, p.tree_width * width) for rid, p in plans.items()}
+        B, S = len(plans), len(cos)  # the batch verifies together; the S speculating requests draft together
         if speculation_pays(wide, {rid: self.spec.alpha(rid) for rid in cos},
-                            lambda n: self.cost.verify_s(1, n, seq), lambda k: self.cost.draft_s(1, k, seq),
-                            self.cc.speculation.disable_below_ratio):
+                            lambda n: self.cost.verify_s(B, max(1, round(n / B)), seq),
+                            lambda k: self.cost.draft_s(S, k, seq), self.cc.speculation.disable_below_ratio):
             for rid in cos:
                 self.gated_streak.pop(rid, None)
             return plans
