@@ -179,10 +179,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--config", type=Path, default=Path("config.toml"))
     ap.add_argument("--log-level", default=None)
     a = ap.parse_args(argv)
-    try:
-        cfg = cfgmod.load(a.config)
-    except cfgmod.ConfigError as e:
-        print(f"cosine up: {e}", file=sys.stderr)
+    cfg = cfgmod.load_for_cli(a.config, "cosine up")
+    if cfg is None:
         return 2
     setup(a.log_level or cfg.logging.level, cfg.logging.file, "up")
     return up(a.config, a.log_level)

@@ -369,10 +369,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--connect-timeout", type=float, default=60.0, help="seconds to wait for the workers")
     ap.add_argument("--no-profile", action="store_true", help="skip start-up cost-model profiling")
     a = ap.parse_args(argv)
-    try:
-        cfg = cfgmod.load(a.config)
-    except cfgmod.ConfigError as e:
-        print(f"cosine-serve: {e}", file=sys.stderr)
+    cfg = cfgmod.load_for_cli(a.config, "cosine-serve")
+    if cfg is None:
         return 2
     setup(a.log_level or cfg.logging.level, cfg.logging.file, "serve")
     try:

@@ -342,3 +342,15 @@ def load(path: str | Path, check_engines: bool = True) -> Config:
     cfg = Config(path=p, models=models, workers=workers, **rest)
     _check(cfg, text, check_engines)
     return cfg
+
+
+def load_for_cli(path: str | Path, prog: str, check_engines: bool = True) -> Config | None:
+    """load() for a command's main: on a config mistake print one line naming the
+    command and return None (the caller exits 2), never a traceback."""
+    try:
+        return load(path, check_engines=check_engines)
+    except ConfigError as e:
+        import sys
+
+        print(f"{prog}: {e}", file=sys.stderr)
+        return None

@@ -60,10 +60,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--mode", default=None, help="override [controller] mode")
     a = ap.parse_args(argv)
-    try:
-        cfg = cfgmod.load(a.config, check_engines=False)
-    except cfgmod.ConfigError as e:
-        print(f"cosine demo: {e}", file=sys.stderr)
+    cfg = cfgmod.load_for_cli(a.config, "cosine demo", check_engines=False)
+    if cfg is None:
         return 2
     setup(cfg.logging.level, cfg.logging.file, "demo")
     ensure_engines(cfg)

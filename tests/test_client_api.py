@@ -129,10 +129,15 @@ def test_async_client_concurrent(control_cluster):
 
 
 def test_ignore_eos_runs_to_max_tokens(control_cluster) -> None:
-    """Benchmarks ask for exactly max_tokens; the eos token is then ordinary output."""
+    """Benchmarks ask for exactly max_tokens; the eos token is then ordinary output.
+    The tiny target (llama seed 0) greedily emits eos (id 0) 25 tokens after [7, 8, 9, 10]."""
     cluster = control_cluster
     with Client(cluster.endpoint, timeout_s=60) as c:
-        r = c.generate([3, 4, 5], max_tokens=40, mode="autoregressive", ignore_eos=True)
+        stopped = c.generate([7, 8, 9, 10], max_tokens=40, mode="autoregressive")
+        assert stopped.finish_reason == "eos" and len(stopped.token_ids) < 40
+        r = c.generate([7, 8, 9, 10], max_tokens=40, mode="autoregressive", ignore_eos=True)
         assert len(r.token_ids) == 40 and r.finish_reason == "length"
+        assert r.token_ids[:len(stopped.token_ids)] == stopped.token_ids and 0 in r.token_ids
+        assert c.generate([7, 8, 9, 10], max_tokens=40, mode="cosine", ignore_eos=True).token_ids == r.token_ids
         with pytest.raises(BadRequest, match="ignore_eos must be a boolean"):
             c._call({"op": "generate", "rid": "x", "prompt": "a", "max_tokens": 2, "ignore_eos": "yes"})

@@ -88,3 +88,13 @@ def test_missing_required_key_and_quantized_target(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="only on drafters"):
         config.load(write(tmp_path, BASE.replace('dtype = "float32"\n', 'dtype = "float32"\nquantize = "int4"\n', 1)),
                     check_engines=False)
+
+
+@pytest.mark.parametrize("main", ["cosine.control.cluster", "cosine.control.serve", "cosine.demo", "cosine.bench.run"])
+def test_commands_report_a_bad_config_in_one_line(main: str, tmp_path: Path, capsys) -> None:
+    import importlib
+
+    bad = write(tmp_path, BASE.replace("max_batch = 16", "max_btach = 16", 1))
+    assert importlib.import_module(main).main(["--config", str(bad)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "unknown key 'max_btach'" in err[0]

@@ -190,7 +190,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--timeout", type=float, default=1800.0)
     ap.add_argument("--out", type=Path, default=None, help="results directory (default docs/benchmarks/DATE-HOST)")
     args = ap.parse_args(argv)
-    cfg = cfgmod.load(args.config)
+    cfg = cfgmod.load_for_cli(args.config, "cosine-bench")
+    if cfg is None:
+        return 2
     setup(cfg.logging.level, cfg.logging.file, "bench")
     modes = [m for m in args.modes.split(",") if m]
     bad = sorted(set(modes) - set(MODES))
