@@ -26,10 +26,11 @@ PROMPTS = [
 def ensure_engines(cfg: cfgmod.Config) -> None:
     """Export every engine the config names but lacks, from its `source` model."""
     missing = [m for m in cfg.models if m.kind != "lookup" and not (cfg.engine_dir(m) / "manifest.json").is_file()]
-    for m in missing:
+    # n-gram drafters are counted with the target's tokenizer: the target goes first
+    for m in sorted(missing, key=lambda m: m.kind == "ngram"):
         if m.kind == "ngram":
-            raise SystemExit(f"n-gram engine for {m.name!r} is missing at {cfg.engine_dir(m)}; build it with "
-                             f"`cosine datasets build` and `cosine-export --kind ngram --corpus ... --out ...`")
+            ensure_ngram(cfg, m)
+            continue
         if not m.source:
             raise SystemExit(f"engine for {m.name!r} is missing at {cfg.engine_dir(m)} and the model has no "
                              f"`source` to export it from; run cosine-export yourself")
@@ -52,6 +53,36 @@ def ensure_engines(cfg: cfgmod.Config) -> None:
         else:
             export_engine(src, out, dtype=m.dtype, name=m.name)
         log.info("exported %s in %.0f s", m.name, time.time() - t0)
+
+
+def _rel(cfg: cfgmod.Config, p: str) -> Path:
+    q = Path(p).expanduser()
+    return q if q.is_absolute() else (cfg.path.parent / q).resolve()
+
+
+def ensure_ngram(cfg: cfgmod.Config, m: cfgmod.ModelConfig) -> None:
+    """Count an n-gram drafter from its `source` corpus, DIR/train/DOMAIN.txt of `cosine
+    datasets build`, which runs first (installing its Debian packages) if the file is missing."""
+    if not m.source:
+        raise SystemExit(f"n-gram engine for {m.name!r} is missing at {cfg.engine_dir(m)} and the model has no "
+                         f"`source` corpus; build it with `cosine-export --kind ngram --corpus ... --out ...`")
+    corpus = _rel(cfg, m.source)
+    target = cfg.engine_dir(cfg.target_model())
+    if not corpus.exists():
+        if corpus.parent.name != "train" or corpus.suffix != ".txt":
+            raise SystemExit(f"n-gram corpus {corpus} for {m.name!r} does not exist (and is not a "
+                             f"`cosine datasets build` DIR/train/DOMAIN.txt that could be built)")
+        from cosine import datasets
+
+        domains = sorted({_rel(cfg, x.source).stem for x in cfg.models if x.kind == "ngram" and x.source
+                          and _rel(cfg, x.source).parent == corpus.parent} & set(datasets.SOURCES))
+        log.info("building the %s datasets into %s (Debian packages are installed if missing), once",
+                 ", ".join(domains), corpus.parent.parent)
+        datasets.build(corpus.parent.parent, target, domains=tuple(domains), max_mb=12.0)
+    from cosine.export.ngram import build_ngram
+
+    log.info("counting n-gram drafter %s from %s, once; later runs reuse it", m.name, corpus)
+    build_ngram([corpus], target, cfg.engine_dir(m))
 
 
 def main(argv: list[str] | None = None) -> int:

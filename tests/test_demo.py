@@ -13,7 +13,16 @@ from cosine.demo import ensure_engines
 
 
 def test_missing_engines_are_built_from_source(tiny_models, tmp_path: Path) -> None:
+    (tmp_path / "data/train").mkdir(parents=True)
+    (tmp_path / "data/train/code.txt").write_text("def f(x):\n    return x + 1\n" * 50)
     (tmp_path / "config.toml").write_text(f'''
+[[models]]                # listed first: it still waits for the target's tokenizer
+name = "ng"
+role = "drafter"
+kind = "ngram"
+source = "data/train/code.txt"
+engine = "engines/ngram-code"
+
 [[models]]
 name = "t"
 role = "target"
@@ -42,6 +51,53 @@ port = 5901
     config.load(tmp_path / "config.toml")  # every engine now exists
     assert json.loads((tmp_path / "engines/d-int4/manifest.json").read_text())["quantization"]["mode"] == "int4"
     assert (tmp_path / "engines/d-int4-float/manifest.json").is_file()
+    ng = json.loads((tmp_path / "engines/ngram-code/manifest.json").read_text())
+    assert ng["kind"] == "ngram" and ng["tokens"] > 100
+
+
+def test_missing_ngram_corpus_builds_its_dataset_domain(monkeypatch, tmp_path: Path) -> None:
+    """A missing DIR/train/DOMAIN.txt runs `cosine datasets build` for the config's n-gram
+    domains in DIR (the build itself is tested in test_datasets.py); other paths are an error."""
+    import cosine.datasets
+    import cosine.export.ngram
+    from cosine.demo import ensure_ngram
+
+    calls = []
+    monkeypatch.setattr(cosine.datasets, "build", lambda out, tok, domains, max_mb: calls.append((out, domains)))
+    monkeypatch.setattr(cosine.export.ngram, "build_ngram", lambda corpus, tok, out: calls.append(corpus))
+    (tmp_path / "config.toml").write_text('''
+[[models]]
+name = "t"
+role = "target"
+engine = "e"
+[[models]]
+name = "ng-prose"
+role = "drafter"
+kind = "ngram"
+source = "data/train/prose.txt"
+engine = "engines/ngram-prose"
+[[models]]
+name = "ng-german"
+role = "drafter"
+kind = "ngram"
+source = "data/train/german.txt"
+engine = "engines/ngram-german"
+[[models]]
+name = "ng-other"
+role = "drafter"
+kind = "ngram"
+source = "corpus/mine.txt"
+engine = "engines/ngram-mine"
+[[workers]]
+name = "v"
+model = "t"
+port = 5903
+''')
+    cfg = config.load(tmp_path / "config.toml", check_engines=False)
+    ensure_ngram(cfg, cfg.model("ng-prose"))
+    assert calls == [(tmp_path / "data", ("german", "prose")), [tmp_path / "data/train/prose.txt"]]
+    with pytest.raises(SystemExit, match="does not exist"):
+        ensure_ngram(cfg, cfg.model("ng-other"))
 
 
 def test_engine_without_source_is_a_clear_error(tmp_path: Path) -> None:

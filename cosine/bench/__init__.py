@@ -3,6 +3,7 @@ one invocation, so that ratios compare like with like.
 
     cosine-bench run --config config.toml [--modes ...] [--concurrency 1,4,16] ...
     cosine-bench worker ...        per-engine worker numbers (workers/bench.py)
+    cosine-bench drafters ...      each drafter alone per domain (cosine/bench/drafters.py)
     cosine-bench report DIR        regenerate docs/benchmarks/README.md from results JSON
 """
 
@@ -16,6 +17,9 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "worker":
         from cosine.workers.bench import main as m
+        return int(m(argv[1:]) or 0)
+    if argv and argv[0] == "drafters":
+        from cosine.bench.drafters import main as m
         return int(m(argv[1:]) or 0)
     if argv and argv[0] == "report":
         from cosine.bench.report import main as m

@@ -80,7 +80,29 @@ def write_plots(result: dict, out: Path) -> list[Path]:
         paths.append(out / "accepted_length.png")
         fig.savefig(paths[-1], dpi=120)
         plt.close(fig)
+    for key, rounds in (result.get("timelines") or {}).items():
+        if key.startswith("cosine@") and rounds:
+            paths.append(plot_timeline(rounds, key, out / f"timeline_{key.replace('@', '_')}.png", plt))
     return paths
+
+
+def plot_timeline(rounds: list, key: str, path: Path, plt, n: int = 30) -> Path:
+    """Gantt chart of n consecutive rounds from the middle of a level: verification on
+    one lane, drafting (sequential and pipelined) on the other; overlap = pipelining."""
+    mid = max(0, len(rounds) // 2 - n // 2)
+    rs = rounds[mid:mid + n]
+    t0 = rs[0][0]
+    fig, ax = plt.subplots(figsize=(10, 2.6))
+    for sd0, sd1, v0, v1, d0, d1, *_ in rs:
+        ax.broken_barh([(v0 - t0, v1 - v0)], (1.6, 0.8), color="tab:blue")
+        ax.broken_barh([(sd0 - t0, sd1 - sd0), (d0 - t0, d1 - d0)], (0.6, 0.8), color="tab:orange")
+    ax.set_yticks([1.0, 2.0], ["draft", "verify"])
+    ax.set_xlabel("seconds")
+    ax.set_title(f"{key}: {len(rs)} rounds (drafting overlapping verification = pipelining)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
 
 
 def main(argv: list[str] | None = None) -> int:

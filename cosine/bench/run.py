@@ -205,6 +205,7 @@ def main(argv: list[str] | None = None) -> int:
     env = environment(cfg, argv)
     records: list[dict] = []
     summary: dict = {}
+    timelines: dict[str, list] = {}  # mode@level -> rounds' phases (ControllerStats.timeline)
 
     from cosine.client import Client
     from cosine.control.cluster import LocalCluster
@@ -217,9 +218,10 @@ def main(argv: list[str] | None = None) -> int:
                     before = admin.stats()
                 recs, wall = closed_loop(cluster.endpoint, items, mode, c, args)
                 with Client(cluster.endpoint) as admin:
-                    after = admin.stats()
+                    after = admin.stats(timeline=4096)
                 records += recs
                 summary[f"{mode}@{c}"] = {**summarize(recs, wall), "server_stats_delta": _delta(before, after)}
+                timelines[f"{mode}@{c}"] = [t for t in after.pop("timeline", []) if t[0] >= before["uptime_s"]]
                 log.info("%s@%d: %.2f tok/s", mode, c, summary[f"{mode}@{c}"]["tokens_per_s"])
             if args.poisson_rate > 0:
                 recs, wall = open_loop(cluster.endpoint, items, mode, args.poisson_rate, args.poisson_requests, args)
@@ -233,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
             if rs:
                 summary[f"{name}@1"] = summarize(rs, sum(r["wall_s"] for r in rs))
     result = {"environment": env, "args": {k: str(v) for k, v in vars(args).items()},
-              "summary": summary, "ratios": ratios(summary), "identity": identity(records), "records": records}
+              "summary": summary, "ratios": ratios(summary), "identity": identity(records), "timelines": timelines, "records": records}
     (out / "results.json").write_text(json.dumps(result, indent=1))
     from cosine.bench.report import write_markdown, write_plots
     write_markdown(result, out / "results.md")
