@@ -54,8 +54,9 @@ class RouterActor(pykka.ThreadingActor):
     def start_request(self, rid: str, prompt_text: str) -> str:
         return self.router.start(rid, prompt_text)
 
-    def select(self, asks: list[tuple[str, int]], available: set[str]) -> dict[str, list[str]]:
-        return {rid: list(self.router.select(rid, available=set(available), k=k)) for rid, k in asks}
+    def select(self, asks: list[tuple[str, int, set[str]]]) -> dict[str, list[str]]:
+        """asks: (rid, how many, the drafters that request may use now)."""
+        return {rid: list(self.router.select(rid, available=avail, k=k)) for rid, k, avail in asks if avail}
 
     def update(self, updates: list[tuple[str, str, float, int, int]], rounds_: list[tuple[str, int]]) -> None:
         for rid, drafter, conf, acc, prop in updates:
@@ -118,6 +119,7 @@ class VerifierSlot:
     proxy: Any
     load: int = 0
     busy_s: float = 0.0
+    reserved: int = 0                # KV tokens reserved by its admitted requests (worst case)
 
 
 @dataclass
@@ -134,6 +136,10 @@ class ControllerStats:
     overlap_s: float = 0.0
     gated_rounds: int = 0            # rounds where plain batched decoding beat speculation
     last_round: dict = field(default_factory=dict)
+    # The last rounds' phases, seconds since start: (sequential draft start, end, verify
+    # start, end, pipelined draft start, end, requests verified, requests drafted);
+    # `stats` with timeline=N returns them (cosine-bench plots the overlap).
+    timeline: deque = field(default_factory=lambda: deque(maxlen=4096))
 
 
 class ControllerActor(pykka.ThreadingActor):
@@ -158,9 +164,12 @@ class ControllerActor(pykka.ThreadingActor):
         self.incoming: deque[Request] = deque()
         self.by_client: dict[tuple[Any, str], str] = {}
         self.stats_ = ControllerStats()
+        self.t0 = time.perf_counter()    # timeline origin
         self.tick_pending = False
         self.worker_timeout = self.cc.worker_timeout_s
         self.probe_every_s = max(1.0, min(5.0, self.worker_timeout))
+        self.queue_waits = 0             # requests that had to wait in the queue for KV room
+        self.budgets = [max(1, cfg.worker(v.name).kv_budget_tokens) for v in verifiers]
 
     def on_start(self) -> None:
         self.emit = self.emit_factory()
@@ -192,7 +201,7 @@ class ControllerActor(pykka.ThreadingActor):
             self._fail(req, "cancelled", "cancelled by the client")
         self.emit(reply_to[0], {"v": VERSION, "op": "cancel", "seq": reply_to[1], "ok": True, "rid": client_key[1]})
 
-    def stats(self) -> dict[str, Any]:
+    def stats(self, timeline: int = 0) -> dict[str, Any]:
         s = self.stats_
         wall = max(s.wall_s, 1e-9)
         drafters = {}
@@ -211,7 +220,10 @@ class ControllerActor(pykka.ThreadingActor):
             "drafter_idle_frac": (sum(v["idle_frac"] for v in drafters.values()) / len(drafters)
                                   if drafters and s.wall_s else None),
             "drafters": drafters,
-            "verifiers": {v.name: {"load": v.load, "busy_s": v.busy_s} for v in self.verifiers},
+            "verifiers": {v.name: {"load": v.load, "busy_s": v.busy_s, "kv_reserved": v.reserved,
+                                   "kv_budget": b} for v, b in zip(self.verifiers, self.budgets)},
+            "queue_waits": self.queue_waits,
+            **({"timeline": [list(r) for r in list(s.timeline)[-timeline:]]} if timeline > 0 else {}),
         }
 
     def worker_stats(self) -> dict[str, Any]:
@@ -268,6 +280,7 @@ class ControllerActor(pykka.ThreadingActor):
         if self.requests.pop(req.rid, None) is not None:
             v = self.verifiers[req.verifier]
             v.load -= 1
+            v.reserved -= req.kv_reserved
             v.proxy.release([req.rid])
             for d in self.drafters:
                 d.proxy.release([req.rid])
@@ -317,6 +330,7 @@ class ControllerActor(pykka.ThreadingActor):
         for r in seq_now:
             r.draft_s, r.draft_overlap_s = seq_draft_s, 0.0
         verify_set = [r for r in candidates if r.rid in chosen]
+        t_verify = time.perf_counter()
         futures = self._issue_verify(verify_set)
 
         # Pipelining: draft the other group while the verifier works. Balance the groups:
@@ -338,6 +352,10 @@ class ControllerActor(pykka.ThreadingActor):
         s.draft_wall_s += draft_s + seq_draft_s
         # drafting that ran while the verifier was busy: what pipelining saved this round
         s.overlap_s += max(0.0, min(draft_s, verify_busy))
+        base = t_start - self.t0
+        at = lambda t: round(base + t - t_start, 6)  # noqa: E731
+        s.timeline.append((at(t0), at(t0 + seq_draft_s), at(t_verify), at(t_verify + verify_busy),
+                           at(t1), at(t1 + draft_s), len(verify_set), len(to_draft) + len(seq_now)))
         s.last_round = {"wall_s": wall, "verify_s": verify_busy, "draft_s": draft_s + seq_draft_s,
                         "verified": len(verify_set), "drafted": len(to_draft) + len(seq_now),
                         "held_back": hold, "verifier_idle_frac": max(0.0, 1.0 - verify_busy / max(wall, 1e-9))}
@@ -379,16 +397,48 @@ class ControllerActor(pykka.ThreadingActor):
         now = time.monotonic()
         for r in list(self.requests.values()) + list(self.incoming):
             if now - r.arrived > limit:
-                self._fail(r, "timeout", f"request ran longer than request_timeout_s = {limit} s")
+                where = "running" if r.rid in self.requests else "waiting in the queue for KV room"
+                self._fail(r, "timeout", f"request exceeded request_timeout_s = {limit} s ({where} after "
+                                         f"{len(r.output)} tokens); its caches were released")
+
+    def _kv_need(self, r: Request, i: int) -> int:
+        """Worst-case KV tokens of a request on verifier i: prompt + all its output (up to the
+        context) + the largest pending tree; capped at the budget so a huge request still
+        runs, alone."""
+        final = min(len(r.prompt) + r.params.max_tokens, r.context_limit)
+        return min(self.budgets[i], final + self.cfg.limits.max_tree_nodes)
+
+    def _place(self, r: Request) -> int | None:
+        """The verifier with the most free KV budget that has room for ``r``'s worst case
+        (an idle verifier always has room), or None: then it waits in the queue."""
+        best, free_best = None, -1
+        for i, v in enumerate(self.verifiers):
+            free = self.budgets[i] - v.reserved
+            if (self._kv_need(r, i) <= free or v.load == 0) and free > free_best:
+                best, free_best = i, free
+        return best
 
     def _admit(self) -> None:
+        """Admission control (backpressure): a request is prefilled only once a verifier has
+        KV room for its worst case, so admitted requests never run out of cache mid-way.
+        The rest wait in FIFO order in ``incoming`` (bounded by max_pending_requests,
+        timed out by request_timeout_s)."""
         if not self.incoming:
             return
         by_v: dict[int, list[Request]] = defaultdict(list)
         while self.incoming:
+            i = self._place(self.incoming[0])
+            if i is None:  # head of line waits: later (smaller) requests must not starve it
+                r = self.incoming[0]
+                if not r.queued:
+                    r.queued = True
+                    self.queue_waits += 1
+                break
             r = self.incoming.popleft()
-            r.verifier = min(range(len(self.verifiers)), key=lambda i: self.verifiers[i].load)
-            self.verifiers[r.verifier].load += 1
+            r.verifier = i
+            r.kv_reserved = self._kv_need(r, i)
+            self.verifiers[i].load += 1
+            self.verifiers[i].reserved += r.kv_reserved
             by_v[r.verifier].append(r)
         futs = {i: self.verifiers[i].proxy.prefill([(r.rid, r.prompt[:-1]) for r in rs]) for i, rs in by_v.items()}
         for i, rs in by_v.items():
@@ -404,6 +454,12 @@ class ControllerActor(pykka.ThreadingActor):
                     r.domain = self.router.start_request(r.rid, r.prompt_text).get()
                     continue
                 self.verifiers[i].load -= 1
+                self.verifiers[i].reserved -= r.kv_reserved
+                if res1.extra.get("code") == "capacity" and self.verifiers[i].load > 0:
+                    # the worker has less room than reserved for (e.g. it is shared): wait
+                    r.verifier, r.kv_reserved = 0, 0
+                    self.incoming.appendleft(r)
+                    continue
                 code = {"too_long": "too_long", "capacity": "overloaded"}.get(res1.extra.get("code"), "unavailable"
                                                                              if res1.error == "dead" else "internal")
                 self.by_client.pop(r.client_key, None)
@@ -446,7 +502,7 @@ class ControllerActor(pykka.ThreadingActor):
         plans: dict[str, DraftPlan] = {}
         for r in reqs:
             mode = r.params.mode
-            if mode == "autoregressive" or not any(d.alive for d in self.drafters):
+            if mode == "autoregressive" or not self._usable(r):
                 plans[r.rid] = DraftPlan(False, 0, 1)
             elif mode == "cosine" and sc.adaptive:
                 plans[r.rid] = self.spec.plan(r.rid)
@@ -461,8 +517,9 @@ class ControllerActor(pykka.ThreadingActor):
         for r in reqs:
             p = plans[r.rid]
             # every draft step adds up to one node per drafter (times the width for expansions)
-            per_step = {"speculative": 1, "specinfer": n_alive * max(1, p.tree_width),
-                        "cosine": min(n_alive, self.cc.routing.max_drafters_per_request)}.get(r.params.mode, 1)
+            n_use = max(1, len(self._usable(r)))
+            per_step = {"speculative": 1, "specinfer": n_use * max(1, p.tree_width),
+                        "cosine": min(n_use, self.cc.routing.max_drafters_per_request)}.get(r.params.mode, 1)
             n = min(p.draft_len, self._room(r), (max_nodes - 1) // per_step) if p.speculate else 0
             width = 1 if r.params.temperature > 0 else p.tree_width
             plans[r.rid] = DraftPlan(n > 0, n, width)
@@ -492,6 +549,11 @@ class ControllerActor(pykka.ThreadingActor):
     # -- drafting ------------------------------------------------------------------------
     def _alive(self) -> list[DrafterSlot]:
         return [d for d in self.drafters if d.alive]
+
+    def _usable(self, r: Request) -> list[DrafterSlot]:
+        """Alive drafters this request may use (GenParams.drafters pins a subset)."""
+        pin = r.params.drafters
+        return [d for d in self.drafters if d.alive and (not pin or d.name in pin)]
 
     def _draft(self, reqs: list[Request], plans: dict[str, DraftPlan]) -> None:
         """Build ``r.tree`` for every request (root only when it does not speculate)."""
@@ -537,7 +599,7 @@ class ControllerActor(pykka.ThreadingActor):
         jobs: dict[int, list[DraftJob]] = defaultdict(list)
         for r in reqs:
             p = plans[r.rid]
-            alive = [d for d in self._alive() if self._fits(d, len(r.committed), p.draft_len)]
+            alive = [d for d in self._usable(r) if self._fits(d, len(r.committed), p.draft_len)]
             use = alive[:1] if r.params.mode == "speculative" else alive
             for d in use:
                 jobs[d.index].append(self._job(r, list(r.committed), p.draft_len, p.tree_width))
@@ -558,9 +620,8 @@ class ControllerActor(pykka.ThreadingActor):
     def _draft_fused(self, reqs: list[Request], plans: dict[str, DraftPlan]) -> None:
         """CoSine drafting: per step, every selected drafter proposes one token after the same
         fused prefix; the most confident becomes the fused token all continue from."""
-        alive = {d.name for d in self._alive()}
         k_max = self.cc.routing.max_drafters_per_request
-        sel = self.router.select([(r.rid, k_max) for r in reqs], alive).get() if alive else {}
+        sel = self.router.select([(r.rid, k_max, {d.name for d in self._usable(r)}) for r in reqs]).get()
         by_name = {d.name: d for d in self.drafters}
         weights: dict[str, dict[int, float] | None] = {r.rid: None for r in reqs}
         if self.cc.fusion.weight_by_router:

@@ -1,8 +1,15 @@
-"""`cosine up`: start every worker of config.toml and cosine-serve as local processes.
+"""`cosine up`: start every worker of config.toml and cosine-serve.
 
 Workers start in parallel; serve starts once all are healthy (it waits for them itself
 as well). Ctrl-C / SIGTERM, or any child dying, stops everything: SIGTERM first, SIGKILL
 after a timeout. `LocalCluster` is the same as a context manager (tests, `make demo`).
+
+With ``--hosts`` (``Remote``), a worker whose ``host`` is not an address of this machine
+is started over SSH (``ssh -tt DEST 'exec cosine-worker --config PATH --name NAME'``) and
+counts as ready once it answers ``health`` over TCP, like any worker serve talks to. It is
+stopped by a Ctrl-C sent through the session's pseudo-terminal (the worker's graceful
+SIGINT), then by ending the ssh session (sshd hangs up the terminal: SIGHUP). See
+docs/deploy.md.
 """
 
 from __future__ import annotations
@@ -10,11 +17,15 @@ from __future__ import annotations
 import argparse
 import collections
 import logging
+import os
+import shlex
 import signal
+import socket
 import subprocess
 import sys
 import threading
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,21 +39,99 @@ class ClusterError(RuntimeError):
     pass
 
 
+SSH_OPTIONS = ("-o", "BatchMode=yes", "-o", "ServerAliveInterval=5", "-o", "ServerAliveCountMax=3")
+
+
+@dataclass(frozen=True)
+class Remote:
+    """How `cosine up --hosts` starts the workers that live on other machines.
+
+    ``destinations`` maps a worker's ``host`` (or its name) to the ssh destination
+    (``user@machine``); a worker not in it is reached at its ``host`` itself.
+    The remote command is ``{prefix} exec {worker_cmd} --config {config} --name NAME``
+    run by the remote login shell, so ``prefix`` may set up the environment
+    (``cd /srv/cosine &&``, ``CUDA_VISIBLE_DEVICES=1``) and ``exec`` makes the worker the
+    session's process: it gets the pty's Ctrl-C and, when the session ends, its SIGHUP.
+    """
+
+    destinations: dict[str, str] = field(default_factory=dict)
+    ssh: str = "ssh"
+    options: tuple[str, ...] = SSH_OPTIONS
+    config: str | None = None          # config.toml path on the remote hosts (default: the local path)
+    prefix: str = ""
+    worker_cmd: str = "cosine-worker"
+
+    def destination(self, worker: cfgmod.WorkerConfig) -> str:
+        return self.destinations.get(worker.name) or self.destinations.get(worker.host) or worker.host
+
+    def command(self, worker: cfgmod.WorkerConfig, config_path: str | Path, log_level: str | None = None) -> list[str]:
+        """The local argv that runs ``worker`` on its host."""
+        remote = f"exec {self.worker_cmd} --config {shlex.quote(str(self.config or config_path))} " \
+                 f"--name {shlex.quote(worker.name)}"
+        if log_level:
+            remote += f" --log-level {shlex.quote(log_level.upper())}"
+        if self.prefix.strip():
+            remote = f"{self.prefix.strip()} {remote}"
+        # -tt: a pseudo-terminal on the remote side, so ending the session hangs up the worker
+        return [self.ssh, "-tt", *self.options, self.destination(worker), remote]
+
+
+def is_local_host(host: str) -> bool:
+    """True when ``host`` is this machine: loopback, or an address a socket here can bind."""
+    if cfgmod.is_loopback(host) or host in ("0.0.0.0", "::", "*", ""):
+        return True
+    try:
+        infos = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
+    except socket.gaierror:
+        return False
+    for family, _, _, _, addr in infos:
+        try:
+            with socket.socket(family, socket.SOCK_STREAM) as s:
+                s.bind((addr[0], 0))
+            return True
+        except OSError:
+            continue
+    return False
+
+
+def parse_hosts(items: list[str]) -> dict[str, str]:
+    """``["10.0.0.11=gpu@drafter1", ...]`` -> {host or worker name: ssh destination}."""
+    out = {}
+    for it in items:
+        key, sep, dest = it.partition("=")
+        if not sep or not key or not dest:
+            raise ValueError(f"--hosts entry {it!r}: write HOST=SSH_DESTINATION or WORKER=SSH_DESTINATION")
+        out[key] = dest
+    return out
+
+
+def check_local_engines(cfg: cfgmod.Config, remote_workers: set[str]) -> None:
+    """The engines this machine needs: the target's (serve reads its manifest and tokenizer)
+    and those of the workers that run here. Remote workers' engines live on their hosts."""
+    models = {cfg.target_model().name} | {w.model for w in cfg.workers if w.name not in remote_workers}
+    for name in sorted(models):
+        m = cfg.model(name)
+        if m.kind != "lookup" and not (cfg.engine_dir(m) / "manifest.json").is_file():
+            raise cfgmod.ConfigError(f"{cfg.path}: engine for model {m.name!r} not found at {cfg.engine_dir(m)} "
+                                     f"(no manifest.json); this machine needs it (the target's, or a local worker's)")
+
+
 class _Child:
     """A subprocess whose output is pumped (a full pipe would block it) and echoed."""
 
-    def __init__(self, name: str, cmd: list[str], echo: bool):
+    def __init__(self, name: str, cmd: list[str], echo: bool, stdin: Any = None):
         self.name, self.cmd = name, cmd
         self.tail: collections.deque[str] = collections.deque(maxlen=200)
         self.ready = threading.Event()
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, bufsize=1,
+        self.proc = subprocess.Popen(cmd, stdin=stdin, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                     bufsize=1,
                                      start_new_session=True)  # Ctrl-C reaches us only; we stop children in order
         for stream, watch in ((self.proc.stdout, True), (self.proc.stderr, False)):
             threading.Thread(target=self._pump, args=(stream, watch, echo), daemon=True).start()
 
     def _pump(self, stream: Any, watch: bool, echo: bool) -> None:
         for line in stream:
-            line = line.rstrip("\n")
+            line = line.rstrip("\r\n")  # a remote pty ends lines with \r\n
             self.tail.append(line)
             if watch and line.startswith("READY"):
                 self.ready.set()
@@ -70,6 +159,55 @@ class _Child:
         return self.proc.returncode
 
 
+class _RemoteChild(_Child):
+    """A worker on another host, run by an ``ssh -tt`` session."""
+
+    def __init__(self, name: str, cmd: list[str], echo: bool, endpoint: str, curve: Any = None):
+        super().__init__(name, cmd, echo, stdin=subprocess.PIPE)
+        self.endpoint = endpoint
+        self.curve = curve  # CurveKeys of [security] (None: plain), as serve connects
+
+    def wait_ready(self, deadline: float) -> None:
+        """Ready when it answers health over TCP (or prints READY through ssh)."""
+        from cosine.workers.client import WorkerClient, WorkerError
+
+        with WorkerClient(self.endpoint, timeout_s=1.0, curve=self.curve) as c:
+            while not self.ready.is_set():
+                if self.proc.poll() is not None:
+                    time.sleep(0.1)
+                    raise ClusterError(f"{self.name}: ssh exited with code {self.proc.returncode} before the worker "
+                                       f"answered at {self.endpoint} ({' '.join(self.cmd)}):\n"
+                                       + "\n".join(list(self.tail)[-30:]))
+                if time.monotonic() > deadline:
+                    raise ClusterError(f"{self.name} did not answer health at {self.endpoint} in time "
+                                       f"({' '.join(self.cmd)}):\n" + "\n".join(list(self.tail)[-30:]))
+                try:
+                    c.call("health", {}, timeout_s=0.5)
+                    self.ready.set()
+                except (TimeoutError, WorkerError, OSError):
+                    self.ready.wait(0.2)
+
+    def interrupt(self) -> None:
+        """Ctrl-C through the remote pty: the worker's graceful SIGINT shutdown."""
+        if self.proc.poll() is None and self.proc.stdin is not None:
+            try:
+                self.proc.stdin.write("\x03")
+                self.proc.stdin.flush()
+            except (BrokenPipeError, OSError, ValueError):
+                pass
+
+    def stop(self, timeout_s: float) -> int | None:
+        if self.proc.poll() is None:
+            self.interrupt()
+            try:
+                self.proc.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                # ending the session hangs up the remote terminal (SIGHUP to the worker)
+                log.warning("%s did not stop on Ctrl-C in %.0f s; ending its ssh session", self.name, timeout_s)
+                return super().stop(5.0)
+        return self.proc.returncode
+
+
 class LocalCluster:
     """All workers + cosine-serve of one config as subprocesses.
 
@@ -78,9 +216,15 @@ class LocalCluster:
     """
 
     def __init__(self, config_path: str | Path, log_level: str | None = None, echo: bool = False,
-                 start_timeout_s: float = 120.0, stop_timeout_s: float = 10.0, serve_args: list[str] | None = None):
+                 start_timeout_s: float = 120.0, stop_timeout_s: float = 10.0, serve_args: list[str] | None = None,
+                 remote: Remote | None = None):
         self.config_path = Path(config_path).resolve()
-        self.cfg = cfgmod.load(self.config_path)
+        self.cfg = cfgmod.load(self.config_path, check_engines=remote is None)
+        self.remote = remote
+        # with --hosts, the workers whose host is not this machine run over ssh
+        self.remote_workers = {w.name for w in self.cfg.workers if remote is not None and not is_local_host(w.host)}
+        if remote is not None:
+            check_local_engines(self.cfg, self.remote_workers)
         self.log_level = log_level
         self.echo = echo
         self.start_timeout_s = start_timeout_s
@@ -91,12 +235,25 @@ class LocalCluster:
         self.endpoint = self.cfg.controller.endpoint
 
     def _worker_cmd(self, name: str) -> list[str]:
+        if name in self.remote_workers:
+            assert self.remote is not None
+            return self.remote.command(self.cfg.worker(name), self.config_path, self.log_level)
         cmd = [sys.executable, "-m", "cosine.workers.main", "--config", str(self.config_path), "--name", name]
         return cmd + (["--log-level", self.log_level.upper()] if self.log_level else [])
 
+    def _spawn(self, name: str) -> _Child:
+        cmd = self._worker_cmd(name)
+        if name in self.remote_workers:
+            log.info("starting %s on %s over ssh: %s", name, self.cfg.worker(name).host, shlex.join(cmd))
+            from cosine.security import CurveKeys
+
+            return _RemoteChild(name, cmd, self.echo, self.cfg.worker(name).endpoint,
+                                CurveKeys.from_config(self.cfg.security))
+        return _Child(name, cmd, self.echo)
+
     def start_worker(self, name: str) -> None:
         """(Re)start one worker and wait until it serves."""
-        self.workers[name] = _Child(name, self._worker_cmd(name), self.echo)
+        self.workers[name] = self._spawn(name)
         self.workers[name].wait_ready(time.monotonic() + self.start_timeout_s)
 
     def kill_worker(self, name: str, sig: int = signal.SIGKILL) -> None:
@@ -106,7 +263,7 @@ class LocalCluster:
     def start(self) -> "LocalCluster":
         try:
             for w in self.cfg.workers:
-                self.workers[w.name] = _Child(w.name, self._worker_cmd(w.name), self.echo)
+                self.workers[w.name] = self._spawn(w.name)
             deadline = time.monotonic() + self.start_timeout_s
             for c in self.workers.values():
                 c.wait_ready(deadline)
@@ -131,7 +288,9 @@ class LocalCluster:
         if self.serve is not None:
             self.serve.stop(self.stop_timeout_s)
         for c in self.workers.values():
-            if c.proc.poll() is None:
+            if isinstance(c, _RemoteChild):
+                c.interrupt()
+            elif c.proc.poll() is None:
                 c.proc.terminate()
         for c in self.workers.values():
             c.stop(self.stop_timeout_s)
@@ -143,7 +302,7 @@ class LocalCluster:
         self.stop()
 
 
-def up(config_path: str | Path, log_level: str | None = None) -> int:
+def up(config_path: str | Path, log_level: str | None = None, remote: Remote | None = None) -> int:
     """Run the cluster in the foreground until Ctrl-C / SIGTERM or a child dies."""
     stop = threading.Event()
 
@@ -153,8 +312,12 @@ def up(config_path: str | Path, log_level: str | None = None) -> int:
 
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
-    cluster = LocalCluster(config_path, log_level=log_level, echo=True)
     try:
+        cluster = LocalCluster(config_path, log_level=log_level, echo=True, remote=remote)
+        if remote is not None:
+            for w in cluster.cfg.workers:
+                where = f"over ssh on {remote.destination(w)}" if w.name in cluster.remote_workers else "here"
+                log.info("worker %s (%s) runs %s", w.name, w.endpoint, where)
         cluster.start()
     except (ClusterError, cfgmod.ConfigError) as e:
         log.error("cosine up failed: %s", e)
@@ -178,12 +341,41 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="cosine up", description="start all workers and cosine-serve from config.toml")
     ap.add_argument("--config", type=Path, default=Path("config.toml"))
     ap.add_argument("--log-level", default=None)
+    ap.add_argument("--hosts", nargs="*", metavar="HOST=DEST", default=None,
+                    help="start every worker whose host is not this machine over ssh; optional HOST=DEST or "
+                         "WORKER=DEST entries give the ssh destination (default: the worker's host)")
+    ap.add_argument("--ssh", default=os.environ.get("COSINE_SSH", "ssh"),
+                    help="ssh executable (default: $COSINE_SSH or ssh)")
+    ap.add_argument("--ssh-option", action="append", default=None, metavar="OPT",
+                    help="ssh option, repeatable (--ssh-option=-p2222); replaces the defaults "
+                         + " ".join(SSH_OPTIONS))
+    ap.add_argument("--remote-config", default=None,
+                    help="config.toml path on the remote hosts (default: the same path as here)")
+    ap.add_argument("--remote-prefix", default="",
+                    help="shell text before the remote command, e.g. 'cd /srv/cosine &&'")
+    ap.add_argument("--remote-worker", default="cosine-worker",
+                    help="the worker command on the remote hosts, e.g. /srv/cosine/.venv/bin/cosine-worker")
     a = ap.parse_args(argv)
-    cfg = cfgmod.load_for_cli(a.config, "cosine up")
+    remote = None
+    if a.hosts is not None:
+        try:
+            dests = parse_hosts(a.hosts)
+        except ValueError as e:
+            print(f"cosine up: {e}", file=sys.stderr)
+            return 2
+        remote = Remote(dests, ssh=a.ssh, options=tuple(a.ssh_option) if a.ssh_option is not None else SSH_OPTIONS,
+                        config=a.remote_config, prefix=a.remote_prefix, worker_cmd=a.remote_worker)
+    cfg = cfgmod.load_for_cli(a.config, "cosine up", check_engines=remote is None)
     if cfg is None:
         return 2
+    if remote is not None:
+        unknown = sorted(set(remote.destinations) - {w.host for w in cfg.workers} - {w.name for w in cfg.workers})
+        if unknown:
+            print(f"cosine up: --hosts names {unknown}, which are neither a worker's host nor a worker's name "
+                  f"in {cfg.path}", file=sys.stderr)
+            return 2
     setup(a.log_level or cfg.logging.level, cfg.logging.file, "up")
-    return up(a.config, a.log_level)
+    return up(a.config, a.log_level, remote)
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ class GenParams:
     stream: bool = False
     seed: int | None = None
     ignore_eos: bool = False  # benchmarks: run to max_tokens
+    drafters: tuple[str, ...] = ()  # only these drafter workers (empty = any); benchmarks pin one
 
 
 class Detokenizer:
@@ -87,6 +88,8 @@ class Request:
     commit_nodes: list[int] | None = None            # accepted nodes of the last verify (inline commit)
     client_key: Any = None
     domain: str = ""
+    kv_reserved: int = 0                             # worst-case KV tokens reserved on its verifier
+    queued: bool = False                             # had to wait for KV room before admission
     # stats
     arrived: float = field(default_factory=time.monotonic)
     first_token_at: float | None = None

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import pykka
 
+from cosine.security import CurveKeys
 from cosine.workers.client import WorkerClient, WorkerError
 
 log = logging.getLogger("cosine.control.proxies")
@@ -73,13 +74,13 @@ class Timed:
 
 
 class _WorkerProxy(pykka.ThreadingActor):
-    def __init__(self, name: str, endpoint: str, timeout_s: float):
+    def __init__(self, name: str, endpoint: str, timeout_s: float, curve: CurveKeys | None = None):
         super().__init__()
-        self.name, self.endpoint, self.timeout_s = name, endpoint, timeout_s
+        self.name, self.endpoint, self.timeout_s, self.curve = name, endpoint, timeout_s, curve
         self.client: WorkerClient | None = None
 
     def on_start(self) -> None:
-        self.client = WorkerClient(self.endpoint, self.timeout_s)
+        self.client = WorkerClient(self.endpoint, self.timeout_s, curve=self.curve)
 
     def on_stop(self) -> None:
         self._close()
@@ -150,10 +151,14 @@ class VerifierProxyActor(_WorkerProxy):
 class DrafterProxyActor(_WorkerProxy):
     """Drafter worker plus a mirror of what its cache holds for each request."""
 
-    def __init__(self, name: str, endpoint: str, timeout_s: float, index: int):
-        super().__init__(name, endpoint, timeout_s)
+    def __init__(self, name: str, endpoint: str, timeout_s: float, index: int, curve: CurveKeys | None = None):
+        super().__init__(name, endpoint, timeout_s, curve)
         self.index = index
         self.cached: dict[str, list[int]] = {}  # rid -> tokens in the worker's cache
+        # Requests the worker may hold although the mirror says nothing: the ones of a call
+        # that timed out or failed in transport. Their messages may still arrive (a link that
+        # comes back delivers what was queued), so they are released when a probe succeeds.
+        self.unsure: set[str] = set()
         self.busy_s = 0.0
 
     def draft(self, jobs: list[DraftJob]) -> Timed:
@@ -176,7 +181,7 @@ class DrafterProxyActor(_WorkerProxy):
             h, a = self.call("draft", {"requests": reqs}, {"feed": np.asarray(feed, dtype=np.int32)})
         except WorkerError as e:
             if e.code not in SOFT_CODES:  # the worker itself is broken: treat it as dead
-                self.cached.clear()
+                self._lose_track(jobs)
                 dt = time.perf_counter() - t0
                 self.busy_s += dt
                 return Timed(None, dt, "dead", f"drafter {self.name} failed: {e.code}: {e.message}")
@@ -188,7 +193,7 @@ class DrafterProxyActor(_WorkerProxy):
             self.busy_s += dt
             return Timed(None, dt, "soft", f"{e.code}: {e.message}", {"code": e.code})
         except (TimeoutError, OSError) as e:
-            self.cached.clear()  # unknown state: treat the worker as empty when it is back
+            self._lose_track(jobs)  # unknown state: treat the worker as empty when it is back
             dt = time.perf_counter() - t0
             self.busy_s += dt
             return Timed(None, dt, "dead", f"drafter {self.name} did not answer: {e}")
@@ -210,6 +215,11 @@ class DrafterProxyActor(_WorkerProxy):
         dt = time.perf_counter() - t0
         self.busy_s += dt
         return Timed(out, dt)
+
+    def _lose_track(self, jobs: list[DraftJob]) -> None:
+        self.unsure.update(self.cached)
+        self.unsure.update(j.rid for j in jobs)
+        self.cached.clear()
 
     def _forget(self, rids: list[str]) -> None:
         for r in rids:
@@ -235,13 +245,17 @@ class DrafterProxyActor(_WorkerProxy):
             self.call("health", {}, timeout_s=timeout_s)
         except (WorkerError, TimeoutError, OSError):
             return False
-        stale = list(self.cached)
+        # It may only have been slow, or its link may have come back and delivered queued
+        # prefill/draft messages: free everything it may still hold (unknown rids are fine).
+        # Messages on one connection are handled in order, so this comes after them.
+        stale = sorted(set(self.cached) | self.unsure)
         self.cached.clear()
-        if stale:  # it may only have been slow: free what it may still hold
+        if stale:
             try:
-                self.call("release", {"rids": stale})
+                self.call("release", {"rids": stale}, timeout_s=timeout_s)
             except (WorkerError, TimeoutError, OSError):
                 return False
+        self.unsure.clear()
         return True
 
     def take_busy(self) -> float:

@@ -42,13 +42,14 @@ from cosine.control.routing import DrafterInfo, Router
 from cosine.control.scheduling import CostModel
 from cosine.log import setup
 from cosine.protocol import VERSION, ProtocolError, decode, encode, error_reply, ok_reply
+from cosine.security import CurveKeys, secure_server, stop_authenticators
 from cosine.workers.client import WorkerClient, WorkerError
 
 log = logging.getLogger("cosine.control.serve")
 
 INPROC = "inproc://cosine-serve-replies"
 GENERATE_KEYS = {"v", "op", "seq", "arrays", "rid", "prompt", "max_tokens", "temperature", "top_p", "stop",
-                 "mode", "stream", "seed", "ignore_eos"}
+                 "mode", "stream", "seed", "ignore_eos", "drafters"}
 
 
 def wait_healthy(cfg: Config, names: list[str], timeout_s: float) -> dict[str, dict[str, Any]]:
@@ -59,7 +60,7 @@ def wait_healthy(cfg: Config, names: list[str], timeout_s: float) -> dict[str, d
     def one(name: str) -> None:
         w = cfg.worker(name)
         deadline = time.monotonic() + timeout_s
-        with WorkerClient(w.endpoint, timeout_s=1.0) as c:
+        with WorkerClient(w.endpoint, timeout_s=1.0, curve=CurveKeys.from_config(cfg.security)) as c:
             while True:
                 try:
                     out[name] = c.call("health", {})[0]
@@ -79,6 +80,22 @@ def wait_healthy(cfg: Config, names: list[str], timeout_s: float) -> dict[str, d
                            "--config ... --name NAME` or use `cosine up`)" % (
                                timeout_s, "; ".join(f"{n} at {e}" for n, e in sorted(errors.items()))))
     return out
+
+
+def release_orphans(cfg: Config, names: list[str], session: str, timeout_s: float) -> None:
+    """At start-up: each worker frees every request not of this session (`release` with
+    ``all``), so requests of a serve that died without releasing do not hold KV memory
+    until the workers' idle_timeout_s."""
+    for name in names:
+        try:
+            with WorkerClient(cfg.worker(name).endpoint, timeout_s=timeout_s,
+                              curve=CurveKeys.from_config(cfg.security)) as c:
+                h, _ = c.call("release", {"all": True, "keep_prefix": session + "."})
+            if h.get("released"):
+                log.warning("worker %s held %d request(s) of an earlier serve session; released them",
+                            name, len(h["released"]))
+        except (TimeoutError, WorkerError) as e:
+            log.warning("could not release earlier sessions' requests on worker %s: %s", name, e)
 
 
 def read_manifest(engine_dir: Path) -> dict[str, Any]:
@@ -102,19 +119,23 @@ class Server:
         dnames = [w.name for w in cfg.drafter_workers()]
         health = wait_healthy(cfg, vnames + dnames, connect_timeout_s)
         log.info("workers healthy: %s", ", ".join(f"{n} ({health[n].get('model')})" for n in vnames + dnames))
+        # Every start is a new session: worker rids are "<session>.<n>", and whatever an
+        # earlier serve left on the workers (it was killed before releasing) is freed now.
+        self.session = uuid.uuid4().hex[:12]
+        release_orphans(cfg, vnames + dnames, self.session, cc.worker_timeout_s)
 
         self.pull = self.ctx.socket(zmq.PULL)
         self.pull.bind(INPROC + "-" + uuid.uuid4().hex)
         self.pull_addr = self.pull.getsockopt_string(zmq.LAST_ENDPOINT)
 
-        t = cc.worker_timeout_s
-        self.verifiers = [VerifierSlot(n, VerifierProxyActor.start(n, cfg.worker(n).endpoint, t).proxy())
+        t, keys = cc.worker_timeout_s, CurveKeys.from_config(cfg.security)
+        self.verifiers = [VerifierSlot(n, VerifierProxyActor.start(n, cfg.worker(n).endpoint, t, curve=keys).proxy())
                           for n in vnames]
         self.drafters = []
         for i, n in enumerate(dnames):
             w = cfg.worker(n)
             eng = health[n].get("engine") or {}
-            self.drafters.append(DrafterSlot(n, i, DrafterProxyActor.start(n, w.endpoint, t, i).proxy(),
+            self.drafters.append(DrafterSlot(n, i, DrafterProxyActor.start(n, w.endpoint, t, i, curve=keys).proxy(),
                                              int(eng.get("max_positions") or 1 << 30), cfg.model(w.model).domains))
         infos = [DrafterInfo(d.name, tuple(d.domains)) for d in self.drafters]
         self.router = RouterActor.start(Router.from_config(infos, cc.routing, seed=cc.seed)).proxy()
@@ -139,7 +160,8 @@ class Server:
             self.controller.set_cost_model(self.profile()).get()
         self.router_sock = self.ctx.socket(zmq.ROUTER)
         self.router_sock.setsockopt(zmq.LINGER, 0)
-        self.router_sock.setsockopt(zmq.MAXMSGSIZE, cfg.limits.max_message_bytes)
+        secure_server(self.router_sock, cfg.security, endpoint=cc.endpoint,
+                      max_message_bytes=cfg.limits.max_message_bytes, what="cosine-serve")
         self.router_sock.bind(cc.endpoint)
         self.endpoint = cc.endpoint
         self.rids = itertools.count(1)
@@ -194,7 +216,7 @@ class Server:
         def bad(msg: str) -> ProtocolError:
             return ProtocolError("bad_request", msg)
 
-        unknown = sorted(set(h) - GENERATE_KEYS)
+        unknown = sorted(str(k) for k in set(h) - GENERATE_KEYS)  # keys may be bytes: never compare mixed types
         if unknown:
             raise bad(f"unknown field(s) {unknown}; generate takes {sorted(GENERATE_KEYS - {'v', 'op', 'seq', 'arrays'})}")
         rid = h.get("rid", None)
@@ -238,6 +260,12 @@ class Server:
         ignore_eos = h.get("ignore_eos", False)
         if not isinstance(ignore_eos, bool):
             raise bad("ignore_eos must be a boolean")
+        drafters = h.get("drafters", None) or []
+        names = {d.name for d in self.drafters}
+        if not isinstance(drafters, list) or not all(isinstance(n, str) for n in drafters):
+            raise bad("drafters must be a list of drafter worker names")
+        if set(drafters) - names:
+            raise bad(f"unknown drafter(s) {sorted(set(drafters) - names)}; this server has {sorted(names)}")
         seed = h.get("seed", None)
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2 ** 63):
             raise bad("seed must be a non-negative integer or absent")
@@ -270,7 +298,7 @@ class Server:
             raise ProtocolError("too_long", f"prompt has {len(ids)} tokens; the model's context is "
                                             f"{self.max_positions} positions, which leaves no room to generate")
         params = GenParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, stop=tuple(stop),
-                           mode=mode, stream=stream, seed=seed, ignore_eos=ignore_eos)
+                           mode=mode, stream=stream, seed=seed, ignore_eos=ignore_eos, drafters=tuple(drafters))
         return rid, params, ids, text
 
     # -- serving ---------------------------------------------------------------------------
@@ -292,7 +320,7 @@ class Server:
                 raise ProtocolError("bad_request", "header needs an integer 'seq'")
             if op == "generate":
                 crid, params, ids, text = self.parse_generate(h, arrays)
-                rid = f"q{next(self.rids)}"
+                rid = f"{self.session}.{next(self.rids)}"
                 req = Request(rid=rid, client=(ident, crid, h["seq"]), prompt=ids, params=params,
                               eos=frozenset() if params.ignore_eos else self.eos,
                               context_limit=self.max_positions, prompt_text=text,
@@ -306,13 +334,17 @@ class Server:
                 self.controller.cancel((ident, crid), (ident, h["seq"]))
             elif op == "health":
                 st = self.controller.stats().get(timeout=self.cfg.controller.worker_timeout_s + 5)
-                self._send(ident, ok_reply(h, name="cosine-serve", status="ok", mode=self.cfg.controller.mode,
+                self._send(ident, ok_reply(h, name="cosine-serve", status="ok", session=self.session,
+                                           mode=self.cfg.controller.mode,
                                            target=self.cfg.target_model().name,
                                            verifiers=list(st["verifiers"]),
                                            drafters={n: d["alive"] for n, d in st["drafters"].items()},
                                            max_positions=self.max_positions, vocab_size=self.vocab))
             elif op == "stats":
-                st = self.controller.stats().get(timeout=self.cfg.controller.worker_timeout_s + 5)
+                n = h.get("timeline", 0)
+                if isinstance(n, bool) or not isinstance(n, int) or not 0 <= n <= 4096:
+                    raise ProtocolError("bad_request", "timeline must be an integer in [0, 4096] (rounds)")
+                st = self.controller.stats(n).get(timeout=self.cfg.controller.worker_timeout_s + 5)
                 st["workers"] = self.controller.worker_stats().get(timeout=self.cfg.controller.worker_timeout_s * 2 + 5)
                 self._send(ident, ok_reply(h, **st))
             else:
@@ -324,6 +356,12 @@ class Server:
             self._send(ident, rep)
         except pykka.Timeout:
             self._send(ident, error_reply(h, ProtocolError("unavailable", "the controller did not answer in time")))
+        except Exception as e:  # noqa: BLE001 - a bug on one message: answer it, keep serving
+            log.exception("unhandled error on a client message (op %r)", op)
+            rep = error_reply(h, ProtocolError("internal", f"{type(e).__name__} in cosine-serve; see its log"))
+            if op == "generate" and isinstance(h.get("rid"), str):
+                rep["rid"] = h["rid"]
+            self._send(ident, rep)
 
     def serve_forever(self) -> None:
         poller = zmq.Poller()
@@ -360,6 +398,7 @@ class Server:
         pykka.ActorRegistry.stop_all(timeout=10)
         self.router_sock.close(0)
         self.pull.close(0)
+        stop_authenticators()
 
 
 def main(argv: list[str] | None = None) -> int:

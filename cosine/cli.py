@@ -3,12 +3,13 @@
     cosine export ...      = cosine-export ...
     cosine worker ...      = cosine-worker ...
     cosine serve ...       = cosine-serve ...
-    cosine up ...          start the local cluster from config.toml
+    cosine up ...          start the cluster from config.toml (--hosts: remote workers over ssh)
     cosine generate TEXT   talk to a running server
     cosine models fetch|list|path
     cosine keys generate   CurveZMQ key pairs
     cosine datasets build  domain corpora and benchmark prompts from Debian text
     cosine bench ...       = cosine-bench ...
+    cosine distill ...     = cosine-distill ... (LoRA-distill a domain drafter from the target)
 """
 
 from __future__ import annotations
@@ -60,21 +61,39 @@ def _models(argv: list[str]) -> int:
 def _keys(argv: list[str]) -> int:
     from cosine import security
 
-    ap = argparse.ArgumentParser(prog="cosine keys", description="CurveZMQ keys for [security] in config.toml")
+    ap = argparse.ArgumentParser(prog="cosine keys", description="CurveZMQ keys for [security] in config.toml "
+                                 "(docs/security.md)")
     sub = ap.add_subparsers(dest="cmd", required=True)
-    g = sub.add_parser("generate", help="write NAME.key_secret and NAME.key (public) into DIR")
+    g = sub.add_parser("generate", help="server keypair, client keypairs and the authorized-keys directory",
+                       description="Writes DIR/server.key + server.key_secret (workers and cosine-serve), "
+                                   "DIR/clients/NAME.key + NAME.key_secret per client and DIR/authorized/NAME.key "
+                                   "(the client public keys the servers accept). Existing keys are kept: run it "
+                                   "again with a new --client to add one. Prints the [security] block.")
     g.add_argument("--dir", type=Path, default=Path("keys"))
-    g.add_argument("names", nargs="*", default=["server", "client"])
+    g.add_argument("--client", action="append", dest="clients", metavar="NAME",
+                   help="a client keypair to create and authorize (repeatable; default: client). The first "
+                        "one goes into the printed block: cosine-serve uses it towards the workers")
     a = ap.parse_args(argv)
-    for n in a.names:
-        pub, sec = security.generate_keypair(a.dir, n)
-        print(f"{n}: public {pub}  secret {sec}")
+    try:
+        d = security.generate_deployment(a.dir, a.clients or ["client"])
+    except (ValueError, OSError) as e:
+        print(f"cosine keys: {e}", file=sys.stderr)
+        return 2
+    for f in d.created:
+        print(f"# wrote {f}")
+    print(f"# server keypair: {d.server_secret_key} stays on the workers and cosine-serve; "
+          f"every client needs {d.server_public_key}")
+    for n, f in d.client_secret_keys.items():
+        print(f"# client {n!r}: {f} (secret: only that client), authorized as {d.authorized_keys_dir / (n + '.key')}")
+    if not a.dir.is_absolute():
+        print("# relative paths below resolve against the directory of config.toml")
+    print("\n" + d.toml())
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    cmds = ("export", "worker", "serve", "up", "generate", "models", "keys", "bench", "datasets")
+    cmds = ("export", "worker", "serve", "up", "generate", "models", "keys", "bench", "datasets", "distill")
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in cmds:
         print(__doc__.strip())
         return 0 if argv and argv[0] in ("-h", "--help") else 2
@@ -93,6 +112,8 @@ def main(argv: list[str] | None = None) -> int:
         from cosine.datasets import main as m
     elif cmd == "bench":
         from cosine.bench import main as m
+    elif cmd == "distill":
+        from cosine.distill import main as m
     elif cmd == "models":
         return _models(rest)
     else:

@@ -11,6 +11,10 @@ One ZeroMQ DEALER socket per client. ZeroMQ sockets are not thread-safe: use a C
 from one thread only (give each thread its own Client; they are cheap). `AsyncClient`
 is the asyncio flavour (zmq.asyncio) with the same methods as coroutines; it may run
 many generations concurrently on one event loop.
+
+A server with `[security] curve = true` answers only CURVE clients whose public key it
+lists (docs/security.md): ``Client(endpoint, curve=CurveKeys.load(client_secret_key,
+server_public_key))``, or ``CurveKeys.from_config(cfg.security)``.
 """
 
 from __future__ import annotations
@@ -22,14 +26,17 @@ import sys
 import time
 import uuid
 from collections import deque
+from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Iterator, Sequence
 
 import numpy as np
 import zmq
 import zmq.asyncio
+from zmq.utils.monitor import parse_monitor_message
 
 from cosine.protocol import VERSION, ProtocolError, decode, encode
+from cosine.security import CLIENT_EVENTS, CurveKeys, Refusal, client_refusal, secure_client
 
 
 class CosineError(Exception):
@@ -57,6 +64,17 @@ class Unavailable(CosineError):
     """A worker the request needs is down or did not answer in time."""
 
 
+class ConnectionLost(Unavailable):
+    """The connection to cosine-serve broke (it exited, was killed, or stopped answering
+    heartbeats) while the request was in flight. The request is lost: a restarted server
+    holds no state of it. Resubmitting it is safe (greedy output is deterministic)."""
+
+
+class Refused(CosineError):
+    """The server refused the connection's security handshake (CurveZMQ: no keys, or a key
+    it does not list); retrying with the same keys cannot succeed. docs/security.md"""
+
+
 class RequestTimeout(CosineError, TimeoutError):
     """No reply within the timeout (client side) or the server's request timeout."""
 
@@ -74,11 +92,40 @@ _ERRORS: dict[str, type[CosineError]] = {
     "version": BadRequest, "duplicate_request": BadRequest, "duplicate_seq": BadRequest,
     "too_long": TooLong, "overloaded": Overloaded, "capacity": Overloaded,
     "unavailable": Unavailable, "timeout": RequestTimeout, "unknown_request": UnknownRequest,
-    "cancelled": Cancelled,
+    "cancelled": Cancelled, "unauthorized": Refused,
 }
 
 
 _STREAM_OPS = ("generate", "chunk", "done")  # replies that belong to a generation (by rid)
+
+# Heartbeats (ZMTP PING/PONG, answered by the server's ZeroMQ I/O thread) detect a server
+# that is stopped or unreachable; a closed connection (exit, kill -9) is seen at once.
+HEARTBEAT_S = 2.0
+
+
+def _watch(sock: zmq.Socket, heartbeat_s: float | None) -> zmq.Socket:
+    """Set heartbeats (before connect) and return a monitor socket for disconnects."""
+    if heartbeat_s:
+        sock.setsockopt(zmq.HEARTBEAT_IVL, max(1, int(heartbeat_s * 1000)))
+        sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, max(1, int(3 * heartbeat_s * 1000)))
+    return sock.get_monitor_socket(zmq.EVENT_DISCONNECTED | CLIENT_EVENTS)
+
+
+def _lost_marker(refused: Refusal | None) -> dict[str, Any]:
+    """What in-flight requests get when the link breaks: lost, or refused in the handshake."""
+    return {"ok": False, "error": {"code": "unauthorized", "message": refused.message}} if refused else \
+        {"ok": False, "_lost": True}
+
+
+def _lost_error(endpoint: str) -> ConnectionLost:
+    return ConnectionLost("unavailable", f"connection to cosine-serve at {endpoint} was lost while the request was "
+                                         f"in flight (the server exited, was restarted or stopped answering "
+                                         f"heartbeats); the request is lost, resubmit it")
+
+
+def _timeout_error(endpoint: str, timeout_s: float) -> RequestTimeout:
+    return RequestTimeout("timeout", f"cosine-serve at {endpoint} did not answer within {timeout_s:g} s "
+                                     f"(client timeout_s); it may be down, not started yet, stalled or overloaded")
 
 
 def error_from(err: Any) -> CosineError:
@@ -105,11 +152,14 @@ class GenerateResult:
 
 def _generate_header(rid: str, prompt: str | Sequence[int], max_tokens: int, temperature: float, top_p: float,
                      stop: Sequence[str] | None, mode: str | None, stream: bool,
-                     seed: int | None, ignore_eos: bool = False) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+                     seed: int | None, ignore_eos: bool = False,
+                     drafters: Sequence[str] | None = None) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     h: dict[str, Any] = {"op": "generate", "rid": rid, "max_tokens": max_tokens, "temperature": temperature,
                          "top_p": top_p, "stream": stream}
     if ignore_eos:  # benchmarks: generate exactly max_tokens
         h["ignore_eos"] = True
+    if drafters:  # pin the request to these drafter workers
+        h["drafters"] = list(drafters)
     arrays: dict[str, np.ndarray] = {}
     if isinstance(prompt, str):
         h["prompt"] = prompt
@@ -152,16 +202,25 @@ class Stream:
 class Client:
     """Blocking client. Not thread-safe: one Client per thread."""
 
-    def __init__(self, endpoint: str, timeout_s: float = 600.0, context: zmq.Context | None = None):
+    def __init__(self, endpoint: str, timeout_s: float = 600.0, context: zmq.Context | None = None,
+                 heartbeat_s: float | None = HEARTBEAT_S, curve: CurveKeys | None = None):
         self.endpoint = endpoint
         self.timeout_s = timeout_s
         self._ctx = context or zmq.Context.instance()
         self._sock = self._ctx.socket(zmq.DEALER)
         self._sock.setsockopt(zmq.LINGER, 0)
+        secure_client(self._sock, curve)  # server with [security] curve = true: CurveKeys.load(...)
+        # the last failed handshake, and the one after which libzmq gave up (docs/security.md)
+        self._curve, self._why, self._refused = curve, None, None
+        self._mon = _watch(self._sock, heartbeat_s)
         self._sock.connect(endpoint)
         self._seq = itertools.count(1)
         self._by_rid: dict[str, deque[dict[str, Any]]] = {}
         self._by_seq: dict[int, dict[str, Any]] = {}
+        self._calls: set[int] = set()  # seqs of calls waiting for their reply
+        self._poller = zmq.Poller()
+        self._poller.register(self._sock, zmq.POLLIN)
+        self._poller.register(self._mon, zmq.POLLIN)
 
     # -- plumbing --------------------------------------------------------------------
     def _send(self, header: dict[str, Any], arrays: dict[str, np.ndarray] | None = None) -> int:
@@ -169,10 +228,38 @@ class Client:
         self._sock.send_multipart(encode({"v": VERSION, **header, "seq": seq}, arrays or {}), copy=False)
         return seq
 
-    def _recv_one(self, deadline: float) -> None:
+    def _check_link(self) -> None:
+        """Handle disconnects seen so far: everything in flight then is lost (a new
+        connection gets a new identity at the server, so no reply can reach it)."""
+        lost = False
+        while self._mon.poll(0):
+            ev = parse_monitor_message(self._mon.recv_multipart())
+            lost |= ev["event"] == zmq.EVENT_DISCONNECTED
+            self._why = client_refusal(ev["event"], ev["value"], self._curve is not None) or self._why
+        self._refused = self._refused or (self._why if self._why and self._why.final else None)
+        if not lost:
+            if self._refused:  # libzmq does not reconnect after it: fail new requests at once
+                raise Refused("unauthorized", self._refused.message)
+            return
+        while self._sock.poll(0):  # replies that made it before the connection broke still count
+            self._dispatch()
+        marker, self._why = _lost_marker(self._why), None
+        for q in self._by_rid.values():
+            q.append(marker)
+        for seq in self._calls:
+            self._by_seq.setdefault(seq, marker)
+
+    def _recv_one(self, deadline: float, timeout_s: float | None = None) -> None:
         wait_ms = max(0, int((deadline - time.monotonic()) * 1000))
-        if not self._sock.poll(wait_ms):
-            raise RequestTimeout("timeout", f"no reply from {self.endpoint} within the client timeout")
+        events = dict(self._poller.poll(wait_ms))
+        if not events:
+            raise _timeout_error(self.endpoint, timeout_s or self.timeout_s)
+        if self._mon in events:
+            self._check_link()
+        elif self._sock in events:
+            self._dispatch()
+
+    def _dispatch(self) -> None:
         try:
             h, _ = decode(self._sock.recv_multipart())
         except ProtocolError as e:
@@ -185,11 +272,18 @@ class Client:
         # anything else is a reply to a request this client gave up on: drop it
 
     def _call(self, header: dict[str, Any], timeout_s: float | None = None) -> dict[str, Any]:
+        self._check_link()
         seq = self._send(header)
         deadline = time.monotonic() + (timeout_s or self.timeout_s)
-        while seq not in self._by_seq:
-            self._recv_one(deadline)
+        self._calls.add(seq)
+        try:
+            while seq not in self._by_seq:
+                self._recv_one(deadline, timeout_s)
+        finally:
+            self._calls.discard(seq)
         h = self._by_seq.pop(seq)
+        if h.get("_lost"):
+            raise _lost_error(self.endpoint)
         if not h.get("ok", False):
             raise error_from(h.get("error"))
         return h
@@ -199,7 +293,7 @@ class Client:
         deadline = time.monotonic() + timeout_s
         try:
             while not q:
-                self._recv_one(deadline)
+                self._recv_one(deadline, timeout_s)
         except RequestTimeout:
             self._by_rid.pop(rid, None)
             try:  # best effort: do not leave the generation running on the server
@@ -210,6 +304,8 @@ class Client:
         h = q.popleft()
         if not h.get("ok", False) or h.get("op") == "done":
             self._by_rid.pop(rid, None)
+        if h.get("_lost"):
+            raise _lost_error(self.endpoint)
         if not h.get("ok", False):
             raise error_from(h.get("error"))
         return h
@@ -218,10 +314,13 @@ class Client:
     def generate(self, prompt: str | Sequence[int], max_tokens: int = 128, temperature: float = 0.0,
                  top_p: float = 1.0, stop: Sequence[str] | None = None, mode: str | None = None,
                  stream: bool = False, seed: int | None = None, timeout_s: float | None = None,
-                 rid: str | None = None, ignore_eos: bool = False) -> GenerateResult | Stream:
+                 rid: str | None = None, ignore_eos: bool = False,
+                 drafters: Sequence[str] | None = None) -> GenerateResult | Stream:
         """Generate a continuation. With ``stream=True`` returns a Stream of Chunk."""
         rid = rid or uuid.uuid4().hex
-        h, arrays = _generate_header(rid, prompt, max_tokens, temperature, top_p, stop, mode, stream, seed, ignore_eos)
+        h, arrays = _generate_header(rid, prompt, max_tokens, temperature, top_p, stop, mode, stream, seed, ignore_eos,
+                                     drafters)
+        self._check_link()  # a disconnect before this request must not fail it
         self._by_rid[rid] = deque()
         self._send(h, arrays)
         t = timeout_s or self.timeout_s
@@ -239,10 +338,16 @@ class Client:
     def health(self) -> dict[str, Any]:
         return self._call({"op": "health"})
 
-    def stats(self) -> dict[str, Any]:
-        return self._call({"op": "stats"})
+    def stats(self, timeline: int = 0) -> dict[str, Any]:
+        """Server and worker statistics; ``timeline=N`` adds the last N rounds' phases."""
+        return self._call({"op": "stats", **({"timeline": timeline} if timeline else {})})
 
     def close(self) -> None:
+        try:
+            self._sock.disable_monitor()
+        except zmq.ZMQError:
+            pass
+        self._mon.close(0)
         self._sock.close(0)
 
     def __enter__(self) -> "Client":
@@ -272,34 +377,60 @@ class AsyncStream:
 class AsyncClient:
     """asyncio client: one DEALER socket, many concurrent generations on one event loop."""
 
-    def __init__(self, endpoint: str, timeout_s: float = 600.0, context: zmq.asyncio.Context | None = None):
+    def __init__(self, endpoint: str, timeout_s: float = 600.0, context: zmq.asyncio.Context | None = None,
+                 heartbeat_s: float | None = HEARTBEAT_S, curve: CurveKeys | None = None):
         self.endpoint = endpoint
         self.timeout_s = timeout_s
         self._ctx = context or zmq.asyncio.Context.instance()
         self._sock = self._ctx.socket(zmq.DEALER)
         self._sock.setsockopt(zmq.LINGER, 0)
+        secure_client(self._sock, curve)
+        self._curve, self._why, self._refused = curve, None, None
+        self._mon = _watch(self._sock, heartbeat_s)
         self._sock.connect(endpoint)
         self._seq = itertools.count(1)
         self._waiters: dict[Any, asyncio.Queue] = {}
         self._reader: asyncio.Task | None = None
 
     def _ensure_reader(self) -> None:
+        if self._refused:
+            raise Refused("unauthorized", self._refused.message)
         if self._reader is None or self._reader.done():
             self._reader = asyncio.get_running_loop().create_task(self._read())
 
     async def _read(self) -> None:
+        poller = zmq.asyncio.Poller()
+        poller.register(self._sock, zmq.POLLIN)
+        poller.register(self._mon, zmq.POLLIN)
         while True:
-            frames = await self._sock.recv_multipart()
-            try:
-                h, _ = decode(frames)
-            except ProtocolError:
-                continue
-            rid, seq = h.get("rid"), h.get("seq")
-            q = self._waiters.get(("rid", rid)) if h.get("op") in _STREAM_OPS and isinstance(rid, str) else None
-            if q is None and isinstance(seq, int):
-                q = self._waiters.get(("seq", seq))
-            if q is not None:
-                q.put_nowait(h)
+            events = dict(await poller.poll())
+            if self._mon in events:
+                lost = False
+                while await self._mon.poll(0):
+                    ev = parse_monitor_message(await self._mon.recv_multipart())
+                    lost |= ev["event"] == zmq.EVENT_DISCONNECTED
+                    self._why = client_refusal(ev["event"], ev["value"], self._curve is not None) or self._why
+                self._refused = self._refused or (self._why if self._why and self._why.final else None)
+                if lost:  # what arrived before the break still counts; the rest is lost
+                    while await self._sock.poll(0):
+                        self._deliver(await self._sock.recv_multipart())
+                    for q in self._waiters.values():
+                        q.put_nowait(_lost_marker(self._why))
+                    self._why = None
+            elif self._sock in events:
+                self._deliver(await self._sock.recv_multipart())
+
+    def _deliver(self, frames: list[bytes]) -> None:
+        try:
+            h, _ = decode(frames)
+        except ProtocolError:
+            return
+        rid, seq = h.get("rid"), h.get("seq")
+        q = self._waiters.get(("rid", rid)) if h.get("op") in _STREAM_OPS and isinstance(rid, str) else None
+        if q is None and isinstance(seq, int):
+            q = self._waiters.get(("seq", seq))
+        if q is not None:
+            q.put_nowait(h)
 
     async def _send(self, header: dict[str, Any], arrays: dict[str, np.ndarray] | None = None) -> int:
         seq = next(self._seq)
@@ -317,9 +448,11 @@ class AsyncClient:
             try:
                 h = await asyncio.wait_for(q.get(), timeout_s or self.timeout_s)
             except asyncio.TimeoutError:
-                raise RequestTimeout("timeout", f"no reply from {self.endpoint} within the client timeout") from None
+                raise _timeout_error(self.endpoint, timeout_s or self.timeout_s) from None
         finally:
             self._waiters.pop(key, None)
+        if h.get("_lost"):
+            raise _lost_error(self.endpoint)
         if not h.get("ok", False):
             raise error_from(h.get("error"))
         return h
@@ -331,9 +464,11 @@ class AsyncClient:
         except asyncio.TimeoutError:
             self._waiters.pop(("rid", rid), None)
             await self._send({"op": "cancel", "rid": rid})
-            raise RequestTimeout("timeout", f"no reply for request {rid} within the client timeout") from None
+            raise _timeout_error(self.endpoint, timeout_s) from None
         if not h.get("ok", False) or h.get("op") == "done":
             self._waiters.pop(("rid", rid), None)
+        if h.get("_lost"):
+            raise _lost_error(self.endpoint)
         if not h.get("ok", False):
             raise error_from(h.get("error"))
         return h
@@ -341,11 +476,13 @@ class AsyncClient:
     async def generate(self, prompt: str | Sequence[int], max_tokens: int = 128, temperature: float = 0.0,
                        top_p: float = 1.0, stop: Sequence[str] | None = None, mode: str | None = None,
                        stream: bool = False, seed: int | None = None, timeout_s: float | None = None,
-                       rid: str | None = None, ignore_eos: bool = False) -> GenerateResult | AsyncStream:
+                       rid: str | None = None, ignore_eos: bool = False,
+                       drafters: Sequence[str] | None = None) -> GenerateResult | AsyncStream:
         """Coroutine; with ``stream=True`` returns an AsyncStream (``async for chunk in ...``)."""
         self._ensure_reader()
         rid = rid or uuid.uuid4().hex
-        h, arrays = _generate_header(rid, prompt, max_tokens, temperature, top_p, stop, mode, stream, seed, ignore_eos)
+        h, arrays = _generate_header(rid, prompt, max_tokens, temperature, top_p, stop, mode, stream, seed, ignore_eos,
+                                     drafters)
         self._waiters[("rid", rid)] = asyncio.Queue()
         await self._send(h, arrays)
         s = AsyncStream(self, rid, timeout_s or self.timeout_s)
@@ -362,12 +499,17 @@ class AsyncClient:
     async def health(self) -> dict[str, Any]:
         return await self._call({"op": "health"})
 
-    async def stats(self) -> dict[str, Any]:
-        return await self._call({"op": "stats"})
+    async def stats(self, timeline: int = 0) -> dict[str, Any]:
+        return await self._call({"op": "stats", **({"timeline": timeline} if timeline else {})})
 
     def close(self) -> None:
         if self._reader is not None:
             self._reader.cancel()
+        try:
+            self._sock.disable_monitor()
+        except zmq.ZMQError:
+            pass
+        self._mon.close(0)
         self._sock.close(0)
 
     async def __aenter__(self) -> "AsyncClient":
@@ -377,11 +519,38 @@ class AsyncClient:
         self.close()
 
 
+def _endpoint_and_keys(a: argparse.Namespace) -> tuple[str, CurveKeys | None]:
+    """--endpoint / --client-key / --server-key, else from config.toml."""
+    from cosine import config as cfgmod
+
+    cfg = None
+    path = a.config or (Path("config.toml") if Path("config.toml").is_file() else None)
+    if path is not None and not (a.endpoint and a.client_key):
+        try:
+            cfg = cfgmod.load(path, check_engines=False)
+        except cfgmod.ConfigError as e:
+            if a.config:
+                raise ValueError(str(e)) from None
+            print(f"cosine generate: ignoring ./config.toml: {e}", file=sys.stderr)
+    endpoint = a.endpoint or (cfg.controller.endpoint if cfg else "tcp://127.0.0.1:5600")
+    if a.client_key or a.server_key:
+        if not (a.client_key and a.server_key):
+            raise ValueError("CURVE needs both --client-key (.key_secret) and --server-key (the server's .key)")
+        return endpoint, CurveKeys.load(a.client_key, a.server_key)
+    return endpoint, CurveKeys.from_config(cfg.security) if cfg else None
+
+
 def main(argv: list[str] | None = None) -> int:
     """`cosine generate TEXT`: stream one generation from a running server."""
     ap = argparse.ArgumentParser(prog="cosine generate", description="send one prompt to a running cosine server")
     ap.add_argument("prompt")
-    ap.add_argument("--endpoint", default="tcp://127.0.0.1:5600")
+    ap.add_argument("--endpoint", default=None, help="default: [controller] endpoint of --config, "
+                    "else tcp://127.0.0.1:5600")
+    ap.add_argument("--config", type=Path, default=None,
+                    help="config.toml for the endpoint and, with [security] curve = true, the client keys "
+                         "(default: ./config.toml when it exists)")
+    ap.add_argument("--client-key", type=Path, default=None, help="CURVE: this client's .key_secret file")
+    ap.add_argument("--server-key", type=Path, default=None, help="CURVE: the server's public .key file")
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--temperature", type=float, default=0.0)
     ap.add_argument("--top-p", type=float, default=1.0)
@@ -391,7 +560,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--timeout", type=float, default=600.0)
     a = ap.parse_args(argv)
     try:
-        with Client(a.endpoint, timeout_s=a.timeout) as c:
+        endpoint, curve = _endpoint_and_keys(a)
+    except (ValueError, OSError) as e:
+        print(f"cosine generate: {e}", file=sys.stderr)
+        return 2
+    try:
+        with Client(endpoint, timeout_s=a.timeout, curve=curve) as c:
             s = c.generate(a.prompt, max_tokens=a.max_tokens, temperature=a.temperature, top_p=a.top_p,
                            stop=a.stop, mode=a.mode, stream=True, seed=a.seed)
             for chunk in s:

@@ -32,13 +32,17 @@ class LoggingConfig:
 
 @dataclass(frozen=True)
 class SecurityConfig:
+    """[security]: CurveZMQ on every TCP socket (docs/security.md). Files are written by
+    `cosine keys generate`; relative paths are resolved against config.toml's directory
+    when loading, so every path here is absolute once loaded."""
+
     curve: bool = False
-    # Files written by `cosine keys generate`: the server keypair and the allowed clients.
-    server_secret_key: str = ""
-    server_public_key: str = ""
-    client_secret_key: str = ""
-    client_public_key: str = ""
-    authorized_keys_dir: str = ""
+    server_secret_key: str = ""    # workers and cosine-serve: their keypair (a .key_secret file)
+    server_public_key: str = ""    # clients (cosine-serve included): the servers' public key (.key)
+    client_secret_key: str = ""    # this deployment's client keypair: serve -> workers, `cosine generate`
+    authorized_keys_dir: str = ""  # servers accept only the client public keys (*.key) in here
+
+    FILES = ("server_secret_key", "server_public_key", "client_secret_key")
 
 
 @dataclass(frozen=True)
@@ -303,9 +307,35 @@ def _check(cfg: Config, text: str, check_engines: bool) -> None:
     if cfg.logging.level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
         raise ConfigError(f"{where('logging', 'level')}: level {cfg.logging.level!r}; use DEBUG, INFO, WARNING or ERROR")
     if cfg.security.curve:
-        for k in ("server_secret_key", "server_public_key", "client_secret_key", "client_public_key"):
-            if not getattr(cfg.security, k):
-                raise ConfigError(f"{where('security', k)}: curve = true needs {k}; run `cosine keys generate`")
+        _check_keys(cfg.security, where)
+
+
+def _check_keys(sec: SecurityConfig, where: Any) -> None:
+    """curve = true: every key file must exist and hold the right kind of key."""
+    import zmq.auth
+
+    fix = "create keys with `cosine keys generate --dir keys` and paste the [security] block it prints"
+    for k in (*SecurityConfig.FILES, "authorized_keys_dir"):
+        if not getattr(sec, k):
+            raise ConfigError(f"{where('security', None)}: curve = true needs {k}; {fix}")
+    for k in SecurityConfig.FILES:
+        f = Path(getattr(sec, k))
+        if not f.is_file():
+            raise ConfigError(f"{where('security', k)}: {k} file {f} not found; {fix}")
+        try:
+            pub, secret = zmq.auth.load_certificate(f)
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"{where('security', k)}: {k} file {f} is not a ZeroMQ key file ({e})") from None
+        if k.endswith("secret_key") and not secret:
+            raise ConfigError(f"{where('security', k)}: {k} file {f} holds no secret key; "
+                              f"give the .key_secret file, not the public .key")
+    d = Path(sec.authorized_keys_dir)
+    if not d.is_dir():
+        raise ConfigError(f"{where('security', 'authorized_keys_dir')}: authorized_keys_dir {d} not found; {fix}")
+    if not any(d.glob("*.key")):
+        raise ConfigError(f"{where('security', 'authorized_keys_dir')}: authorized_keys_dir {d} holds no client "
+                          f"public keys (*.key), so every client would be refused; add them with "
+                          f"`cosine keys generate --dir ... --client NAME`")
 
 
 def is_loopback(host: str) -> bool:
@@ -339,6 +369,11 @@ def load(path: str | Path, check_engines: bool = True) -> Config:
     rest = {k: _build(tp, data[k], k, ctx) for k, tp in
             (("controller", ControllerConfig), ("limits", LimitsConfig),
              ("security", SecurityConfig), ("logging", LoggingConfig)) if k in data}
+    if "security" in rest:  # key paths, like engine paths, are relative to this file
+        sec = rest["security"]
+        rest["security"] = dataclasses.replace(sec, **{
+            k: str((p.parent / Path(v).expanduser()).resolve())
+            for k in (*SecurityConfig.FILES, "authorized_keys_dir") if (v := getattr(sec, k))})
     cfg = Config(path=p, models=models, workers=workers, **rest)
     _check(cfg, text, check_engines)
     return cfg

@@ -100,8 +100,10 @@ def main(argv: list[str] | None = None) -> int:
 
     from cosine.client import Client
     from cosine.control.cluster import LocalCluster
+    from cosine.security import CurveKeys
 
-    with LocalCluster(a.config) as cluster, Client(cluster.endpoint) as client:
+    with LocalCluster(a.config) as cluster, \
+            Client(cluster.endpoint, curve=CurveKeys.from_config(cfg.security)) as client:
         print(f"\ncosine is up: {len(cfg.workers)} workers, clients connect to {cluster.endpoint}\n")
         for domain, prompt in PROMPTS:
             r = client.generate(prompt, max_tokens=a.max_tokens, mode=a.mode)

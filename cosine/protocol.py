@@ -7,6 +7,7 @@ No pickling: decoding untrusted frames can only fail with ProtocolError.
 
 from __future__ import annotations
 
+import math
 from typing import Any, Mapping
 
 import msgpack
@@ -15,6 +16,10 @@ import numpy as np
 VERSION = 1
 
 # Only plain numeric dtypes cross the wire; object/void dtypes could smuggle anything.
+# Largest array dimension a header may declare; the bytes must match anyway, this only keeps
+# shapes like [2**32, 2**32, 0] from reaching numpy (which rejects them with ValueError).
+MAX_DIM = 2 ** 31 - 1
+
 ALLOWED_DTYPES = frozenset({"bool", "int8", "uint8", "int16", "int32", "int64", "float16", "float32", "float64"})
 
 ERROR_CODES = frozenset({
@@ -79,14 +84,18 @@ def decode(frames: list[bytes] | list[memoryview]) -> tuple[dict[str, Any], dict
         if dtype not in ALLOWED_DTYPES:
             raise ProtocolError("bad_frame", f"array {name!r}: dtype {dtype!r} not allowed")
         if (not isinstance(shape, list) or len(shape) > 8
-                or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)):
-            raise ProtocolError("bad_frame", f"array {name!r}: bad shape {shape!r}")
+                or not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d <= MAX_DIM for d in shape)):
+            raise ProtocolError("bad_frame", f"array {name!r}: bad shape {shape!r} (at most 8 dims, each 0..{MAX_DIM})")
         dt = np.dtype(dtype).newbyteorder("<")
-        expected = int(np.prod(shape, dtype=np.int64)) * dt.itemsize
+        # Python ints: a product of huge dims must not wrap around (np.prod in int64 does)
+        expected = math.prod(shape) * dt.itemsize
         buf = memoryview(frame)
         if buf.nbytes != expected:
             raise ProtocolError("bad_frame", f"array {name!r}: {buf.nbytes} bytes, expected {expected} for {dtype}{shape}")
-        arrays[name] = np.frombuffer(buf, dtype=dt).reshape(shape) if expected else np.zeros(shape, dt)
+        try:
+            arrays[name] = np.frombuffer(buf, dtype=dt).reshape(shape) if expected else np.zeros(shape, dt)
+        except (ValueError, MemoryError) as e:  # e.g. an empty array whose other dims are huge
+            raise ProtocolError("bad_frame", f"array {name!r}: shape {shape!r} not representable: {e}") from None
     return header, arrays
 
 

@@ -15,6 +15,7 @@ import numpy as np
 import zmq
 
 from cosine.protocol import VERSION, decode, encode
+from cosine.security import CurveKeys, no_reply_hint, secure_client
 
 
 class WorkerError(Exception):
@@ -29,11 +30,15 @@ class WorkerError(Exception):
 class WorkerClient:
     """One DEALER connection. Not thread-safe: use it from the thread that created it."""
 
-    def __init__(self, endpoint: str, timeout_s: float = 30.0, context: zmq.Context | None = None):
+    def __init__(self, endpoint: str, timeout_s: float = 30.0, context: zmq.Context | None = None,
+                 curve: CurveKeys | None = None):
         self.endpoint = endpoint
         self.timeout_s = timeout_s
+        self.curve = curve
+        self.answered = False  # any reply yet: a timeout before the first may be a CURVE refusal
         self.sock = (context or zmq.Context.instance()).socket(zmq.DEALER)
         self.sock.setsockopt(zmq.LINGER, 0)
+        secure_client(self.sock, curve)
         self.sock.connect(endpoint)
         self.seq = 0
 
@@ -50,8 +55,10 @@ class WorkerClient:
             left = deadline - time.monotonic()
             if left <= 0 or not self.sock.poll(int(left * 1000) + 1, zmq.POLLIN):
                 raise TimeoutError(f"no reply to {op} seq {seq} from {self.endpoint} "
-                                   f"within {self.timeout_s if timeout_s is None else timeout_s} s")
+                                   f"within {self.timeout_s if timeout_s is None else timeout_s} s"
+                                   + ("" if self.answered else no_reply_hint(self.curve)))
             header, out = decode(self.sock.recv_multipart(copy=False))
+            self.answered = True
             if header.get("seq") != seq:
                 continue  # late reply to an earlier call that timed out
             if not header.get("ok"):

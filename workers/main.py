@@ -2,7 +2,7 @@
 
 Prints ``READY <name> <endpoint>`` on stdout once it serves; exits non-zero with a clear
 message when it cannot start (unknown worker, missing engine, provider not available,
-port taken). SIGTERM / SIGINT shut it down cleanly.
+port taken). SIGTERM / SIGINT / SIGHUP shut it down cleanly.
 """
 
 from __future__ import annotations
@@ -93,6 +93,8 @@ def main(argv: list[str] | None = None) -> int:
     _setup_logging(cfg, args.log_level)
 
     # Heavy imports after argument/config errors, which should be instant.
+    from cosine.security import stop_authenticators
+
     from .engine import EngineError
     from .server import WorkerServer
 
@@ -101,7 +103,8 @@ def main(argv: list[str] | None = None) -> int:
     except EngineError as e:
         log.error("worker %s cannot start: %s", wcfg.name, e)
         return 3
-    server = WorkerServer(ops, cache, stats, wcfg.endpoint, cfg.limits.max_message_bytes, wcfg.idle_timeout_s)
+    server = WorkerServer(ops, cache, stats, wcfg.endpoint, cfg.limits.max_message_bytes, wcfg.idle_timeout_s,
+                          security=cfg.security)
 
     stop = threading.Event()
 
@@ -111,6 +114,8 @@ def main(argv: list[str] | None = None) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    if signal.getsignal(signal.SIGHUP) is not signal.SIG_IGN:  # nohup keeps it running
+        signal.signal(signal.SIGHUP, on_signal)  # its ssh session ended (`cosine up --hosts` runs it under ssh -tt)
     try:
         server.start()
     except RuntimeError as e:
@@ -127,6 +132,7 @@ def main(argv: list[str] | None = None) -> int:
             server.stop()
             return 1
     server.stop()
+    stop_authenticators()
     log.info("worker %s stopped", wcfg.name)
     return 0
 

@@ -55,6 +55,27 @@ class WorkerOps:
         raise NotImplementedError
 
     def release(self, h: dict[str, Any], arrs: dict[str, np.ndarray]) -> Reply:
+        every = h.get("all", False)
+        if not isinstance(every, bool):
+            raise val.bad(f"header 'all' must be a bool, got {every!r}")
+        if every:
+            # A (re)started control plane frees what an earlier one left behind (it died
+            # before releasing): everything except the rids that start with keep_prefix.
+            keep = h.get("keep_prefix", "")
+            if not isinstance(keep, str):
+                raise val.bad(f"header 'keep_prefix' must be a string, got {keep!r}")
+            if h.get("rids") not in (None, []):
+                raise val.bad("give either 'rids' or 'all': true, not both")
+            val.arrays(arrs, {})
+            rids = [r for r in list(self.cache.entries) if not (keep and r.startswith(keep))]
+            for rid in rids:
+                self.cache.release(rid)
+            if rids:
+                log.warning("released %d request(s) on request of a (re)started control plane (keep_prefix=%r)",
+                            len(rids), keep)
+            return {"released": rids, "unknown": []}, {}
+        if "keep_prefix" in h:
+            raise val.bad("'keep_prefix' only goes with 'all': true")
         rids = h.get("rids")
         if not isinstance(rids, list) or not all(isinstance(r, str) for r in rids):
             raise val.bad(f"header 'rids' must be a list of strings, got {rids!r}")

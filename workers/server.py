@@ -23,7 +23,9 @@ import msgpack
 import numpy as np
 import zmq
 
+from cosine.config import SecurityConfig
 from cosine.protocol import VERSION, ProtocolError, decode, encode, error_reply, ok_reply
+from cosine.security import secure_server
 
 from .kvcache import KVCache
 from .ops import WorkerOps
@@ -49,13 +51,14 @@ def _peek_header(frame: Any) -> dict[str, Any] | None:
 
 class WorkerServer:
     def __init__(self, ops: WorkerOps, cache: KVCache | HistoryStore, stats: Stats, endpoint: str, max_message_bytes: int,
-                 idle_timeout_s: float, context: zmq.Context | None = None):
+                 idle_timeout_s: float, context: zmq.Context | None = None, security: SecurityConfig | None = None):
         self.ops = ops
         self.cache = cache
         self.stats = stats
         self.endpoint = endpoint
         self.max_message_bytes = max_message_bytes
         self.idle_timeout_s = idle_timeout_s
+        self.security = security or SecurityConfig()
         self.ctx = context or zmq.Context.instance()
         self._inproc = f"inproc://cosine-worker-replies-{next(_instance)}"
         self._queue: queue.Queue[tuple[bytes, dict[str, Any], dict[str, np.ndarray]] | None] = queue.Queue()
@@ -87,13 +90,14 @@ class WorkerServer:
     def _io_loop(self) -> None:
         router = self.ctx.socket(zmq.ROUTER)
         router.setsockopt(zmq.LINGER, 0)
-        router.setsockopt(zmq.MAXMSGSIZE, self.max_message_bytes)
         pair = self.ctx.socket(zmq.PAIR)
         pair.setsockopt(zmq.LINGER, 0)
         try:
+            secure_server(router, self.security, endpoint=self.endpoint, max_message_bytes=self.max_message_bytes,
+                          what="cosine-worker")
             router.bind(self.endpoint)
             pair.bind(self._inproc)
-        except zmq.ZMQError as e:
+        except (zmq.ZMQError, OSError, ValueError) as e:  # port taken, unreadable key file
             self._bind_error = e
             router.close()
             pair.close()

@@ -1,0 +1,80 @@
+"""cosine-bench end to end on tiny models: the run harness (modes, levels, Poisson, ratios,
+identity, round timeline, plots) and the per-drafter table, through a real local cluster."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import write_cluster_config
+
+PROMPTS = {"code": ["def add(a, b):\n    return", "for i in range(10):\n    print("],
+           "prose": ["The sea at dawn was", "It was a quiet evening and"]}
+
+
+@pytest.fixture(scope="module")
+def bench_config(control_engines, tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("bench")
+    (root / "prompts.json").write_text(json.dumps(PROMPTS))
+    return write_cluster_config(root / "config.toml", control_engines["target"],
+                                {"good": control_engines["target"], "poor": control_engines["poor"],
+                                 "lookup": ("lookup", None)})
+
+
+def test_run_reports_every_mode_level_ratio_and_timeline(bench_config: Path, tmp_path: Path) -> None:
+    from cosine.bench import main
+
+    out = tmp_path / "run"
+    rc = main(["run", "--config", str(bench_config), "--modes", "autoregressive,speculative,cosine",
+               "--peers", "none", "--domains", "code,prose", "--prompts", str(bench_config.parent / "prompts.json"),
+               "--max-tokens", "12", "--concurrency", "1,2", "--poisson-rate", "20", "--poisson-requests", "4",
+               "--out", str(out)])
+    assert rc == 0
+    res = json.loads((out / "results.json").read_text())
+    s = res["summary"]
+    for key in ("autoregressive@1", "speculative@2", "cosine@1", "cosine@2", "cosine@poisson20"):
+        assert s[key]["requests"] == 4 and s[key]["tokens"] == 48, key
+    assert s["cosine@1"]["mean_accepted_length"] > 1.0
+    assert set(s["cosine@1"]["mean_accepted_length_by_domain"]) == {"code", "prose"}
+    assert res["identity"]["checked"] >= 16 and res["identity"]["mismatches"] == []
+    assert res["ratios"]["cosine/autoregressive@1"] > 0
+    assert res["environment"]["git_commit"] and res["environment"]["command"].startswith("cosine-bench")
+    tl = res["timelines"]["cosine@1"]
+    assert tl and all(len(r) == 8 and r[2] <= r[3] for r in tl)  # verify starts after its own drafting
+    assert (out / "throughput.png").is_file() and (out / "timeline_cosine_1.png").is_file()
+    assert "cosine/autoregressive@1" in (out / "results.md").read_text()
+
+
+def test_drafters_table_pins_each_drafter(bench_config: Path, tmp_path: Path) -> None:
+    from cosine.bench import main
+
+    out = tmp_path / "drafters"
+    rc = main(["drafters", "--config", str(bench_config), "--prompts", str(bench_config.parent / "prompts.json"),
+               "--domains", "code,prose", "--per-domain", "1", "--max-tokens", "12", "--out", str(out)])
+    assert rc == 0
+    res = json.loads((out / "drafters.json").read_text())
+    table = res["summary"]["table"]
+    assert set(table) == {"autoregressive", "good", "poor", "lookup", "cosine"}
+    # the "good" drafter is the target's own engine: every draft token is accepted
+    for d in ("code", "prose"):
+        assert table["good"][d]["mean_accepted_length"] > 0.8 * (1 + res["draft_len"])  # 12 tokens: 5+5+2
+        assert table["good"][d]["mean_accepted_length"] > table["poor"][d]["mean_accepted_length"]
+        assert res["summary"]["best"][d]["drafter"] == "good"
+    for r in res["records"]:
+        if r["mode"] == "speculative":  # pinned: only that drafter ever drafted for it
+            assert set(r["drafters_used"]) <= {r["row"]}, r
+    assert any(r["drafters_used"] == ["poor"] for r in res["records"] if r["row"] == "poor")
+    assert res["summary"]["identity"]["mismatches"] == []
+    assert "| good |" in (out / "drafters.md").read_text()
+
+
+def test_unknown_pinned_drafter_is_a_clear_error(control_cluster) -> None:
+    from cosine.client import BadRequest, Client
+
+    with Client(control_cluster.endpoint, timeout_s=30) as c:
+        with pytest.raises(BadRequest, match="unknown drafter"):
+            c.generate("hello", max_tokens=4, drafters=["nope"])
+        r = c.generate("hello", max_tokens=4, mode="speculative", drafters=["poor"])
+        assert r.stats["drafters_used"] in (["poor"], [])
