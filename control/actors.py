@@ -36,7 +36,7 @@ from cosine.control.pool import Request
 from cosine.control.proxies import DraftJob, DraftOut, Timed
 from cosine.control.routing import Router
 from cosine.control.scheduling import CostModel, PendingRequest, select_batch
-from cosine.control.speculation import DraftPlan, SpeculationController, speculation_pays
+from cosine.control.speculation import DraftPlan, GoodputGate, SpeculationController, speculation_pays
 from cosine.protocol import VERSION
 
 log = logging.getLogger("cosine.control.actors")
@@ -160,6 +160,8 @@ class ControllerActor(pykka.ThreadingActor):
         self.cost = cost or CostModel.default()
         self.spec = SpeculationController.from_config(self.cc.speculation, self.cc.scheduling.max_verify_tokens)
         self.gated_streak: dict[str, int] = {}  # rid -> consecutive rounds the batch gate ran plain
+        sc = self.cc.speculation
+        self.goodput_gate = GoodputGate(sc.gate_window, sc.gate_explore_every)
         self.requests: dict[str, Request] = {}          # admitted (prefilled) requests
         self.incoming: deque[Request] = deque()
         self.by_client: dict[tuple[Any, str], str] = {}
@@ -222,7 +224,7 @@ class ControllerActor(pykka.ThreadingActor):
             "drafters": drafters,
             "verifiers": {v.name: {"load": v.load, "busy_s": v.busy_s, "kv_reserved": v.reserved,
                                    "kv_budget": b} for v, b in zip(self.verifiers, self.budgets)},
-            "queue_waits": self.queue_waits,
+            "queue_waits": self.queue_waits, "gate_goodput": self.goodput_gate.snapshot(),
             **({"timeline": [list(r) for r in list(s.timeline)[-timeline:]]} if timeline > 0 else {}),
         }
 
@@ -307,6 +309,7 @@ class ControllerActor(pykka.ThreadingActor):
 
     def _tick(self) -> None:
         t_start = time.perf_counter()
+        tokens_before = self.stats_.tokens
         self._probe_drafters()
         self._expire()
         self._admit()
@@ -348,6 +351,8 @@ class ControllerActor(pykka.ThreadingActor):
         wall = time.perf_counter() - t_start
         s = self.stats_
         s.wall_s += wall
+        if any(r.params.mode == "cosine" for r in reqs):
+            self.goodput_gate.observe(s.tokens - tokens_before, wall)
         s.verify_busy_s += verify_busy
         s.draft_wall_s += draft_s + seq_draft_s
         # drafting that ran while the verifier was busy: what pipelining saved this round
@@ -478,12 +483,24 @@ class ControllerActor(pykka.ThreadingActor):
                and plans[r.rid].speculate]
         if not cos:
             return plans
+        gate = self.cc.speculation.gate
+        if gate == "off":
+            return plans
         seq = max(len(r.committed) for r in reqs)
         wide = {rid: DraftPlan(p.speculate, p.draft_len, p.tree_width * width) for rid, p in plans.items()}
         B, S = len(plans), len(cos)  # the batch verifies together; the S speculating requests draft together
-        if speculation_pays(wide, {rid: self.spec.alpha(rid) for rid in cos},
-                            lambda n: self.cost.verify_s(B, max(1, round(n / B)), seq),
-                            lambda k: self.cost.draft_s(S, k, seq), self.cc.speculation.disable_below_ratio):
+
+        def model_says() -> bool:
+            return speculation_pays(wide, {rid: self.spec.alpha(rid) for rid in cos},
+                                    lambda n: self.cost.verify_s(B, max(1, round(n / B)), seq),
+                                    lambda k: self.cost.draft_s(S, k, seq), self.cc.speculation.disable_below_ratio)
+
+        if gate == "measured":  # the measured gate explores by itself: no per-request probes
+            if self.goodput_gate.decide(len(self.requests), model_says):
+                return plans
+            self.stats_.gated_rounds += 1
+            return {rid: (DraftPlan(False, 0, 1) if rid in cos else p) for rid, p in plans.items()}
+        if model_says():
             for rid in cos:
                 self.gated_streak.pop(rid, None)
             return plans
@@ -725,7 +742,13 @@ class ControllerActor(pykka.ThreadingActor):
         upd, rnd, finished = [], [], []
         for r in rs:
             argmax, logits = res.value[r.rid]
-            vr = rounds.verify(r.tree, argmax, logits, r.params.temperature, r.params.top_p, r.draft_dists, r.rng)
+            try:
+                vr = rounds.verify(r.tree, argmax, logits, r.params.temperature, r.params.top_p, r.draft_dists,
+                                   r.rng)
+            except Exception:  # noqa: BLE001 - one request's bad numbers must not fail the whole round
+                log.exception("verification of request %s failed; failing that request only", r.rid)
+                self._fail(r, "internal", "verification failed on the server (see its log)")
+                continue
             tokens = [int(t) for t in vr.tokens]
             n_acc = len(tokens) - 1
             r.rounds += 1

@@ -48,6 +48,7 @@ from cosine.workers.client import WorkerClient, WorkerError
 log = logging.getLogger("cosine.control.serve")
 
 INPROC = "inproc://cosine-serve-replies"
+MIN_TEMPERATURE = 1e-4  # smallest sampling temperature (0 = greedy); below it logits / T can overflow
 GENERATE_KEYS = {"v", "op", "seq", "arrays", "rid", "prompt", "max_tokens", "temperature", "top_p", "stop",
                  "mode", "stream", "seed", "ignore_eos", "drafters"}
 
@@ -244,6 +245,9 @@ class Server:
         if max_tokens > lim.max_new_tokens:
             raise bad(f"max_tokens = {max_tokens} is over the server limit {lim.max_new_tokens} (limits.max_new_tokens)")
         temperature = num("temperature", cc.temperature, float, 0.0, 100.0)
+        if 0.0 < temperature < MIN_TEMPERATURE:  # logits / 1e-320 overflows: the round would fail
+            raise bad(f"temperature = {temperature} is too small to sample with; use 0 for greedy or at least "
+                      f"{MIN_TEMPERATURE}")
         top_p = num("top_p", 1.0, float, 0.0, 1.0, lo_open=True)
         mode = h.get("mode", None)
         mode = cc.mode if mode is None else mode

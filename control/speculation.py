@@ -309,3 +309,67 @@ def speculation_pays(plans: Mapping[str, DraftPlan], alphas: Mapping[str, float]
     committed = (B - len(spec)) + sum(expected_tokens(alphas.get(r, 0.0), p.draft_len) for r, p in spec.items())
     t_spec = verify_s(tokens) + max(draft_s(p.draft_len) for p in spec.values())
     return committed / t_spec >= ratio * B / t_plain
+
+
+class GoodputGate:
+    """Batch-level speculation switch learnt from measured rounds.
+
+    Per batch-size bucket (1, 2, 4, 8, ...) it keeps an EMA of the goodput (committed
+    tokens per second of controller round time) under each regime, speculating and plain
+    batched decoding, measured over windows of ``window`` rounds. It plays the better
+    regime and, every ``explore_every``-th window of a bucket, the other one, so that a
+    change of load, CPU contention or acceptance is noticed. Until both regimes have a
+    measurement in a bucket, ``prior`` (the profiled cost model) picks the first window
+    and the other regime is tried next. The gate measures what the profile can only
+    predict: on a 2-core CPU, drafting steals cores from verification.
+    """
+
+    def __init__(self, window: int = 8, explore_every: int = 8, keep: float = 0.5):
+        self.window, self.explore_every, self.keep = max(1, window), max(2, explore_every), keep
+        self.rate: dict[tuple[int, bool], float] = {}   # (bucket, speculate) -> tokens/s
+        self.windows: dict[int, int] = {}                # bucket -> windows opened
+        self.open: list | None = None                    # [bucket, speculate, rounds, tokens, wall_s]
+
+    @staticmethod
+    def bucket(batch: int) -> int:
+        return 1 << max(0, int(batch).bit_length() - 1)
+
+    def decide(self, batch: int, prior: Callable[[], bool]) -> bool:
+        """The regime for this round: True = speculate."""
+        b = self.bucket(batch)
+        w = self.open
+        if w is not None and w[0] == b and w[2] < self.window:
+            return w[1]
+        self._close()
+        n = self.windows[b] = self.windows.get(b, 0) + 1
+        spec, plain = self.rate.get((b, True)), self.rate.get((b, False))
+        if spec is None and plain is None:
+            choice = prior()
+        elif spec is None or plain is None:
+            choice = spec is None            # try the regime not measured yet
+        else:
+            best = spec > plain
+            choice = (not best) if n % self.explore_every == 0 else best
+        self.open = [b, choice, 0, 0, 0.0]
+        return choice
+
+    def observe(self, tokens: int, wall_s: float) -> None:
+        """One round of the open window: tokens committed and its duration."""
+        if self.open is None:
+            return
+        self.open[2] += 1
+        self.open[3] += tokens
+        self.open[4] += wall_s
+        if self.open[2] >= self.window:
+            self._close()
+
+    def _close(self) -> None:
+        w, self.open = self.open, None
+        # a window cut short by a batch-size change is kept when at least half full
+        if w is None or w[2] < max(1, self.window // 2) or w[4] <= 0:
+            return
+        key = (w[0], w[1])
+        self.rate[key] = _ema(self.rate.get(key), w[3] / w[4], self.keep)
+
+    def snapshot(self) -> dict[str, float]:
+        return {f"{b}:{'spec' if s else 'plain'}": r for (b, s), r in sorted(self.rate.items())}

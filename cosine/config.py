@@ -16,6 +16,7 @@ from typing import Any, get_args, get_origin, get_type_hints
 
 MODES = ("autoregressive", "speculative", "specinfer", "cosine")
 ROLES = ("target", "drafter")
+GATES = ("measured", "model", "off")
 PROVIDERS = ("cpu", "cuda", "tensorrt")
 MODEL_KINDS = ("neural", "ngram", "lookup")
 
@@ -93,6 +94,12 @@ class SpeculationConfig:
     # Speculation is turned off for a request whose measured goodput falls below this
     # fraction of plain decoding's.
     disable_below_ratio: float = 0.9
+    # Batch-level switch between speculation and plain batched decoding: "measured" learns
+    # from the goodput of real rounds per batch size, "model" trusts the start-up cost
+    # profile, "off" always speculates (docs/algorithms.md, "Batch gate").
+    gate: str = "measured"
+    gate_window: int = 8          # ticks per measurement window
+    gate_explore_every: int = 8   # every n-th window plays the regime that looks worse
 
 
 @dataclass(frozen=True)
@@ -302,6 +309,11 @@ def _check(cfg: Config, text: str, check_engines: bool) -> None:
     if (m.group(1), int(m.group(2))) in endpoints:
         raise ConfigError(f"{where('controller', 'endpoint')}: {c.endpoint} is also a worker's port")
     s = c.speculation
+    if s.gate not in GATES:
+        raise ConfigError(f"{where('controller.speculation', 'gate')}: gate {s.gate!r}; use one of {GATES}")
+    if s.gate_window < 1 or s.gate_explore_every < 2:
+        raise ConfigError(f"{where('controller.speculation', 'gate_window')}: need gate_window >= 1 and "
+                          f"gate_explore_every >= 2")
     if not 1 <= s.min_draft_len <= s.draft_len <= s.max_draft_len:
         raise ConfigError(f"{where('controller.speculation', 'draft_len')}: need 1 <= min_draft_len <= draft_len <= max_draft_len")
     if cfg.logging.level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):

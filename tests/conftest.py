@@ -89,7 +89,9 @@ def write_cluster_config(path: Path, target: Path, drafters: dict[str, Any], con
          **(controller or {})}
     lines += ["", "[controller]"] + [f"{k} = {_toml_value(v)}" for k, v in c.items()]
     # tiny engines draft about as slowly as they verify: keep speculation on regardless
-    sections = {"speculation": {"disable_below_ratio": 0.0}, **(sections or {})}
+    # (tests of the gates set gate themselves)
+    sections = dict(sections or {})
+    sections["speculation"] = {"disable_below_ratio": 0.0, "gate": "off", **sections.get("speculation", {})}
     for sec, kv in sections.items():
         lines += ["", f"[controller.{sec}]"] + [f"{k} = {_toml_value(v)}" for k, v in kv.items()]
     path.write_text("\n".join(lines) + "\n")

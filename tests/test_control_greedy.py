@@ -93,3 +93,22 @@ def test_pipelining_overlaps_and_stats(control_cluster, reference):
     assert 0.0 <= s["drafter_idle_frac"] <= 1.0
     assert set(s["drafters"]) == {"good", "poor"}
     assert "verifier-0" in s["workers"] and "requests_held" in s["workers"]["verifier-0"]
+
+
+def test_measured_gate_tries_both_regimes_and_stays_exact(control_engines, tmp_path, reference):
+    """gate = "measured": the batch gate times real rounds of speculation and of plain
+    decoding (windows of 2 rounds, exploring every 2nd) and every output is still exact."""
+    from cosine.control.cluster import LocalCluster
+    from tests.conftest import write_cluster_config
+
+    cfg = write_cluster_config(tmp_path / "config.toml", control_engines["target"],
+                               {"good": control_engines["target"], "poor": control_engines["poor"]},
+                               sections={"speculation": {"gate": "measured", "gate_window": 2,
+                                                         "gate_explore_every": 2}})
+    with LocalCluster(cfg) as cl, Client(cl.endpoint, timeout_s=60) as c:
+        for i, p in enumerate(PROMPTS):
+            assert c.generate(p, max_tokens=24, mode="cosine").token_ids == reference[i], i
+        st = c.stats()
+    assert set(st["gate_goodput"]) == {"1:spec", "1:plain"}, st["gate_goodput"]
+    assert all(v > 0 for v in st["gate_goodput"].values())
+    assert 0 < st["gated_rounds"] < st["rounds"]

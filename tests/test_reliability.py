@@ -28,7 +28,8 @@ import numpy as np
 import pytest
 import zmq
 
-from cosine.client import (Client, ConnectionLost, CosineError, Overloaded, RequestTimeout, Unavailable)
+from cosine.client import (BadRequest, Client, ConnectionLost, CosineError, Overloaded, RequestTimeout,
+                           Unavailable)
 from cosine.control.cluster import LocalCluster, _Child
 from cosine.protocol import decode, encode
 from cosine.workers.client import WorkerClient
@@ -252,7 +253,8 @@ MAX_MSG = 256 * 1024
 GEN_FIELDS = {"rid": "r", "prompt": "hello", "max_tokens": 4, "temperature": 0.0, "top_p": 1.0, "stop": ["x"],
               "mode": "cosine", "stream": False, "seed": 1, "ignore_eos": False}
 WEIRD = [None, -1, 0, 1, 2 ** 40, -2 ** 63, 2 ** 64 - 1, 1.5, float("nan"), float("inf"), "", "x" * 300, [], [0],
-         ["a"] * 20, {}, {"a": 1}, True, b"\x00\xff", "cosine", "greedy", 10 ** 6, -0.0, [[[]]]]
+         ["a"] * 20, {}, {"a": 1}, True, b"\x00\xff", "cosine", "greedy", 10 ** 6, -0.0, [[[]]], 5e-324, 1e-300,
+         9.1e-322, 1e-5]
 
 
 def fuzz_messages(rng: random.Random, n: int, vocab: int) -> list[tuple[str, list[bytes]]]:
@@ -409,6 +411,10 @@ def test_fuzz_serve_frontend(control_engines, tmp_path):
             assert cl.health()["status"] == "ok"
             for (p, m), ref in zip(good_prompts, baseline):  # and after it
                 assert cl.generate(p, max_tokens=24, mode=m).token_ids == ref
+            # found by this fuzz: a denormal temperature overflowed logits / T and failed the
+            # whole round (every running request) with `internal`
+            with pytest.raises(BadRequest, match="too small"):
+                cl.generate(PROMPTS[0], max_tokens=4, temperature=9.1e-322)
         assert not good_errors, good_errors[:3]
         assert good_runs and all(ids == baseline[j] for j, ids in good_runs)
         assert len(codes) >= 5, codes  # the fuzz reached many different checks

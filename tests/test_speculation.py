@@ -216,3 +216,61 @@ def test_speculation_pays_compares_round_goodput() -> None:
     assert not speculation_pays({"a": DraftPlan(False, 0, 1)}, {}, cpu, free_draft)
     # ratio 0 (disable_below_ratio = 0) keeps speculation on whatever it costs
     assert speculation_pays(plans, alphas, linear, free_draft, ratio=0.0)
+
+
+# ----- GoodputGate: the batch-level switch learnt from measured rounds -----------------
+
+def _run_gate(gate, batch: int, rates: dict[bool, float], rounds: int, prior: bool = True) -> list[bool]:
+    """Drive the gate for ``rounds`` rounds of 1 s where each regime commits rates[regime] tokens."""
+    out = []
+    for _ in range(rounds):
+        spec = gate.decide(batch, lambda: prior)
+        out.append(spec)
+        gate.observe(int(rates[spec]), 1.0)
+    return out
+
+
+def test_gate_follows_prior_then_tries_the_other_then_plays_the_better():
+    from cosine.control.speculation import GoodputGate
+
+    g = GoodputGate(window=4, explore_every=5)
+    seq = _run_gate(g, 1, {True: 3, False: 5}, 4 * 12, prior=True)
+    windows = [seq[i:i + 4] for i in range(0, len(seq), 4)]
+    assert all(len(set(w)) == 1 for w in windows)           # one regime per window
+    regimes = [w[0] for w in windows]
+    assert regimes[0] is True and regimes[1] is False         # prior first, then the unmeasured one
+    # plain measured better (5 > 3 tokens/s): played, except every 5th window explores
+    assert [r for i, r in enumerate(regimes[2:], start=3) if i % 5 != 0] == [False] * 8
+    assert all(regimes[i - 1] is True for i in (5, 10))
+    assert g.snapshot() == {"1:plain": 5.0, "1:spec": 3.0}
+
+
+def test_gate_learns_each_batch_size_bucket_apart():
+    from cosine.control.speculation import GoodputGate
+
+    g = GoodputGate(window=2, explore_every=100)
+    _run_gate(g, 1, {True: 8, False: 4}, 8)   # one request: speculation pays
+    _run_gate(g, 5, {True: 6, False: 12}, 8)  # four to seven: plain batched decoding pays
+    assert GoodputGate.bucket(5) == 4 and GoodputGate.bucket(1) == 1 and GoodputGate.bucket(16) == 16
+    assert _run_gate(g, 1, {True: 8, False: 4}, 4) == [True] * 4
+    assert _run_gate(g, 6, {True: 6, False: 12}, 4) == [False] * 4
+
+
+def test_gate_notices_when_speculation_stops_paying():
+    from cosine.control.speculation import GoodputGate
+
+    g = GoodputGate(window=2, explore_every=4, keep=0.5)
+    assert _run_gate(g, 1, {True: 10, False: 4}, 22)[-4:] == [True] * 4  # windows 10, 11: no exploring
+    # acceptance collapses (e.g. the domain changed): speculation now commits 2 tokens/s
+    seq = _run_gate(g, 1, {True: 2, False: 4}, 40)
+    assert seq[-8:].count(False) >= 6 and g.rate[(1, True)] < g.rate[(1, False)]
+
+
+def test_gate_drops_windows_cut_short_by_a_batch_change():
+    from cosine.control.speculation import GoodputGate
+
+    g = GoodputGate(window=8)
+    g.decide(1, lambda: True)
+    g.observe(100, 1.0)                 # one round only, then the batch grows
+    g.decide(2, lambda: False)
+    assert g.rate == {}                 # 1 of 8 rounds is too little to judge a regime

@@ -66,6 +66,17 @@ def float_field(r: Mapping[str, Any], key: str, lo: float, default: float) -> fl
     return float(v)
 
 
+# Smallest sampling temperature a worker accepts (0 = greedy): logits / T must not overflow.
+MIN_TEMPERATURE = 1e-4
+
+
+def temperature_field(r: Mapping[str, Any]) -> float:
+    t = float_field(r, "temperature", 0.0, 0.0)
+    if 0.0 < t < MIN_TEMPERATURE:
+        raise bad(f"request {r.get('rid')!r}: temperature {t!r} is too small; 0 (greedy) or >= {MIN_TEMPERATURE}")
+    return t
+
+
 def bool_field(r: Mapping[str, Any], key: str, default: bool) -> bool:
     v = r.get(key, default)
     if not isinstance(v, bool):
@@ -148,6 +159,6 @@ def draft_plans(header: Mapping[str, Any], arrs: Mapping[str, np.ndarray], vocab
         if forced is not None and any(not -1 <= t < vocab for t in forced):
             raise bad(f"request {r['rid']!r}: forced tokens must be -1 or in [0, {vocab}), got {forced}")
         plans.append(DraftRequest(e, keep, feed, k, int_field(r, "topk", 0, vocab, default=0),
-                               float_field(r, "temperature", 0.0, 0.0), bool_field(r, "return_probs", False),
+                               temperature_field(r), bool_field(r, "return_probs", False),
                                int_field(r, "seed", 0, 2**64 - 1, default=None), forced))
     return plans

@@ -38,20 +38,20 @@ def main(argv: list[str] | None = None) -> int:
 
     import cosine.workers.bench as wb
 
-    if args.provider != "cpu":
-        make_config = wb._config
+    # patched for cpu too, so the patch itself is exercised where there is no GPU
+    make_config = wb._config
 
-        def _config(tmp: Path, engine_dir: Path, threads: int):
-            path, endpoint = make_config(tmp, engine_dir, threads)
-            text, marker = path.read_text(), 'model = "bench"\n'
-            if text.count(marker) != 1:
-                raise SystemExit("gpu_worker_bench: cosine.workers.bench._config no longer writes one "
-                                 "'model = \"bench\"' line; update tools/airgap/gpu_worker_bench.py")
-            path.write_text(text.replace(marker, f'{marker}provider = "{args.provider}"\ndevice = "{args.device}"\n'))
-            return path, endpoint
+    def _config(tmp: Path, engine_dir: Path, threads: int):
+        path, endpoint = make_config(tmp, engine_dir, threads)
+        text, marker = path.read_text(), 'model = "bench"\n'
+        if text.count(marker) != 1:
+            raise SystemExit("gpu_worker_bench: cosine.workers.bench._config no longer writes one "
+                             "'model = \"bench\"' line; update tools/airgap/gpu_worker_bench.py")
+        path.write_text(text.replace(marker, f'{marker}provider = "{args.provider}"\ndevice = "{args.device}"\n'))
+        return path, endpoint
 
-        wb._config = _config
-        wb.Engine = functools.partial(wb.Engine, provider=args.provider, device=args.device)
+    wb._config = _config
+    wb.Engine = functools.partial(wb.Engine, provider=args.provider, device=args.device)
 
     with tempfile.TemporaryDirectory() as tmp:
         engine_dir = args.engine

@@ -5,7 +5,7 @@
 #
 #   remote.sh put [N]        copy .device/bundle.partNN (carried in this call, with .device/bundle.sha256)
 #                            to $COSINE_STAGE, check its size and sha256; no N: every part carried
-#   remote.sh install [--deps-only] [--dry-run] [--allow-no-cuda]
+#   remote.sh install [--deps-only] [--dry-run] [--allow-no-cuda (rehearsal without GPU/torch)]
 #                            all parts there? join, verify sha256, untar, pip install every wheel into
 #                            $COSINE_SITE, write $COSINE_ENV, check onnxruntime's CUDA provider runs.
 #                            --deps-only: only the first deps_parts parts (wheels, no models)
@@ -27,7 +27,8 @@
 # COSINE_ENV (/tmp/cosine-env.sh), COSINE_HOST_MODELS (/tmp/cosine-models), COSINE_SRC
 # (/tmp/cosine-src), COSINE_CODE (repo: run this working copy's code, linked into
 # COSINE_SRC on every call; wheel: run the bundled cosine wheel), COSINE_KEEP_HOST (project
-# names not to install from the bundle, e.g. "numpy sympy", to keep the host's own).
+# names not to install from the bundle, e.g. "numpy sympy", to keep the host's own),
+# COSINE_AIRGAP_PROVIDER (cuda; tensorrt to try that provider; cpu to rehearse without a GPU).
 set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
@@ -42,9 +43,16 @@ HMODELS="${COSINE_HOST_MODELS:-/tmp/cosine-models}"
 SRCDIR="${COSINE_SRC:-/tmp/cosine-src}"
 CODE="${COSINE_CODE:-repo}"
 KEEP_HOST="${COSINE_KEEP_HOST:-}"
-RESULTS="${OUT:-$REPO/runs/gpu}"
-LOGS="$REPO/runs/gpu/logs"
+RESULTS="${OUT:-$REPO/runs/gpu}"   # what comes back: at most 8 files (the device tool's limit)
+WORK="$REPO/runs/gpu"              # everything, on the host
+LOGS="$WORK/logs"
+BENCH="$WORK/bench"
 ENGINES="$REPO/engines"
+# the accelerator's execution provider: cuda; tensorrt to try ONNX Runtime's TensorRT provider;
+# cpu only for a rehearsal of these steps on a machine without a GPU
+GPU_PROVIDER="${COSINE_AIRGAP_PROVIDER:-cuda}"
+GPU_DEVICE="cuda:0"
+[[ "$GPU_PROVIDER" == cpu ]] && GPU_DEVICE="cpu"
 TARGET="qwen2.5-coder-1.5b"       # cosine models names (cosine/models.py)
 DRAFTER="qwen2.5-coder-0.5b"
 MANIFEST="$STAGE/bundle.sha256"
@@ -124,16 +132,19 @@ meta() { sed -n "s/^# $1=//p" "$MANIFEST" | head -1; }
 sum_of() { awk -v f="$1" '$2 == f {print $1}' "$MANIFEST"; }
 bundle_sha() { sum_of bundle.tar; }
 part_name() { printf 'bundle.part%02d' "$((10#$1))"; }
-part_size() {  # expected size of part I
-  local i=$((10#$1)) n pb total
-  n="$(meta parts)"; pb="$(meta part_bytes)"; total="$(meta total_bytes)"
-  if ((i < n - 1)); then echo "$pb"; else echo $((total - (n - 1) * pb)); fi
+M_PARTS=""; M_PB=""; M_TOTAL=""
+load_meta() { M_PARTS="$(meta parts)"; M_PB="$(meta part_bytes)"; M_TOTAL="$(meta total_bytes)"; }
+part_size() {  # expected size of part I (the manifest's numbers, read once)
+  local i=$((10#$1))
+  [[ -n "$M_PARTS" ]] || load_meta
+  if ((i < M_PARTS - 1)); then echo "$M_PB"; else echo $((M_TOTAL - (M_PARTS - 1) * M_PB)); fi
 }
 fsize() { stat -c %s "$1"; }
 sha() { sha256sum "$1" | cut -d' ' -f1; }
 need_manifest() {
   [[ -f "$MANIFEST" ]] || die "no bundle manifest in $STAGE: carry .device/bundle.sha256 with the first 'put' call"
   [[ "$(meta format)" == 1 ]] || die "$MANIFEST is not a format-1 bundle manifest"
+  load_meta
 }
 missing_parts() {  # MAX: the part numbers below MAX that are not staged with the right size
   local i
@@ -219,7 +230,6 @@ $calls"
   done
   rm -f "$list"
   if ((${#bad[@]})); then
-    rm -f "${bad[@]/#/$STAGE/bundle.part}" 2>/dev/null || true
     for i in "${bad[@]}"; do rm -f "$STAGE/$(part_name "$i")"; done
     die "corrupted part(s) ${bad[*]} (sha256 differs from the manifest); removed them from $STAGE: run 'put' for them again"
   fi
@@ -280,7 +290,7 @@ pip_install_deps() {
   "$PYTHON" -m pip --version >/dev/null 2>&1 || die "$PYTHON has no pip; set PYTHON to the host's Python 3.12 with pip"
   rm -rf "$SITE"
   log "pip install --no-deps --no-index --target $SITE (${#wheels[@]} wheels)"
-  "$PYTHON" -m pip install --disable-pip-version-check -q --no-deps --no-index --no-compile --target "$SITE" \
+  "$PYTHON" -m pip install --disable-pip-version-check --root-user-action=ignore -q --no-deps --no-index --no-compile --target "$SITE" \
     "${wheels[@]}" || die "pip install of the bundled wheels failed (see above)"
   echo "$want|$KEEP_HOST" > "$SITE/.cosine-deps"
 }
@@ -293,7 +303,7 @@ pip_install_cosine() {
     return 0
   fi
   rm -rf "$WHEEL_SITE"
-  "$PYTHON" -m pip install --disable-pip-version-check -q --no-deps --no-index --no-compile --target "$WHEEL_SITE" "$w" \
+  "$PYTHON" -m pip install --disable-pip-version-check --root-user-action=ignore -q --no-deps --no-index --no-compile --target "$WHEEL_SITE" "$w" \
     || die "pip install of $(basename "$w") failed"
   echo "$want" > "$WHEEL_SITE/.cosine-wheel"
   log "installed $(basename "$w") into $WHEEL_SITE (used when COSINE_CODE=wheel)"
@@ -357,7 +367,7 @@ allow_no_cuda = os.environ.get("ALLOW_NO_CUDA") == "1"
 print(f"python {sys.version.split()[0]} at {sys.executable}")
 # 1. onnxruntime first, alone, as a worker loads it (no torch imported yet)
 import onnxruntime as ort
-origin = "bundle" if os.path.realpath(ort.__file__).startswith(site) else "HOST (not the bundle!)"
+origin = "bundle" if os.path.realpath(ort.__file__).startswith(site + os.sep) else "HOST (not the bundle!)"
 print(f"onnxruntime {ort.__version__} from {origin}: {os.path.dirname(ort.__file__)}")
 if not origin == "bundle":
     sys.exit("onnxruntime is not the bundled onnxruntime-gpu: PYTHONPATH does not put the bundle first")
@@ -396,7 +406,7 @@ for mod in ("numpy", "zmq", "pykka", "msgpack", "tokenizers", "tqdm", "onnx", "o
     try:
         m = importlib.import_module(mod)
         f = os.path.realpath(getattr(m, "__file__", "") or "")
-        where = "bundle" if f.startswith(site) else "host" if "cosine" not in mod else f"code {os.path.dirname(f)}"
+        where = "bundle" if f.startswith(site + os.sep) else "host" if "cosine" not in mod else f"code {os.path.dirname(f)}"
         print(f"  {mod:22} {str(getattr(m, '__version__', '')):14} {where}")
     except Exception as e:
         bad.append(f"{mod}: {type(e).__name__}: {e}")
@@ -406,7 +416,10 @@ try:
           + (f", {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ""))
 except Exception:
     pass
-if bad:
+host_only = [b for b in bad if b.split(":")[0] in ("torch", "accelerate")]
+if bad and allow_no_cuda and bad == host_only:
+    print("WARNING (--allow-no-cuda rehearsal): " + "; ".join(bad))
+elif bad:
     print("IMPORT FAILURES:\n  " + "\n  ".join(bad))
     sys.exit(1)
 if not cuda_ok:
@@ -419,10 +432,28 @@ print("runtime check ok")
 EOF
   ((rc == 0)) || die "runtime check failed (see above)"
 }
+install_done() {  # this bundle already unpacked and installed (full, or deps-only when asked for)
+  local want; want="$(bundle_sha)"
+  [[ -f "$ENVFILE" && "$(cat "$SITE/.cosine-deps" 2>/dev/null)" == "$want|$KEEP_HOST" ]] || return 1
+  if ((DEPS_ONLY)); then
+    [[ "$(cat "$STAGE/bundle/.wheels" 2>/dev/null)" == "$want" || "$(cat "$STAGE/bundle/.extracted" 2>/dev/null)" == "$want" ]]
+  else
+    [[ "$(cat "$STAGE/bundle/.extracted" 2>/dev/null)" == "$want" && -f "$WHEEL_SITE/.cosine-wheel" ]] \
+      && ls "$HMODELS"/*.gguf >/dev/null 2>&1
+  fi
+}
 cmd_install() {
   need_manifest
   local count; count="$(meta parts)"
   ((DEPS_ONLY)) && count="$(meta deps_parts)"
+  if ((DRY == 0 && FORCE == 0)) && install_done; then
+    log "bundle $(bundle_sha | cut -c1-12) is already installed ($SITE, $ENVFILE); only re-checking the runtime (--force redoes it)"
+    link_source
+    write_env
+    step "runtime check (imports, onnxruntime CUDA)" check_runtime
+    return 0
+  fi
+  if ((FORCE)); then rm -f "$STAGE/bundle/.extracted" "$STAGE/bundle/.wheels" "$SITE/.cosine-deps" "$WHEEL_SITE/.cosine-wheel"; fi
   step "verify parts" verify_parts "$count"
   if ((DRY)); then
     if ((DEPS_ONLY)); then
@@ -451,7 +482,7 @@ cmd_install() {
 cmd_smoke() {
   use_env
   step "tiny engine: export (parity on CUDA) + worker bench on CUDA" \
-    run_logged smoke "$PYTHON" "$HERE/gpu_worker_bench.py" --provider cuda --device cuda:0 --iters 100 \
+    run_logged smoke "$PYTHON" "$HERE/gpu_worker_bench.py" --provider "$GPU_PROVIDER" --device "$GPU_DEVICE" --iters 100 \
       --json "$RESULTS/smoke.json"
 }
 run_logged() {  # NAME CMD...: output to runs/gpu/logs/NAME.log and the console; fail loudly
@@ -477,9 +508,9 @@ sys.exit(0 if ok else 1)
 EOF
 }
 export_jobs() {  # prints: NAME OUTDIR MODEL-NAME ARGS...
-  echo "target $ENGINES/$TARGET-fp16 $TARGET --dtype float16 --provider cuda"
+  echo "target $ENGINES/$TARGET-fp16 $TARGET --dtype float16 --provider $GPU_PROVIDER"
   if [[ "$DRAFTERS" == gpu ]]; then
-    echo "drafter $ENGINES/$DRAFTER-fp16 $DRAFTER --dtype float16 --provider cuda"
+    echo "drafter $ENGINES/$DRAFTER-fp16 $DRAFTER --dtype float16 --provider $GPU_PROVIDER"
   else
     echo "drafter-int4 $ENGINES/$DRAFTER-int4 $DRAFTER --quantize int4 --dtype float32 --provider cpu"
   fi
@@ -499,7 +530,7 @@ run_exports() {
     local cmd=("$PYTHON" -m cosine.export --model "$gguf" --out "$out" --name "$model" $args)
     if ((DRY)); then log "dry run: would run: ${cmd[*]}"; continue; fi
     log "$name: ${cmd[*]}  (log: $LOGS/export-$name.log)"
-    "${cmd[@]}" > "$LOGS/export-$name.log" 2>&1 &
+    "${cmd[@]}" < /dev/null > "$LOGS/export-$name.log" 2>&1 &
     pids+=($!); names+=("$name"); todo=1
   done < <(export_jobs)
   ((todo)) || return 0
@@ -528,7 +559,7 @@ cmd_export() {
 write_config() {  # PATH
   local d_engine d_dtype d_quant d_dev d_prov d_threads
   if [[ "$DRAFTERS" == gpu ]]; then
-    d_engine="$ENGINES/$DRAFTER-fp16"; d_dtype=float16; d_quant=""; d_dev="cuda:0"; d_prov=cuda; d_threads=0
+    d_engine="$ENGINES/$DRAFTER-fp16"; d_dtype=float16; d_quant=""; d_dev="$GPU_DEVICE"; d_prov="$GPU_PROVIDER"; d_threads=0
   else
     d_engine="$ENGINES/$DRAFTER-int4"; d_dtype=float32; d_quant='quantize = "int4"'; d_dev=cpu; d_prov=cpu
     d_threads="$DRAFTER_THREADS"
@@ -574,8 +605,8 @@ name = "verifier-0"
 model = "$TARGET"
 host = "127.0.0.1"
 port = 5711
-device = "cuda:0"
-provider = "cuda"
+device = "$GPU_DEVICE"
+provider = "$GPU_PROVIDER"
 max_batch = 16
 kv_budget_tokens = 65536
 idle_timeout_s = 600.0
@@ -649,12 +680,12 @@ cmd_bench() {
   fi
   step "write + validate $cfg" write_config "$cfg"
   local peers_arg=none; [[ "$PEERS" == cpu ]] && peers_arg="hf,hf-assisted"
-  local wb=("$PYTHON" "$HERE/gpu_worker_bench.py" --engine "$t_engine" --provider cuda --device cuda:0
+  local wb=("$PYTHON" "$HERE/gpu_worker_bench.py" --engine "$t_engine" --provider "$GPU_PROVIDER" --device "$GPU_DEVICE"
             --iters "$ITERS" --json "$RESULTS/worker-bench.json")
   local run=("$PYTHON" -m cosine.bench run --config "$cfg" --modes "$MODES" --concurrency "$CONC"
              --domains code,docs,prose,german --per-domain "$PERDOM" --max-tokens "$MAXTOK" --peers "$peers_arg"
-             --out "$RESULTS/bench")
-  local peers=("$PYTHON" "$HERE/gpu_peers.py" --results "$RESULTS/bench" --device cuda:0 --dtype float16)
+             --out "$BENCH")
+  local peers=("$PYTHON" "$HERE/gpu_peers.py" --results "$BENCH" --device "$GPU_DEVICE" --dtype float16)
   log "profile: $( ((QUICK)) && echo quick || echo full ): modes $MODES, concurrency $CONC, $MAXTOK tokens, per-domain ${PERDOM} (0 = all), drafters on $DRAFTERS, peers $PEERS"
   if ((DRY)); then
     log "dry run: would run: ${wb[*]}"
@@ -662,18 +693,33 @@ cmd_bench() {
     [[ "$PEERS" == gpu ]] && log "dry run: would run: ${peers[*]}"
     return 0
   fi
-  step "worker round trips on CUDA (cosine-bench worker, target)" run_logged worker-bench "${wb[@]}"
+  rm -rf "$BENCH"
+  step "worker round trips on $GPU_PROVIDER (cosine-bench worker, target)" run_logged worker-bench "${wb[@]}"
   step "cosine-bench run" run_logged bench "${run[@]}"
   if [[ "$PEERS" == gpu ]]; then
-    step "HF peers on CUDA fp16" run_logged peers "${peers[@]}"
+    step "HF peers on $GPU_DEVICE fp16" run_logged peers "${peers[@]}"
   fi
-  log "results in $RESULTS (bench/results.json, bench/results.md, worker-bench.json, config.toml, remote.log)"
-  cat "$RESULTS/bench/results.md" >&2
+  collect_results
+  cat "$BENCH/results.md" >&2
+}
+collect_results() {  # into $OUT: 8 files at most come back, so the timeline plots and logs go as one tar
+  if [[ -z "${OUT:-}" ]]; then
+    log "results in $BENCH (results.json, results.md, plots), $RESULTS/worker-bench.json, logs in $LOGS"
+    return 0
+  fi
+  mkdir -p "$OUT/bench"
+  local f
+  for f in results.json results.md throughput.png accepted_length.png; do
+    [[ -f "$BENCH/$f" ]] && cp "$BENCH/$f" "$OUT/bench/"
+  done
+  tar -czf "$OUT/extras.tar.gz" -C "$WORK" --exclude=results.json bench logs
+  log "results in \$OUT: bench/results.{json,md}, bench/*.png, worker-bench.json, config.toml, remote.log, extras.tar.gz (timeline plots, logs)"
 }
 
 # ------------------------------------------------------------------ status
 cmd_status() {
   if [[ -f "$MANIFEST" ]]; then
+    load_meta
     local n miss; n="$(meta parts)"; miss="$(missing_parts "$n")"
     log "bundle $(bundle_sha | cut -c1-12): $n parts, $(meta total_bytes) bytes, deps in the first $(meta deps_parts)"
     log "staged in $STAGE: $((n - $(wc -w <<<"$miss"))) of $n${miss:+; missing: $miss}"
