@@ -6,6 +6,7 @@ GPU, no pip install; a few seconds."""
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import os
 import random
 import shutil
@@ -37,10 +38,18 @@ def _wheel(d: Path, name: str, version: str, requires: tuple[str, ...] = (), pad
     return whl
 
 
-def _pack(src: Path, dev: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(AIRGAP / "bundle.py"), "pack", str(src), str(dev / "bundle.part"),
-                           str(dev / "bundle.sha256"), "--part-bytes", str(PART)],
-                          capture_output=True, text=True, timeout=60)
+def _bundle_module():
+    spec = importlib.util.spec_from_file_location("airgap_bundle", AIRGAP / "bundle.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+BUNDLE = _bundle_module()
+
+
+def _pack(src: Path, dev: Path) -> int:
+    return BUNDLE.pack(src, dev / "bundle.part", dev / "bundle.sha256", PART, "3.12")
 
 
 @pytest.fixture
@@ -57,8 +66,7 @@ def bundle(tmp_path: Path) -> Path:
     _wheel(src / "cosine", "cosine", "0.1.0", pad=500)
     dev = tmp_path / "dev"
     dev.mkdir()
-    r = _pack(src, dev)
-    assert r.returncode == 0, r.stderr
+    assert _pack(src, dev) == 0
     return dev
 
 
@@ -113,7 +121,7 @@ class Host:
                 shutil.copy(self.dev / f"bundle.part{i:02d}", self.stage)
 
 
-def test_pack_writes_parts_and_manifest(bundle: Path, tmp_path: Path) -> None:
+def test_pack_writes_parts_and_manifest(bundle: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     meta = _meta(bundle)
     parts = sorted(bundle.glob("bundle.part[0-9][0-9]"))
     total = sum(p.stat().st_size for p in parts)
@@ -124,8 +132,8 @@ def test_pack_writes_parts_and_manifest(bundle: Path, tmp_path: Path) -> None:
     assert sums["bundle.tar"] == hashlib.sha256(b"".join(p.read_bytes() for p in parts)).hexdigest()
     assert 1 <= int(meta["deps_parts"]) < len(parts)
     # the same content again: nothing is rewritten
-    again = _pack(tmp_path / "src", bundle)
-    assert again.returncode == 0 and "bundle unchanged" in again.stdout
+    capsys.readouterr()
+    assert _pack(tmp_path / "src", bundle) == 0 and "bundle unchanged" in capsys.readouterr().out
 
 
 def test_put_each_part_then_install_dry_run(bundle: Path, tmp_path: Path) -> None:
@@ -197,46 +205,48 @@ def test_put_rejects_bad_transfers_clearly(bundle: Path, tmp_path: Path) -> None
     assert r.returncode == 1 and "does not exist" in r.stderr
 
 
-def test_new_manifest_drops_parts_of_the_old_bundle(bundle: Path, tmp_path: Path) -> None:
+def test_new_manifest_keeps_shared_parts_and_drops_the_rest(bundle: Path, tmp_path: Path) -> None:
     host = Host(tmp_path, bundle)
-    host.carry(0)
-    assert host.run("put", "0").returncode == 0
-    (bundle / "bundle.sha256").write_text((bundle / "bundle.sha256").read_text().replace("# format=1", "# format=1\n# x=y"))
-    host.carry(1)
-    r = host.run("put", "1")
-    assert r.returncode == 0 and "different bundle" in r.stderr
+    for i in (0, 1):
+        host.carry(i)
+        assert host.run("put", str(i)).returncode == 0
+    man = bundle / "bundle.sha256"
+    old0 = next(ln for ln in man.read_text().splitlines() if ln.endswith("  bundle.part00"))
+    man.write_text(man.read_text().replace(old0, "0" * 64 + "  bundle.part00"))  # part 0 changed, part 1 not
+    host.carry(2)
+    r = host.run("put", "2")
+    assert r.returncode == 0 and "kept 1 staged part(s) it shares, dropped 1" in r.stderr
     assert not (host.stage / "bundle.part00").exists() and (host.stage / "bundle.part01").exists()
 
 
 def test_wheels_come_out_of_the_leading_parts(bundle: Path, tmp_path: Path) -> None:
     deps = int(_meta(bundle)["deps_parts"])
     out = tmp_path / "wheels"
-    r = subprocess.run([sys.executable, str(AIRGAP / "bundle.py"), "extract-wheels", str(out),
-                        *[str(bundle / f"bundle.part{i:02d}") for i in range(deps)]],
-                       capture_output=True, text=True, timeout=60)
-    assert r.returncode == 0, r.stderr
+    assert BUNDLE.extract_wheels(out, [bundle / f"bundle.part{i:02d}" for i in range(deps)]) == 0
     got = sorted(p.name for p in out.iterdir())
     assert got == ["alpha-1.0-py3-none-any.whl", "beta-2.1-py3-none-any.whl"]
     assert _sha(out / got[0]) == _sha(tmp_path / "src" / "wheels" / got[0])
     if deps > 1:  # one part short: the cut-off wheel is an error, not a silent partial file
-        r = subprocess.run([sys.executable, str(AIRGAP / "bundle.py"), "extract-wheels", str(tmp_path / "w2"),
-                            str(bundle / "bundle.part00")], capture_output=True, text=True, timeout=60)
-        assert r.returncode != 0 and "stage more parts" in r.stderr
+        with pytest.raises(SystemExit, match="stage more parts"):
+            BUNDLE.extract_wheels(tmp_path / "w2", [bundle / "bundle.part00"])
 
 
-def test_closure_finds_missing_and_conflicting_wheels(tmp_path: Path) -> None:
+def test_closure_finds_missing_and_conflicting_wheels(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     d = tmp_path / "w"
     d.mkdir()
     _wheel(d, "alpha", "1.0", ("beta>=2", "torch>=2", 'gamma; python_version < "3.0"'), pad=10)
-    check = lambda *a: subprocess.run([sys.executable, str(AIRGAP / "bundle.py"), "closure", str(d), *a],  # noqa: E731
-                                      capture_output=True, text=True, timeout=60)
-    r = check("--ignore", "torch")
-    assert r.returncode == 1 and "no beta wheel" in r.stderr and "gamma" not in r.stderr
+
+    def check(*ignore: str) -> tuple[int, str]:
+        rc = BUNDLE.closure(d, set(ignore))
+        return rc, capsys.readouterr().err
+
+    rc, err = check("torch")
+    assert rc == 1 and "no beta wheel" in err and "gamma" not in err
     _wheel(d, "beta", "1.5", pad=10)
-    r = check("--ignore", "torch")
-    assert r.returncode == 1 and "the bundle has beta 1.5" in r.stderr
+    rc, err = check("torch")
+    assert rc == 1 and "the bundle has beta 1.5" in err
     (d / "beta-1.5-py3-none-any.whl").unlink()
     _wheel(d, "beta", "2.0", pad=10)
-    assert check("--ignore", "torch").returncode == 0
-    r = check()
-    assert r.returncode == 1 and "no torch wheel" in r.stderr
+    assert check("torch")[0] == 0
+    rc, err = check()
+    assert rc == 1 and "no torch wheel" in err

@@ -57,6 +57,9 @@ TARGET="qwen2.5-coder-1.5b"       # cosine models names (cosine/models.py)
 DRAFTER="qwen2.5-coder-0.5b"
 MANIFEST="$STAGE/bundle.sha256"
 
+usage() { awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; }
+case "${1:-}" in ""|-h|--help|help) usage; exit 0 ;; esac
+
 # ------------------------------------------------------------------ logging and steps
 mkdir -p "$RESULTS" "$LOGS"
 LOGFILE="$RESULTS/remote.log"
@@ -181,11 +184,18 @@ cmd_put() {
   mkdir -p "$STAGE"
   local carried="$REPO/.device/bundle.sha256"
   if [[ -f "$carried" ]]; then
-    if [[ -f "$MANIFEST" ]] && ! cmp -s "$carried" "$MANIFEST"; then
-      log "the carried manifest describes a different bundle than the staged one: dropping the old parts"
-      rm -f "$STAGE"/bundle.part* "$MANIFEST"
-    fi
+    local changed=0
+    if [[ -f "$MANIFEST" ]] && ! cmp -s "$carried" "$MANIFEST"; then changed=1; fi
     cp "$carried" "$MANIFEST"
+    if ((changed)); then  # a new bundle: keep the staged parts it shares with the old one
+      load_meta
+      local f kept=0 dropped=0
+      for f in "$STAGE"/bundle.part[0-9][0-9]; do
+        [[ -f "$f" ]] || continue
+        if [[ "$(sha "$f")" == "$(sum_of "$(basename "$f")")" ]]; then kept=$((kept + 1)); else rm -f "$f"; dropped=$((dropped + 1)); fi
+      done
+      log "the carried manifest describes a different bundle: kept $kept staged part(s) it shares, dropped $dropped"
+    fi
   fi
   need_manifest
   if [[ -n "$PART" ]]; then
@@ -749,6 +759,5 @@ case "$CMD" in
     cmd_export
     cmd_bench ;;
   status) cmd_status ;;
-  ""|-h|--help|help) sed -n '2,29p' "$0" | sed 's/^# \{0,1\}//' ;;
   *) die "unknown command '$CMD': put, install, smoke, export, bench, all, status (see the header of $0)" ;;
 esac

@@ -49,7 +49,7 @@ HOST_PROVIDED="torch,onnxruntime"   # torch: on the host; onnxruntime: onnxrunti
 PIN=1
 FORCE=0
 
-usage() { sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; }
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --force) FORCE=1 ;;
