@@ -217,8 +217,9 @@ class LocalCluster:
 
     def __init__(self, config_path: str | Path, log_level: str | None = None, echo: bool = False,
                  start_timeout_s: float = 120.0, stop_timeout_s: float = 10.0, serve_args: list[str] | None = None,
-                 remote: Remote | None = None):
+                 remote: Remote | None = None, defer: tuple[str, ...] = ()):
         self.config_path = Path(config_path).resolve()
+        self.defer = set(defer)  # workers start() leaves out (start them later: start_worker)
         self.cfg = cfgmod.load(self.config_path, check_engines=remote is None)
         self.remote = remote
         # with --hosts, the workers whose host is not this machine run over ssh
@@ -263,7 +264,8 @@ class LocalCluster:
     def start(self) -> "LocalCluster":
         try:
             for w in self.cfg.workers:
-                self.workers[w.name] = self._spawn(w.name)
+                if w.name not in self.defer:
+                    self.workers[w.name] = self._spawn(w.name)
             deadline = time.monotonic() + self.start_timeout_s
             for c in self.workers.values():
                 c.wait_ready(deadline)

@@ -53,8 +53,10 @@ GENERATE_KEYS = {"v", "op", "seq", "arrays", "rid", "prompt", "max_tokens", "tem
                  "mode", "stream", "seed", "ignore_eos", "drafters"}
 
 
-def wait_healthy(cfg: Config, names: list[str], timeout_s: float) -> dict[str, dict[str, Any]]:
-    """Health of every named worker, in parallel; raises naming the ones that never answered."""
+def wait_healthy(cfg: Config, names: list[str], timeout_s: float,
+                 optional: frozenset[str] = frozenset()) -> dict[str, dict[str, Any]]:
+    """Health of every named worker, in parallel; raises naming the ones that never
+    answered, except ``optional`` ones, which are left out of the result."""
     out: dict[str, dict[str, Any]] = {}
     errors: dict[str, str] = {}
 
@@ -76,6 +78,9 @@ def wait_healthy(cfg: Config, names: list[str], timeout_s: float) -> dict[str, d
         t.start()
     for t in threads:
         t.join()
+    for name in sorted(set(errors) & optional):
+        log.warning("worker %s did not answer health within %.0f s (%s); starting without it", name, timeout_s,
+                    errors.pop(name))
     if errors:
         raise RuntimeError("workers did not answer health within %.0f s: %s (start them with `cosine-worker "
                            "--config ... --name NAME` or use `cosine up`)" % (
@@ -118,12 +123,15 @@ class Server:
         self.eos = frozenset(int(t) for t in (self.manifest.get("eos_token_ids") or []))
         vnames = [w.name for w in cfg.verifier_workers()]
         dnames = [w.name for w in cfg.drafter_workers()]
-        health = wait_healthy(cfg, vnames + dnames, connect_timeout_s)
-        log.info("workers healthy: %s", ", ".join(f"{n} ({health[n].get('model')})" for n in vnames + dnames))
+        # A drafter host that is down must not keep the head from serving: it starts marked
+        # dead and the controller's probes admit it once it answers (docs/deploy.md).
+        health = wait_healthy(cfg, vnames + dnames, connect_timeout_s, optional=frozenset(dnames))
+        up = [n for n in vnames + dnames if n in health]
+        log.info("workers healthy: %s", ", ".join(f"{n} ({health[n].get('model')})" for n in up))
         # Every start is a new session: worker rids are "<session>.<n>", and whatever an
         # earlier serve left on the workers (it was killed before releasing) is freed now.
         self.session = uuid.uuid4().hex[:12]
-        release_orphans(cfg, vnames + dnames, self.session, cc.worker_timeout_s)
+        release_orphans(cfg, up, self.session, cc.worker_timeout_s)
 
         self.pull = self.ctx.socket(zmq.PULL)
         self.pull.bind(INPROC + "-" + uuid.uuid4().hex)
@@ -135,9 +143,11 @@ class Server:
         self.drafters = []
         for i, n in enumerate(dnames):
             w = cfg.worker(n)
-            eng = health[n].get("engine") or {}
+            eng = (health.get(n) or {}).get("engine") or {}
+            # (a drafter that was down reports no context length: a too-long draft is a soft error)
             self.drafters.append(DrafterSlot(n, i, DrafterProxyActor.start(n, w.endpoint, t, i, curve=keys).proxy(),
-                                             int(eng.get("max_positions") or 1 << 30), cfg.model(w.model).domains))
+                                             int(eng.get("max_positions") or 1 << 30), cfg.model(w.model).domains,
+                                             alive=n in health))
         infos = [DrafterInfo(d.name, tuple(d.domains)) for d in self.drafters]
         self.router = RouterActor.start(Router.from_config(infos, cc.routing, seed=cc.seed)).proxy()
         self.fuser = FuserActor.start(cc.fusion.rule, cc.fusion.min_confidence).proxy()
@@ -191,7 +201,7 @@ class Server:
                 vsamples.append((1, n, len(prompt), res.busy_s))  # (batch, tokens, seq_len, s)
             for d in self.drafters:
                 # the first draft call also prefills the drafter: keep it out of the samples
-                if d.proxy.draft([DraftJob(rid, list(prompt), 1)]).get().error:
+                if not d.alive or d.proxy.draft([DraftJob(rid, list(prompt), 1)]).get().error:
                     continue
                 for k in (1, 2, 4):
                     res = d.proxy.draft([DraftJob(rid, list(prompt), k)]).get()
@@ -201,7 +211,8 @@ class Server:
         finally:
             self.verifiers[0].proxy.release([rid]).get()
             for d in self.drafters:
-                d.proxy.release([rid]).get()
+                if d.alive:
+                    d.proxy.release([rid]).get()
         try:
             cost = CostModel.fit(vsamples, dsamples)
         except Exception as e:  # noqa: BLE001 - a bad fit must not stop serving

@@ -136,6 +136,21 @@ def test_pack_writes_parts_and_manifest(bundle: Path, tmp_path: Path, capsys: py
     assert _pack(tmp_path / "src", bundle) == 0 and "bundle unchanged" in capsys.readouterr().out
 
 
+def test_new_cosine_wheel_changes_only_the_tail(bundle: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    before = {p.name: _sha(p) for p in bundle.glob("bundle.part[0-9][0-9]")}
+    src = tmp_path / "src"
+    (src / "cosine" / "cosine-0.1.0-py3-none-any.whl").unlink()
+    _wheel(src / "cosine", "cosine", "0.1.0", pad=900)  # a code change: another wheel, another size
+    capsys.readouterr()
+    assert _pack(src, bundle) == 0
+    assert "parts that differ from the previous bundle" in capsys.readouterr().out
+    after = {p.name: _sha(p) for p in bundle.glob("bundle.part[0-9][0-9]")}
+    changed = sorted(n for n in after if before.get(n) != after[n])
+    first = min(int(n[-2:]) for n in changed)
+    assert changed == [f"bundle.part{i:02d}" for i in range(first, len(after))]  # a tail only
+    assert first >= int(_meta(bundle)["deps_parts"]) and first > 0
+
+
 def test_put_each_part_then_install_dry_run(bundle: Path, tmp_path: Path) -> None:
     host, n = Host(tmp_path, bundle), int(_meta(bundle)["parts"])
     host.carry(0)

@@ -89,3 +89,24 @@ def test_serve_sigterm_fails_running_requests(cluster):
             for _ in it:
                 pass
         assert cluster.serve.proc.wait(20) == 0
+
+
+def test_serve_starts_while_a_drafter_is_down(control_engines, tmp_path):
+    """A drafter host that is down at start-up does not keep serve from serving: it starts
+    with the drafter marked dead, outputs stay exact, and the drafter joins once it is up."""
+    cfg = write_cluster_config(tmp_path / "config.toml", control_engines["target"],
+                               {"good": control_engines["target"], "poor": control_engines["poor"]},
+                               controller={"worker_timeout_s": 1.5})
+    with LocalCluster(cfg, defer=("good",), serve_args=["--connect-timeout", "2"]) as cl, \
+            Client(cl.endpoint, timeout_s=60) as c:
+        ref = c.generate(PROMPT, max_tokens=30, mode="autoregressive")
+        assert c.health()["drafters"] == {"good": False, "poor": True}
+        assert c.generate(PROMPT, max_tokens=30, mode="cosine").token_ids == ref.token_ids
+        cl.start_worker("good")
+        deadline = time.monotonic() + 30
+        while not c.health()["drafters"]["good"]:
+            assert time.monotonic() < deadline, "a drafter that came up late was never admitted"
+            c.generate(PROMPT, max_tokens=4, mode="cosine")  # rounds drive the probes
+            time.sleep(0.2)
+        r = c.generate(PROMPT, max_tokens=30, mode="speculative", drafters=["good"])
+        assert r.token_ids == ref.token_ids and r.stats["drafters_used"] == ["good"]

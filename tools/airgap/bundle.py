@@ -247,6 +247,7 @@ def pack(src: Path, prefix: Path, manifest: Path, part_bytes: int, py: str) -> i
     info = {"format": 1, "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
             "python": py, "members": [{"name": arc, "bytes": p.stat().st_size, "sha256": digests[arc]}
                                       for arc, p in members]}
+    old_sums = read_manifest(manifest)[1] if manifest.is_file() else {}
     for old in prefix.parent.glob(f"{prefix.name}[0-9][0-9]*"):
         old.unlink()
     manifest.unlink(missing_ok=True)
@@ -281,6 +282,10 @@ def pack(src: Path, prefix: Path, manifest: Path, part_bytes: int, py: str) -> i
     os.replace(tmp, manifest)
     print(f"packed {len(members)} files: {total} bytes in {len(w.parts)} parts of {part_bytes} bytes "
           f"(the first {deps_parts} hold every dependency wheel); manifest {manifest}")
+    if old_sums:
+        changed = [str(i) for i, (path, _, sha) in enumerate(w.parts) if old_sums.get(path.name) != sha]
+        print(f"parts that differ from the previous bundle (a host that staged it needs only these again): "
+              f"{' '.join(changed) or 'none'}")
     return 0
 
 
