@@ -108,7 +108,9 @@ def _watch(sock: zmq.Socket, heartbeat_s: float | None) -> zmq.Socket:
     if heartbeat_s:
         sock.setsockopt(zmq.HEARTBEAT_IVL, max(1, int(heartbeat_s * 1000)))
         sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, max(1, int(3 * heartbeat_s * 1000)))
-    return sock.get_monitor_socket(zmq.EVENT_DISCONNECTED | CLIENT_EVENTS)
+    # a unique address: the default one is derived from the fd, which a closed socket frees
+    return sock.get_monitor_socket(zmq.EVENT_DISCONNECTED | CLIENT_EVENTS,
+                                   addr=f"inproc://cosine-client-monitor-{uuid.uuid4().hex}")
 
 
 def _lost_marker(refused: Refusal | None) -> dict[str, Any]:

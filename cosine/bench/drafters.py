@@ -18,6 +18,7 @@ import logging
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -30,7 +31,7 @@ log = logging.getLogger("cosine.bench.drafters")
 
 
 def measure(endpoint: str, items: list[tuple[str, str]], drafters: list[str], max_tokens: int,
-            timeout_s: float, with_cosine: bool = True) -> list[dict]:
+            timeout_s: float, with_cosine: bool = True, curve: Any = None) -> list[dict]:
     """One record per (row, prompt); rows are the drafter names, plus "autoregressive" and
     "cosine"."""
     from cosine.client import Client
@@ -40,7 +41,7 @@ def measure(endpoint: str, items: list[tuple[str, str]], drafters: list[str], ma
     if with_cosine:
         runs.append(("cosine", "cosine", None))
     out = []
-    with Client(endpoint, timeout_s=timeout_s) as c:
+    with Client(endpoint, timeout_s=timeout_s, curve=curve) as c:
         for row, mode, pin in runs:
             for i, (domain, prompt) in enumerate(items):
                 t0 = time.perf_counter()
@@ -174,10 +175,12 @@ def main(argv: list[str] | None = None) -> int:
     env = environment(cfg, ["drafters", *argv])
 
     from cosine.control.cluster import LocalCluster
+    from cosine.security import CurveKeys
 
     with LocalCluster(args.config) as cluster:
         records = measure(cluster.endpoint, items, [w.name for w in drafter_workers], args.max_tokens,
-                          args.timeout, with_cosine=not args.no_cosine)
+                          args.timeout, with_cosine=not args.no_cosine,
+                          curve=CurveKeys.from_config(cfg.security))
     result = {"environment": env, "args": {k: str(v) for k, v in vars(args).items()}, "kinds": kinds,
               "draft_len": cfg.controller.speculation.draft_len, "summary": summarize(records, general),
               "records": records}

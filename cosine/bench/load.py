@@ -195,7 +195,7 @@ def error_kind(e: BaseException) -> tuple[str, bool]:
 
 def run_load(endpoint: str, prompts: list[str], clients: int, duration_s: float, max_tokens: int = 32,
              mode: str | None = None, temperature: float = 0.0, timeout_s: float = 120.0, stream: str = "mix",
-             ignore_eos: bool = True, error_backoff_s: float = 0.1) -> dict[str, Any]:
+             ignore_eos: bool = True, error_backoff_s: float = 0.1, curve: Any = None) -> dict[str, Any]:
     """N closed-loop clients for ``duration_s``; returns the accounting and latencies. After
     an error a client waits ``error_backoff_s`` before its next request (as a real client
     backs off on Overloaded)."""
@@ -215,7 +215,7 @@ def run_load(endpoint: str, prompts: list[str], clients: int, duration_s: float,
     def client_loop(ci: int) -> None:
         use_stream = stream == "on" or (stream == "mix" and ci % 2 == 1)
         k = ci
-        with Client(endpoint, timeout_s=timeout_s) as c:
+        with Client(endpoint, timeout_s=timeout_s, curve=curve) as c:
             while time.monotonic() < deadline:
                 prompt = prompts[k % len(prompts)]
                 k += 1
@@ -280,7 +280,7 @@ def run_load(endpoint: str, prompts: list[str], clients: int, duration_s: float,
     }
 
 
-def settle_workers(endpoint: str, timeout_s: float = 10.0) -> dict[str, Any]:
+def settle_workers(endpoint: str, timeout_s: float = 10.0, curve: Any = None) -> dict[str, Any]:
     """Server stats after the load; waits (up to ``timeout_s``) until no worker holds a request
     (releases are asynchronous). Returns {"workers_held": {name: n}, "server": stats}."""
     from cosine.client import Client, CosineError
@@ -288,7 +288,7 @@ def settle_workers(endpoint: str, timeout_s: float = 10.0) -> dict[str, Any]:
     deadline = time.monotonic() + timeout_s
     st: dict[str, Any] = {}
     held: dict[str, Any] = {}
-    with Client(endpoint, timeout_s=30) as c:
+    with Client(endpoint, timeout_s=30, curve=curve) as c:
         while True:
             try:
                 st = c.stats()
@@ -410,9 +410,13 @@ def main(argv: list[str] | None = None) -> int:
     sampler = RssSampler(cfg.path, a.rss_interval)
     try:
         sampler.start()
+        from cosine.security import CurveKeys
+
+        keys = CurveKeys.from_config(cfg.security)
         res = run_load(endpoint, a.prompts or DEFAULT_PROMPTS, a.clients, a.duration, a.max_tokens, a.mode,
-                       a.temperature, a.timeout, a.stream, ignore_eos=not a.eos, error_backoff_s=a.error_backoff)
-        res["after"] = settle_workers(endpoint)
+                       a.temperature, a.timeout, a.stream, ignore_eos=not a.eos, error_backoff_s=a.error_backoff,
+                       curve=keys)
+        res["after"] = settle_workers(endpoint, curve=keys)
         sampler.stop()
         dead = cluster.dead_child() if cluster else None
     finally:

@@ -75,7 +75,7 @@ def closed_loop(endpoint: str, items: list[tuple[str, str]], mode: str, concurre
     total = len(items) * max(1, args.repeat)
 
     def worker() -> None:
-        with Client(endpoint, timeout_s=args.timeout) as c:
+        with Client(endpoint, timeout_s=args.timeout, curve=args.curve) as c:
             while True:
                 with lock:
                     i = cursor[0]
@@ -105,7 +105,7 @@ def open_loop(endpoint: str, items: list[tuple[str, str]], mode: str, rate: floa
 
     def fire(i: int) -> None:
         d, p = items[i % len(items)]
-        with Client(endpoint, timeout_s=args.timeout) as c:
+        with Client(endpoint, timeout_s=args.timeout, curve=args.curve) as c:
             rec = _one(c, d, p, mode, args, seed=args.seed + i)
         rec["arrival"] = "poisson"
         with lock:
@@ -203,6 +203,9 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out or Path("docs/benchmarks") / f"{dt.date.today().isoformat()}-{platform.node() or 'host'}"
     out.mkdir(parents=True, exist_ok=True)
     env = environment(cfg, argv)
+    from cosine.security import CurveKeys
+
+    args.curve = CurveKeys.from_config(cfg.security)  # the bench clients connect like any client
     records: list[dict] = []
     summary: dict = {}
     timelines: dict[str, list] = {}  # mode@level -> rounds' phases (ControllerStats.timeline)
@@ -214,10 +217,10 @@ def main(argv: list[str] | None = None) -> int:
         for mode in modes:
             for c in levels:
                 log.info("mode %s, concurrency %d, %d prompts", mode, c, len(items))
-                with Client(cluster.endpoint) as admin:
+                with Client(cluster.endpoint, curve=args.curve) as admin:
                     before = admin.stats()
                 recs, wall = closed_loop(cluster.endpoint, items, mode, c, args)
-                with Client(cluster.endpoint) as admin:
+                with Client(cluster.endpoint, curve=args.curve) as admin:
                     after = admin.stats(timeline=4096)
                 records += recs
                 summary[f"{mode}@{c}"] = {**summarize(recs, wall), "server_stats_delta": _delta(before, after)}
@@ -234,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
             rs = [r for r in peer_recs if r.get("peer") == name]
             if rs:
                 summary[f"{name}@1"] = summarize(rs, sum(r["wall_s"] for r in rs))
-    result = {"environment": env, "args": {k: str(v) for k, v in vars(args).items()},
+    result = {"environment": env, "args": {k: str(v) for k, v in vars(args).items() if k != "curve"},
               "summary": summary, "ratios": ratios(summary), "identity": identity(records), "timelines": timelines, "records": records}
     (out / "results.json").write_text(json.dumps(result, indent=1))
     from cosine.bench.report import write_markdown, write_plots

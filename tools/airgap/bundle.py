@@ -1,3 +1,4 @@
+#!/usr/bin/env python3
 """Helpers for the air-gap bundle (docs/gpu.md). Standard library only, plus
 `packaging` (or pip's vendored copy) for the two wheel checks.
 

@@ -1,3 +1,4 @@
+#!/usr/bin/env python3
 """Hugging Face peers (greedy `generate()` and assisted generation) on a GPU, merged into
 a `cosine-bench run` results directory.
 

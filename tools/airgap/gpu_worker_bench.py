@@ -1,3 +1,4 @@
+#!/usr/bin/env python3
 """`cosine-bench worker` (workers/bench.py) with the worker and the reference engine on a
 GPU execution provider.
 
