@@ -612,11 +612,15 @@ class ControllerActor(pykka.ThreadingActor):
     def _fits(self, d: DrafterSlot, context_len: int, k: int) -> bool:
         return context_len + k <= d.max_positions
 
-    def _draft_chains(self, reqs: list[Request], plans: dict[str, DraftPlan]) -> None:
+    def _draft_chains(self, reqs: list[Request], plans: dict[str, DraftPlan],
+                      pick: dict[str, list[DrafterSlot]] | None = None) -> None:
+        """One multi-step draft op per drafter: the first usable drafter (speculative), all
+        of them (specinfer), or the ones in ``pick`` (a cosine request routed to one)."""
         jobs: dict[int, list[DraftJob]] = defaultdict(list)
         for r in reqs:
             p = plans[r.rid]
-            alive = [d for d in self._usable(r) if self._fits(d, len(r.committed), p.draft_len)]
+            cand = pick[r.rid] if pick is not None else self._usable(r)
+            alive = [d for d in cand if d.alive and self._fits(d, len(r.committed), p.draft_len)]
             use = alive[:1] if r.params.mode == "speculative" else alive
             for d in use:
                 jobs[d.index].append(self._job(r, list(r.committed), p.draft_len, p.tree_width))
@@ -644,6 +648,13 @@ class ControllerActor(pykka.ThreadingActor):
         if self.cc.fusion.weight_by_router:
             for rid, sc in self.router.scores([r.rid for r in reqs]).get().items():
                 weights[rid] = {by_name[n].index: s for n, s in sc.items() if n in by_name}
+        # A request routed to a single drafter has nothing to fuse: one multi-step draft op
+        # gives the same chain as k fused steps, for one round trip instead of k.
+        solo = {r.rid: [by_name[n] for n in sel.get(r.rid, []) if n in by_name] for r in reqs}
+        solo = {rid: ds for rid, ds in solo.items() if len(ds) == 1}
+        if solo:
+            self._draft_chains([r for r in reqs if r.rid in solo], plans, pick=solo)
+            reqs = [r for r in reqs if r.rid not in solo]
         state = {}
         for r in reqs:
             names = [n for n in sel.get(r.rid, []) if n in by_name]

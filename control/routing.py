@@ -50,7 +50,8 @@ class Router:
     def __init__(self, drafters: Sequence[DrafterInfo], max_drafters: int = 2, ema: float = 0.5,
                  explore_threshold: float = 1.5, explore_prob: float = 0.1,
                  classifier: DomainClassifier | None = None, seed: int = 0, window: int = 4,
-                 base_score: float = 0.5, domain_bonus: float = 0.25, prior_weight: float = 1.0):
+                 base_score: float = 0.5, domain_bonus: float = 0.25, prior_weight: float = 1.0,
+                 min_score_ratio: float = 0.0):
         names = [d.name for d in drafters]
         if len(set(names)) != len(names):
             raise ValueError(f"Router: drafter names must be unique, got {names}")
@@ -69,6 +70,7 @@ class Router:
         self.base_score = float(base_score)
         self.domain_bonus = float(domain_bonus)
         self.prior_weight = float(prior_weight)
+        self.min_score_ratio = float(min_score_ratio)
         self.rng = np.random.default_rng(seed)
         self._reqs: dict[str, _Request] = {}
         # domain -> drafter -> [sum of final scores, number of requests folded in]
@@ -80,7 +82,7 @@ class Router:
                     classifier: DomainClassifier | None = None, seed: int = 0, **kw) -> "Router":
         return cls(drafters, max_drafters=cfg.max_drafters_per_request, ema=cfg.ema,
                    explore_threshold=cfg.explore_threshold, explore_prob=cfg.explore_prob,
-                   classifier=classifier, seed=seed, **kw)
+                   min_score_ratio=cfg.min_score_ratio, classifier=classifier, seed=seed, **kw)
 
     # -- per-request lifecycle ---------------------------------------------------------
     def initial_score(self, domain: str, drafter: DrafterInfo) -> float:
@@ -153,14 +155,23 @@ class Router:
         if k <= 0 or not names:
             return []
         ranked = sorted(names, key=lambda n: (-req.scores[n], self._order[n]))
-        picks, rest = ranked[:k], ranked[k:]
+        picks = ranked[:k]
+        # A tried drafter far behind the best only costs fusion accepted length (its confident
+        # misses win steps): the request runs on the better ones alone.
+        top = req.scores[picks[0]]
+        picks = picks[:1] + [n for n in picks[1:] if n not in req.tried or req.scores[n] >= self.min_score_ratio * top]
+        rest = [n for n in ranked if n not in picks]
         if not rest:
             return picks
         low = len(req.window) == self.window and float(np.mean(req.window)) < self.explore_threshold
         lucky = self.rng.random() < self.explore_prob  # drawn every call: a stable random stream
         if low or lucky:
             untried = [n for n in rest if n not in req.tried]
-            picks[-1] = untried[0] if untried else rest[int(self.rng.integers(len(rest)))]
+            choice = untried[0] if untried else rest[int(self.rng.integers(len(rest)))]
+            if len(picks) < k:
+                picks.append(choice)
+            else:
+                picks[-1] = choice
             self.explorations += 1
             if low:
                 req.window.clear()

@@ -108,6 +108,9 @@ class RoutingConfig:
     ema: float = 0.5
     explore_threshold: float = 1.5  # mean accepted length below which the router explores
     explore_prob: float = 0.1
+    # A drafter already tried on a request is dropped from its rounds while its score is
+    # below this fraction of the best drafter's (0 = always use max_drafters_per_request).
+    min_score_ratio: float = 0.75
 
 
 @dataclass(frozen=True)

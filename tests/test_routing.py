@@ -272,3 +272,37 @@ def test_from_config_and_validation():
     r0 = Router([], classifier=Fixed("code"))
     r0.start("a")
     assert r0.select("a") == []
+
+
+def test_tried_drafter_far_behind_the_best_is_dropped():
+    """min_score_ratio: once tried, a drafter whose score is below that fraction of the best's
+    leaves the request's rounds (it would only win fusion steps with confident misses);
+    untried drafters are never cut, and a comparable one stays."""
+    r = router(classifier=Fixed("code"), min_score_ratio=0.75)
+    r.start("a")
+    assert r.select("a", k=2) == ["coder", "general"]     # nothing tried: the priors decide
+    for _ in range(6):
+        r.update("a", "coder", 0.9, 4, 4)
+        r.update("a", "general", 0.4, 1, 4)
+        r.record_round("a", 4)
+    assert r.scores("a")["general"] < 0.75 * r.scores("a")["coder"]
+    assert r.select("a", k=2) == ["coder", "writer"]      # general cut; writer untried
+    r.update("a", "writer", 0.85, 4, 4)                   # comparable to coder: both stay
+    assert r.select("a", k=2) == ["coder", "writer"]
+    r2 = router(classifier=Fixed("code"), min_score_ratio=0.0)
+    r2.start("a")
+    for _ in range(6):
+        r2.update("a", "coder", 0.9, 4, 4)
+        r2.update("a", "general", 0.4, 1, 4)
+    assert len(r2.select("a", k=2)) == 2                  # ratio 0: always k drafters
+
+
+def test_exploration_adds_a_drafter_when_the_cut_left_room():
+    r = router(classifier=Fixed("code"), min_score_ratio=0.75, explore_prob=1.0)
+    r.start("a")
+    for name in ("general", "writer"):
+        r.update("a", name, 0.1, 0, 4)
+    for _ in range(6):
+        r.update("a", "coder", 0.9, 4, 4)
+    picks = r.select("a", k=2)
+    assert picks[0] == "coder" and len(picks) == 2 and picks[1] != "coder"
