@@ -38,6 +38,8 @@ def test_run_reports_every_mode_level_ratio_and_timeline(bench_config: Path, tmp
         assert s[key]["requests"] == 4 and s[key]["tokens"] == 48, key
     assert s["cosine@1"]["mean_accepted_length"] > 1.0
     assert set(s["cosine@1"]["mean_accepted_length_by_domain"]) == {"code", "prose"}
+    assert set(s["cosine@1"]["mean_accepted_length_by_drafter"]) <= {"good", "poor", "lookup"}
+    assert s["cosine@1"]["mean_accepted_length_by_drafter"]
     assert res["identity"]["checked"] >= 16 and res["identity"]["mismatches"] == []
     assert res["ratios"]["cosine/autoregressive@1"] > 0
     assert res["environment"]["git_commit"] and res["environment"]["command"].startswith("cosine-bench")

@@ -30,6 +30,16 @@ def table(result: dict) -> str:
     if result.get("ratios"):
         lines += ["", "| ratio (same run) | value |", "|---|---|"]
         lines += [f"| {k} | {v:.2f}x |" for k, v in result["ratios"].items()]
+    per = {k: v["mean_accepted_length_by_drafter"] for k, v in summ.items() if v.get("mean_accepted_length_by_drafter")}
+    if per:
+        lines += ["", "Mean accepted length of the requests each drafter drafted for (a routed request "
+                      "counts for every drafter it used; `cosine-bench drafters` measures each alone):", "",
+                  "| mode@concurrency | " + " | ".join(f"{d}" for d in sorted({d for v in per.values() for d in v}))
+                  + " |"]
+        names = sorted({d for v in per.values() for d in v})
+        lines.append("|---|" + "---|" * len(names))
+        lines += [f"| {k} | " + " | ".join(f"{v[d]:.2f}" if d in v else "-" for d in names) + " |"
+                  for k, v in per.items()]
     ident = result.get("identity", {})
     lines += ["", f"Greedy identity check: {ident.get('checked', 0)} outputs compared with autoregressive, "
                   f"{len(ident.get('mismatches', []))} mismatches."]

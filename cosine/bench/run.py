@@ -142,6 +142,13 @@ def summarize(records: list[dict], wall: float) -> dict:
         for r in records:
             by_domain.setdefault(r["domain"], []).append(r["mean_accepted_length"])
         s["mean_accepted_length_by_domain"] = {d: float(np.mean(v)) for d, v in by_domain.items()}
+        # per drafter: the requests each drafter drafted for (routed requests may use several)
+        by_drafter: dict[str, list[float]] = {}
+        for r in records:
+            for d in r.get("drafters_used") or []:
+                by_drafter.setdefault(d, []).append(r["mean_accepted_length"])
+        if by_drafter:
+            s["mean_accepted_length_by_drafter"] = {d: float(np.mean(v)) for d, v in sorted(by_drafter.items())}
     return s
 
 
