@@ -466,6 +466,18 @@ class Teacher:
         else:
             mp.write_text(json.dumps(meta, indent=2) + "\n")
 
+    def timings(self) -> dict[str, Any]:
+        p = self.root / "timings.json"
+        return json.loads(p.read_text()) if p.is_file() else {}
+
+    def note_time(self, what: str, seconds: float, batches: int | None = None) -> None:
+        t = self.timings()
+        rec = t.setdefault(what, {"seconds": 0.0})
+        rec["seconds"] = round(rec["seconds"] + seconds, 1)
+        if batches is not None:
+            rec["batches"] = rec.get("batches", 0) + batches
+        (self.root / "timings.json").write_text(json.dumps(t, indent=2) + "\n")
+
     def shard(self, i: int) -> Path:
         return self.root / f"train-{i:05d}.npz"
 
@@ -959,11 +971,13 @@ def run(args) -> dict[str, Any]:
             log.info("teacher: the target continues %d windows of %d tokens by %d tokens (%d of %d batches to go)",
                      len(windows), args.prompt_tokens, args.continuation_tokens, len(missing), n_shards)
             tinfo["seconds"] = round(run_teacher(target, windows, teacher, missing, args, device), 1)
+            teacher.note_time("train", tinfo["seconds"], len(missing))
         if need_heldout:
             t0 = time.perf_counter()
             conts = run_teacher_heldout(target, heldout, args.eval_tokens, device, args.teacher_batch)
             Teacher.save(hpath, **{f"c{i}": c for i, c in enumerate(conts)})
             tinfo["heldout_seconds"] = round(time.perf_counter() - t0, 1)
+            teacher.note_time(hpath.stem, tinfo["heldout_seconds"])
         del target
         gc.collect()
     elif teacher:
@@ -975,6 +989,8 @@ def run(args) -> dict[str, Any]:
         if _vocab_digest(Tokenizer.from_file(str(out / "teacher" / "target-tokenizer.json"))) != _vocab_digest(tok):
             raise DistillError("the base's tokenizer differs from the target's; a drafter must share the "
                                "target's token ids")
+    if teacher is not None:
+        tinfo["timings"] = teacher.timings()  # including earlier runs on this OUT
     report["teacher"] = tinfo
     hconts: list[np.ndarray] = []
     if heldout:
@@ -1015,7 +1031,10 @@ def run(args) -> dict[str, Any]:
         log.info("LoRA rank %d alpha %g on %d layers (%.2fM trainable parameters); %d windows, %s loss",
                  args.lora_rank, alpha, len(lora_modules(base)), n_params / 1e6, len(data.prompts), args.loss)
         report["training"] = train(base, data, args, out, meta, device, t_start=t_all)
-        report["training"].update({"lora_rank": args.lora_rank, "lora_alpha": alpha, "targets": list(targets),
+        report["training"].update({"lora_rank": args.lora_rank, "lora_alpha": alpha,
+                                   "lora_layers": args.lora_layers or "all",
+                                   "wrapped": sorted({n.rsplit(".", 1)[-1] for n in lora_modules(base)}),
+                                   "wrapped_modules": len(lora_modules(base)),
                                    "trainable_parameters": n_params, "loss": args.loss, "lr": args.lr,
                                    "batch_size": args.batch_size, "windows": len(data.prompts),
                                    "prompt_tokens": args.prompt_tokens,

@@ -41,8 +41,9 @@ def table(result: dict) -> str:
         lines += [f"| {k} | " + " | ".join(f"{v[d]:.2f}" if d in v else "-" for d in names) + " |"
                   for k, v in per.items()]
     ident = result.get("identity", {})
-    lines += ["", f"Greedy identity check: {ident.get('checked', 0)} outputs compared with autoregressive, "
-                  f"{len(ident.get('mismatches', []))} mismatches."]
+    lines += ["", ident["note"] if ident.get("note") else
+              f"Greedy identity check: {ident.get('checked', 0)} outputs compared with autoregressive, "
+              f"{len(ident.get('mismatches', []))} mismatches."]
     return "\n".join(lines) + "\n"
 
 
