@@ -403,7 +403,7 @@ def heldout_prompts(args, files: list[Path], text: str, tok,
 
 # ===== teacher ===============================================================================
 
-def greedy_generate(model, prompts, n_new: int, topk: int = 0, eos: set[int] | None = None):
+def greedy_generate(model, prompts, n_new: int, topk: int = 0):
     """Greedy continuation of equal-length ``prompts`` [B, P] with a KV cache. Returns
     tokens [B, n_new] and, when topk > 0, the top-k ids and log-probabilities at every
     continuation position ([B, n_new, K]); all int64/float32 CPU tensors."""
@@ -1028,7 +1028,7 @@ def run(args) -> dict[str, Any]:
         add_lora(base, args.lora_rank, alpha, targets, args.lora_dropout, args.lora_layers)
         data = teacher.load_train(n_shards)
         n_params = sum(m.lora_A.numel() + m.lora_B.numel() for m in lora_modules(base).values())
-        log.info("LoRA rank %d alpha %g on %d layers (%.2fM trainable parameters); %d windows, %s loss",
+        log.info("LoRA rank %d alpha %g on %d linear layers (%.2fM trainable parameters); %d windows, %s loss",
                  args.lora_rank, alpha, len(lora_modules(base)), n_params / 1e6, len(data.prompts), args.loss)
         report["training"] = train(base, data, args, out, meta, device, t_start=t_all)
         report["training"].update({"lora_rank": args.lora_rank, "lora_alpha": alpha,
