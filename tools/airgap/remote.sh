@@ -16,7 +16,8 @@
 #                            (--drafters cpu: the drafter as an int4 CPU engine instead)
 #   remote.sh bench [--quick] [--drafters gpu|cpu] [--peers gpu|cpu|none] [--modes LIST]
 #                   [--concurrency LIST] [--max-tokens N] [--per-domain N] [--worker-iters N] [--dry-run]
-#                            worker round trips on CUDA (cosine-bench worker) + cosine-bench run (every
+#                            worker benchmark on CUDA (cosine-bench worker: overhead, prefill, decode
+#                            batch 1/4/16, verify vs tree size) + cosine-bench run (every
 #                            mode) + HF peers; results into $OUT if set, else runs/gpu/
 #   remote.sh all [any of the options above]     install + export + bench in one call
 #   remote.sh status         what is staged, installed and exported
@@ -29,6 +30,8 @@
 # COSINE_SRC on every call; wheel: run the bundled cosine wheel), COSINE_KEEP_HOST (project
 # names not to install from the bundle, e.g. "numpy sympy", to keep the host's own),
 # COSINE_AIRGAP_PROVIDER (cuda; tensorrt to try that provider; cpu to rehearse without a GPU).
+# COSINE_GPU_BANDWIDTH_GBS (unset; the GPU's memory bandwidth: the worker bench then reports
+# batch-1 decode against the weight-bytes / bandwidth floor).
 set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
@@ -127,7 +130,7 @@ done
 if ((QUICK)); then
   : "${CONC:=1,4}" "${MAXTOK:=64}" "${PERDOM:=1}" "${ITERS:=100}"
 else
-  : "${CONC:=1,4,16}" "${MAXTOK:=128}" "${PERDOM:=0}" "${ITERS:=300}"
+  : "${CONC:=1,4,16}" "${MAXTOK:=128}" "${PERDOM:=0}" "${ITERS:=200}"
 fi
 
 # ------------------------------------------------------------------ manifest helpers
@@ -690,8 +693,11 @@ cmd_bench() {
   fi
   step "write + validate $cfg" write_config "$cfg"
   local peers_arg=none; [[ "$PEERS" == cpu ]] && peers_arg="hf,hf-assisted"
+  # per-engine worker numbers: overhead, prefill, decode at batch 1/4/16, verify vs tree size;
+  # COSINE_GPU_BANDWIDTH_GBS (e.g. 3350 for an H100 SXM) adds the memory-bandwidth floor ratio
   local wb=("$PYTHON" "$HERE/gpu_worker_bench.py" --engine "$t_engine" --provider "$GPU_PROVIDER" --device "$GPU_DEVICE"
-            --iters "$ITERS" --json "$RESULTS/worker-bench.json")
+            --iters "$ITERS" --json "$RESULTS/worker-bench.json" --md "$LOGS/worker-bench.md")
+  if [[ -n "${COSINE_GPU_BANDWIDTH_GBS:-}" ]]; then wb+=(--bandwidth-gbs "$COSINE_GPU_BANDWIDTH_GBS"); fi
   local run=("$PYTHON" -m cosine.bench run --config "$cfg" --modes "$MODES" --concurrency "$CONC"
              --domains code,docs,prose,german --per-domain "$PERDOM" --max-tokens "$MAXTOK" --peers "$peers_arg"
              --out "$BENCH")
