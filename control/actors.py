@@ -431,7 +431,11 @@ class ControllerActor(pykka.ThreadingActor):
         if not self.incoming:
             return
         by_v: dict[int, list[Request]] = defaultdict(list)
-        while self.incoming:
+        # One prefill op per tick holds at most max_prefill_tokens prompt tokens (at least one
+        # request): a burst of long prompts must not become one forward that outlasts
+        # worker_timeout_s (16 x 128 tokens took over 30 s for the 1.5B on 2 CPU cores).
+        budget = self.cc.scheduling.max_prefill_tokens
+        while self.incoming and (budget > 0 or not by_v):
             i = self._place(self.incoming[0])
             if i is None:  # head of line waits: later (smaller) requests must not starve it
                 r = self.incoming[0]
@@ -445,6 +449,7 @@ class ControllerActor(pykka.ThreadingActor):
             self.verifiers[i].load += 1
             self.verifiers[i].reserved += r.kv_reserved
             by_v[r.verifier].append(r)
+            budget -= len(r.prompt)
         futs = {i: self.verifiers[i].proxy.prefill([(r.rid, r.prompt[:-1]) for r in rs]) for i, rs in by_v.items()}
         for i, rs in by_v.items():
             res: Timed = futs[i].get()
@@ -652,8 +657,9 @@ class ControllerActor(pykka.ThreadingActor):
         # gives the same chain as k fused steps, for one round trip instead of k.
         solo = {r.rid: [by_name[n] for n in sel.get(r.rid, []) if n in by_name] for r in reqs}
         solo = {rid: ds for rid, ds in solo.items() if len(ds) == 1}
-        if solo:
-            self._draft_chains([r for r in reqs if r.rid in solo], plans, pick=solo)
+        if solo:  # fused drafting never expands top-k siblings, so neither does its solo chain
+            flat = {rid: DraftPlan(p.speculate, p.draft_len, 1) for rid, p in plans.items()}
+            self._draft_chains([r for r in reqs if r.rid in solo], flat, pick=solo)
             reqs = [r for r in reqs if r.rid not in solo]
         state = {}
         for r in reqs:

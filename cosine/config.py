@@ -94,10 +94,11 @@ class SpeculationConfig:
     # Speculation is turned off for a request whose measured goodput falls below this
     # fraction of plain decoding's.
     disable_below_ratio: float = 0.9
-    # Batch-level switch between speculation and plain batched decoding: "measured" learns
-    # from the goodput of real rounds per batch size, "model" trusts the start-up cost
-    # profile, "off" always speculates (docs/algorithms.md, "Batch gate").
-    gate: str = "measured"
+    # Batch-level switch between speculation and plain batched decoding: "model" trusts the
+    # start-up cost profile, "measured" learns from the goodput of real rounds per batch
+    # size (experimental: it under-measures speculation, see docs/algorithms.md), "off"
+    # always speculates.
+    gate: str = "model"
     gate_window: int = 8          # ticks per measurement window
     gate_explore_every: int = 8   # every n-th window plays the regime that looks worse
 
@@ -128,6 +129,7 @@ class SchedulingConfig:
     max_verify_tokens: int = 256
     latency_weight: float = 0.5
     latency_bound_ms: float = 0.0  # 0 = no bound
+    max_prefill_tokens: int = 512  # prompt tokens per admission prefill op (at least one request)
 
 
 @dataclass(frozen=True)
