@@ -307,17 +307,13 @@ def _eos_ids(model) -> set[int]:
 # ===== corpus and prompts ====================================================================
 
 def corpus_files(paths: Sequence[str | Path]) -> list[Path]:
-    files: list[Path] = []
-    for p in map(lambda x: Path(x).expanduser(), paths):
-        if p.is_dir():
-            files += sorted(p.rglob("*.txt"))
-        elif p.is_file():
-            files.append(p)
-        else:
-            raise DistillError(f"corpus path {p} does not exist")
-    if not files:
-        raise DistillError(f"no corpus text (*.txt) under {', '.join(map(str, paths))}")
-    return files
+    """The n-gram exporter's corpus rule (files as given, directories' *.txt), as a DistillError."""
+    from cosine.export.ngram import corpus_files as listed
+
+    try:
+        return listed([Path(x).expanduser() for x in paths])
+    except FileNotFoundError as e:
+        raise DistillError(str(e)) from None
 
 
 def read_corpus(files: list[Path], max_mb: float) -> str:

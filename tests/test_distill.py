@@ -208,7 +208,8 @@ def test_cli_user_errors(tiny_pair: dict[str, Path], tmp_path: Path, capsys) -> 
     for extra, msg in ((["--steps", "5"], "--corpus is required"),
                        (["--steps", "5", "--adapter", "x", "--corpus", str(tiny_pair["plain"])], "--steps 0"),
                        (["--steps", "0", "--adapter", str(tmp_path / "none.safetensors"), "--no-eval"],
-                        "does not exist")):
+                        "does not exist"),
+                       (["--steps", "5", "--corpus", str(tmp_path / "no-such-corpus.txt")], "not found")):
         capsys.readouterr()
         assert distill.main(base + extra) == 2
         assert msg in capsys.readouterr().err
