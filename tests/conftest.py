@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import socket
+import subprocess
+import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -10,6 +12,22 @@ import pytest
 
 
 # ----- worker fixtures (tests/test_worker*.py) ---------------------------------------------
+
+def wait_line(proc: subprocess.Popen, needle: str, timeout_s: float, seen: list[str] | None = None) -> str:
+    """Read ``proc``'s stdout until a line holds ``needle`` (lines also go to ``seen``)."""
+    seen = [] if seen is None else seen
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            if proc.poll() is not None:
+                break
+            continue
+        seen.append(line)
+        if needle in line:
+            return line
+    raise AssertionError(f"{needle!r} not printed; output:\n{''.join(seen[-60:])}")
+
 
 def free_port() -> int:
     """A TCP port on loopback that was free a moment ago."""

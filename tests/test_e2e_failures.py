@@ -17,6 +17,15 @@ from conftest import write_cluster_config
 PROMPT = [5, 17, 12, 8, 9]
 
 
+def wait_admitted(c: Client, drafter: str, why: str, timeout_s: float = 30.0) -> None:
+    """Until serve reports ``drafter`` alive; cosine rounds drive the probes that admit it."""
+    deadline = time.monotonic() + timeout_s
+    while not c.health()["drafters"][drafter]:
+        assert time.monotonic() < deadline, why
+        c.generate(PROMPT, max_tokens=4, mode="cosine")
+        time.sleep(0.2)
+
+
 @pytest.fixture()
 def cluster(control_engines, tmp_path):
     cfg = write_cluster_config(tmp_path / "config.toml", control_engines["target"],
@@ -49,11 +58,7 @@ def test_drafter_killed_mid_generation(cluster):
         assert c.health()["drafters"]["good"] is False
         # restart it: probing re-admits it, with an empty cache
         cluster.start_worker("good")
-        deadline = time.monotonic() + 30
-        while not c.health()["drafters"]["good"]:
-            assert time.monotonic() < deadline, "restarted drafter was not re-admitted"
-            c.generate(PROMPT, max_tokens=4, mode="cosine")  # rounds drive the probes
-            time.sleep(0.2)
+        wait_admitted(c, "good", "restarted drafter was not re-admitted")
         r = c.generate(PROMPT, max_tokens=100, mode="cosine")
         assert r.token_ids == ref.token_ids
         assert "good" in r.stats["drafters_used"]
@@ -103,10 +108,6 @@ def test_serve_starts_while_a_drafter_is_down(control_engines, tmp_path):
         assert c.health()["drafters"] == {"good": False, "poor": True}
         assert c.generate(PROMPT, max_tokens=30, mode="cosine").token_ids == ref.token_ids
         cl.start_worker("good")
-        deadline = time.monotonic() + 30
-        while not c.health()["drafters"]["good"]:
-            assert time.monotonic() < deadline, "a drafter that came up late was never admitted"
-            c.generate(PROMPT, max_tokens=4, mode="cosine")  # rounds drive the probes
-            time.sleep(0.2)
+        wait_admitted(c, "good", "a drafter that came up late was never admitted")
         r = c.generate(PROMPT, max_tokens=30, mode="speculative", drafters=["good"])
         assert r.token_ids == ref.token_ids and r.stats["drafters_used"] == ["good"]

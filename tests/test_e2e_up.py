@@ -9,22 +9,9 @@ import time
 
 from cosine.client import Client
 
-from conftest import write_cluster_config
+from conftest import wait_line, write_cluster_config
 
 
-def _wait_line(proc: subprocess.Popen, needle: str, timeout_s: float) -> str:
-    deadline = time.monotonic() + timeout_s
-    seen = []
-    while time.monotonic() < deadline:
-        line = proc.stdout.readline()
-        if not line:
-            if proc.poll() is not None:
-                break
-            continue
-        seen.append(line)
-        if needle in line:
-            return line
-    raise AssertionError(f"{needle!r} not printed; output:\n{''.join(seen)}")
 
 
 def test_serve_names_unreachable_worker(control_engines, tmp_path):
@@ -40,7 +27,7 @@ def test_up_serves_and_stops_when_a_child_dies(control_engines, tmp_path):
     proc = subprocess.Popen([sys.executable, "-m", "cosine.control.cluster", "--config", str(cfg)],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        line = _wait_line(proc, "cosine is up: clients connect to tcp://", 120)
+        line = wait_line(proc, "cosine is up: clients connect to tcp://", 120)
         endpoint = line.strip().rsplit(" ", 1)[-1]
         with Client(endpoint, timeout_s=30) as c:
             assert c.generate([5, 6, 7], max_tokens=5, mode="cosine").stats["tokens"] >= 1
@@ -48,7 +35,7 @@ def test_up_serves_and_stops_when_a_child_dies(control_engines, tmp_path):
         out = subprocess.run(["pgrep", "-f", "--", f"--config {cfg} --name good"], capture_output=True, text=True).stdout
         pid = int(out.split()[0])
         subprocess.run(["kill", "-9", str(pid)])
-        _wait_line(proc, "good exited with code", 30)
+        wait_line(proc, "good exited with code", 30)
         assert proc.wait(30) == 1
     finally:
         if proc.poll() is None:
@@ -61,7 +48,7 @@ def test_up_stops_cleanly_on_sigterm(control_engines, tmp_path):
     proc = subprocess.Popen([sys.executable, "-m", "cosine.control.cluster", "--config", str(cfg)],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        _wait_line(proc, "cosine is up", 120)
+        wait_line(proc, "cosine is up", 120)
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(30) == 0
         left = subprocess.run(["pgrep", "-f", "--", f"--config {cfg}"], capture_output=True, text=True).stdout.split()

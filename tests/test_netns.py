@@ -37,6 +37,8 @@ import pytest
 
 from cosine.control.cluster import _Child
 
+from conftest import wait_line
+
 PID = os.getpid()
 NS = {h: f"cos-{PID}-{h}" for h in ("head", "d0", "d1")}
 ADDR = {"head": "10.77.0.1", "d0": "10.77.0.11", "d1": "10.77.0.12"}
@@ -460,18 +462,6 @@ sys.exit(child.wait() & 0xFF)
 '''
 
 
-def _wait_line(proc: subprocess.Popen, needle: str, timeout_s: float, seen: list[str]) -> str:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        line = proc.stdout.readline()
-        if not line:
-            if proc.poll() is not None:
-                break
-            continue
-        seen.append(line)
-        if needle in line:
-            return line
-    raise AssertionError(f"{needle!r} not printed; output:\n{''.join(seen[-60:])}")
 
 
 def test_up_hosts_starts_remote_workers_over_ssh(hosts, control_engines, tmp_path):
@@ -496,7 +486,7 @@ def test_up_hosts_starts_remote_workers_over_ssh(hosts, control_engines, tmp_pat
     seen: list[str] = []
     client = None
     try:
-        _wait_line(proc, "cosine is up: clients connect to tcp://", 120, seen)
+        wait_line(proc, "cosine is up: clients connect to tcp://", 120, seen)
         up_s = time.monotonic() - t0
         calls = [json.loads(x) for x in log.read_text().splitlines()]
         assert sorted(c["dest"] for c in calls) == sorted([hosts["d0"], hosts["d1"]])  # verifier-0 is local
