@@ -31,7 +31,7 @@ import pykka
 
 from cosine.config import Config
 from cosine.control import rounds
-from cosine.control.fusion import make_rule, weighted
+from cosine.control.fusion import Calibration, make_rule, weighted
 from cosine.control.pool import Request
 from cosine.control.proxies import DraftJob, DraftOut, Timed
 from cosine.control.routing import Router
@@ -87,17 +87,31 @@ class RouterActor(pykka.ThreadingActor):
 class FuserActor(pykka.ThreadingActor):
     """Confidence-based token fusion for one draft step of many requests."""
 
-    def __init__(self, rule_name: str, min_confidence: float):
+    def __init__(self, rule_name: str, min_confidence: float, calibrate: bool = True):
         super().__init__()
         self.rule = make_rule(rule_name, min_confidence)
+        self.calibration = Calibration() if calibrate else None
 
-    def fuse(self, items: list[tuple[Any, int, list, bool, dict[int, float] | None]]) -> list[tuple[Any, int | None, dict]]:
+    def fuse(self, items: list[tuple[Any, int, list, bool, dict[int, float] | None, str]]
+             ) -> list[tuple[Any, int | None, dict]]:
         out = []
-        for tree, parent, cands, stochastic, weights in items:
+        for tree, parent, cands, stochastic, weights, domain in items:
             dists: dict = {}
-            t, fused = rounds.fuse_candidates(tree, parent, cands, weighted(self.rule, weights), stochastic, dists)
+            rule = weighted(self.rule, weights)
+            if self.calibration is not None:
+                rule = self.calibration.rule(rule, domain)
+            t, fused = rounds.fuse_candidates(tree, parent, cands, rule, stochastic, dists)
             out.append((t, fused, dists))
         return out
+
+    def observe(self, labels: list[tuple[str, int, float, bool]]) -> None:
+        """Verified candidates (domain, drafter, its prob, target agreed) teach calibration."""
+        if self.calibration is not None:
+            for domain, drafter, prob, agreed in labels:
+                self.calibration.observe(domain, drafter, prob, agreed)
+
+    def calibration_table(self) -> dict:
+        return self.calibration.table() if self.calibration is not None else {}
 
 
 @dataclass
@@ -171,6 +185,7 @@ class ControllerActor(pykka.ThreadingActor):
         self.worker_timeout = self.cc.worker_timeout_s
         self.probe_every_s = max(1.0, min(5.0, self.worker_timeout))
         self.queue_waits = 0             # requests that had to wait in the queue for KV room
+        self.prefill_s = 0.0             # drafters' prompt prefill inside the current _draft call
         self.budgets = [max(1, cfg.worker(v.name).kv_budget_tokens) for v in verifiers]
 
     def on_start(self) -> None:
@@ -328,10 +343,11 @@ class ControllerActor(pykka.ThreadingActor):
         chosen = self._schedule(candidates, plans)
         seq_now = [r for r in sequential if r.rid in chosen]
         t0 = time.perf_counter()
+        self.prefill_s = 0.0
         self._draft(seq_now, plans)
         seq_draft_s = time.perf_counter() - t0
         for r in seq_now:
-            r.draft_s, r.draft_overlap_s = seq_draft_s, 0.0
+            r.draft_s, r.draft_overlap_s = max(0.0, seq_draft_s - self.prefill_s), 0.0
         verify_set = [r for r in candidates if r.rid in chosen]
         t_verify = time.perf_counter()
         futures = self._issue_verify(verify_set)
@@ -342,11 +358,13 @@ class ControllerActor(pykka.ThreadingActor):
         hold = max(0, (len(to_draft) - len(verify_set)) // 2) if len(to_draft) > 1 else 0
         to_draft = to_draft[:len(to_draft) - hold]
         t1 = time.perf_counter()
+        self.prefill_s = 0.0
         self._draft(to_draft, plans)
         draft_s = time.perf_counter() - t1
         verify_busy = self._collect_verify(futures)
         for r in to_draft:
-            r.draft_s, r.draft_overlap_s = draft_s, min(draft_s, verify_busy)
+            r.draft_s = max(0.0, draft_s - self.prefill_s)
+            r.draft_overlap_s = min(r.draft_s, verify_busy)
 
         wall = time.perf_counter() - t_start
         s = self.stats_
@@ -585,6 +603,7 @@ class ControllerActor(pykka.ThreadingActor):
         chains = [r for r in reqs if r.params.mode in ("speculative", "specinfer") and plans[r.rid].speculate]
         for r in reqs:
             r.tree, r.draft_dists, r.drafters, r.proposals = rounds.root_tree(r.committed[-1]), {}, [], {}
+            r.cands = []
             r.phase = "verify"
             r.wait_since = time.monotonic()
         if chains:
@@ -605,6 +624,7 @@ class ControllerActor(pykka.ThreadingActor):
             d = self.drafters[i]
             res: Timed = f.get()
             d.busy_s += res.busy_s
+            self.prefill_s = max(self.prefill_s, res.extra.get("prefill_s", 0.0))
             if res.error == "dead":
                 self._mark_dead(d, res.message)
             elif res.error:
@@ -639,6 +659,8 @@ class ControllerActor(pykka.ThreadingActor):
                 chains.append(rounds.ChainDraft(i, o.tokens, o.probs, o.topk_ids, o.topk_probs, o.dists))
                 r.drafters.append(self.drafters[i].name)
                 r.proposals[self.drafters[i].name] = (o.tokens, o.probs)
+                if pick is not None:  # a routed solo chain: its j-th token hangs off node j
+                    r.cands.extend((i, float(p), int(t), j) for j, (t, p) in enumerate(zip(o.tokens, o.probs)))
             if chains:
                 d = rounds.chains_tree(r.committed[-1], chains, r.params.temperature > 0, plans[r.rid].tree_width)
                 r.tree, r.draft_dists = d.tree, d.dists
@@ -693,13 +715,14 @@ class ControllerActor(pykka.ThreadingActor):
                         continue
                     q = o.dists[0] if o.dists is not None else None
                     cands.append((i, o.tokens[0], o.probs[0], q))
+                    r.cands.append((i, float(o.probs[0]), int(o.tokens[0]), st["parent"]))
                     toks, probs = r.proposals[self.drafters[i].name]
                     toks.append(o.tokens[0])
                     probs.append(o.probs[0])
                 if not cands:
                     st["left"] = 0
                     continue
-                items.append((r.tree, st["parent"], cands, r.params.temperature > 0, weights[r.rid]))
+                items.append((r.tree, st["parent"], cands, r.params.temperature > 0, weights[r.rid], r.domain))
                 order.append(r)
             if not items:
                 break
@@ -756,7 +779,7 @@ class ControllerActor(pykka.ThreadingActor):
                 self._fail(r, code, f"verification on {v.name} failed: {res.message}")
             return res.busy_s
         n_total = sum(r.tree.n for r in rs)
-        upd, rnd, finished = [], [], []
+        upd, rnd, finished, cal = [], [], [], []
         for r in rs:
             argmax, logits = res.value[r.rid]
             try:
@@ -773,17 +796,32 @@ class ControllerActor(pykka.ThreadingActor):
             self.stats_.rounds += 1
             self.stats_.accepted_drafts += n_acc
             drafted = r.tree.n - 1
-            for name, (toks, probs) in (r.proposals or {}).items():
-                if not toks:
-                    continue
-                match = 0
-                while match < len(toks) and match < len(tokens) and toks[match] == tokens[match]:
-                    match += 1
-                upd.append((r.rid, name, float(np.mean(probs)), match, len(toks)))
-                if match:
-                    r.drafters_used.add(name)
+            if r.cands:
+                # Routed rounds: each drafter is scored by per-position agreement with the
+                # target over all its candidates, and the labels calibrate fusion.
+                labels = rounds.agreement(r.cands, argmax)
+                per: dict[int, list[float]] = defaultdict(lambda: [0.0, 0, 0])
+                for d, prob, agreed in labels:
+                    per[d][0] += prob
+                    per[d][1] += agreed
+                    per[d][2] += 1
+                    cal.append((r.domain, d, prob, agreed))
+                for d, (psum, hits, trials) in per.items():
+                    upd.append((r.rid, self.drafters[d].name, psum / trials, hits, trials))
+            else:
+                for name, (toks, probs) in (r.proposals or {}).items():
+                    if not toks:
+                        continue
+                    match = 0
+                    while match < len(toks) and match < len(tokens) and toks[match] == tokens[match]:
+                        match += 1
+                    upd.append((r.rid, name, float(np.mean(probs)), match, len(toks)))
             if r.drafters and r.params.mode == "cosine":
                 rnd.append((r.rid, n_acc))
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug("round rid=%s mode=%s nodes=%d accepted=%d draft_s=%.3f verify_s=%.3f drafters=%s "
+                          "agreed=%s", r.rid, r.params.mode, r.tree.n, n_acc, r.draft_s, res.busy_s, r.drafters,
+                          {u[1]: f"{u[3]}/{u[4]}@{u[2]:.2f}" for u in upd if u[0] == r.rid})
             if r.params.mode == "cosine" and drafted:
                 self.spec.observe(r.rid, drafted, n_acc, r.draft_s, res.busy_s * r.tree.n / max(n_total, 1),
                                   overlapped_s=r.draft_overlap_s)
@@ -803,6 +841,8 @@ class ControllerActor(pykka.ThreadingActor):
                 finished.append(r)
         if upd or rnd:
             self.router.update(upd, rnd)
+        if cal:
+            self.fuser.observe(cal)
         for r in finished:  # after the router update, which must reach it before finish()
             self._finish(r)
         return res.busy_s

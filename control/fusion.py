@@ -127,6 +127,70 @@ def weighted(rule: FusionRule, weights: Mapping[int, float] | None) -> FusionRul
     return w_rule
 
 
+class Calibration:
+    """P(the target agrees with a drafter's token | drafter, domain, its stated probability),
+    learned from verified trees: the confidence fusion compares.
+
+    Drafters' own probabilities are not comparable across kinds (a model's softmax, an
+    n-gram's count share, a prompt-lookup match share), and a model can be over-confident
+    off its domain. Every verified candidate is a labelled example: the target's argmax at
+    the candidate's parent equals its token or not, whichever branch the round committed.
+    Per (domain, drafter) and probability bin the estimate is (hits + prior * p) /
+    (trials + prior): the stated p until evidence accumulates. Bins halve their counts past
+    ``cap`` trials, so the estimate keeps following a drifting workload. Pure state, no I/O.
+    """
+
+    def __init__(self, edges: Sequence[float] = (0.1, 0.25, 0.4, 0.55, 0.7, 0.85, 0.95),
+                 prior: float = 4.0, cap: float = 2000.0):
+        if list(edges) != sorted(edges) or not all(0.0 < e < 1.0 for e in edges):
+            raise ValueError(f"Calibration: edges must be increasing inside (0, 1), got {list(edges)}")
+        if prior <= 0.0 or cap <= 0.0:
+            raise ValueError(f"Calibration: prior and cap must be > 0, got {prior}, {cap}")
+        self.edges = np.asarray(edges, np.float64)
+        self.prior, self.cap = float(prior), float(cap)
+        self._hits: dict[tuple[str, int], np.ndarray] = {}
+        self._trials: dict[tuple[str, int], np.ndarray] = {}
+
+    def _bin(self, prob: float) -> int:
+        return int(np.searchsorted(self.edges, min(1.0, max(0.0, float(prob))), side="right"))
+
+    def observe(self, domain: str, drafter: int, prob: float, agreed: bool) -> None:
+        key = (domain, int(drafter))
+        if key not in self._hits:
+            self._hits[key] = np.zeros(self.edges.size + 1)
+            self._trials[key] = np.zeros(self.edges.size + 1)
+        b = self._bin(prob)
+        self._hits[key][b] += 1.0 if agreed else 0.0
+        self._trials[key][b] += 1.0
+        if self._trials[key][b] > self.cap:
+            self._hits[key][b] /= 2.0
+            self._trials[key][b] /= 2.0
+
+    def confidence(self, domain: str, drafter: int, prob: float) -> float:
+        key = (domain, int(drafter))
+        p = min(1.0, max(0.0, float(prob)))
+        if key not in self._hits:
+            return p
+        b = self._bin(p)
+        return float((self._hits[key][b] + self.prior * p) / (self._trials[key][b] + self.prior))
+
+    def table(self) -> dict[str, dict[int, list[tuple[float, int]]]]:
+        """domain -> drafter -> per bin (agreement rate, trials); for stats and docs."""
+        out: dict[str, dict[int, list[tuple[float, int]]]] = {}
+        for (dom, d), h in self._hits.items():
+            t = self._trials[(dom, d)]
+            out.setdefault(dom, {})[d] = [(round(float(hh / tt), 3) if tt else -1.0, int(tt)) for hh, tt in zip(h, t)]
+        return out
+
+    def rule(self, rule: FusionRule, domain: str) -> FusionRule:
+        """``rule`` deciding on calibrated confidences (the tree keeps the drafters' own)."""
+        def c_rule(cands: Sequence[Candidate]) -> Candidate | None:
+            return rule([Candidate(c.drafter, c.token, self.confidence(domain, c.drafter, c.prob)) for c in cands])
+
+        c_rule.__name__ = f"calibrated({getattr(rule, '__name__', 'rule')})"
+        return c_rule
+
+
 def fuse_step(tree: TokenTree, parent: int, step: DraftStep, rule: FusionRule,
               keep_on_stop: bool = True) -> tuple[TokenTree, int | None]:
     """Add every candidate of ``step`` as a child of ``parent`` and return (tree, fused node).

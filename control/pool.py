@@ -85,6 +85,7 @@ class Request:
     draft_overlap_s: float = 0.0                     # part of draft_s hidden behind verification
     prefilled: bool = False
     proposals: dict = field(default_factory=dict)   # drafter name -> (tokens, probs) this round
+    cands: list = field(default_factory=list)       # (drafter index, prob, token, parent node) this round
     commit_nodes: list[int] | None = None            # accepted nodes of the last verify (inline commit)
     client_key: Any = None
     domain: str = ""

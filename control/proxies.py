@@ -166,12 +166,14 @@ class DrafterProxyActor(_WorkerProxy):
         t0 = time.perf_counter()
         try:
             new = [j for j in jobs if j.rid not in self.cached]
+            prefill_s = 0.0
             if new:
                 pre = [(j.rid, j.context[:-1]) for j in new]
                 toks = np.asarray([t for _, ts in pre for t in ts], dtype=np.int32)
                 self.call("prefill", {"requests": [{"rid": r, "n": len(ts)} for r, ts in pre]}, {"tokens": toks})
                 for r, ts in pre:
                     self.cached[r] = list(ts)
+                prefill_s = time.perf_counter() - t0
             reqs, feed = [], []
             for j in jobs:
                 keep, f = plan_feed(self.cached[j.rid], j.context)
@@ -214,7 +216,9 @@ class DrafterProxyActor(_WorkerProxy):
             off += k
         dt = time.perf_counter() - t0
         self.busy_s += dt
-        return Timed(out, dt)
+        # the prompt prefill is paid once per request: speculation control must not count it
+        # as the cost of drafting
+        return Timed(out, dt, extra={"prefill_s": prefill_s})
 
     def _lose_track(self, jobs: list[DraftJob]) -> None:
         self.unsure.update(self.cached)

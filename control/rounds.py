@@ -90,3 +90,12 @@ def verify(tree: TokenTree, argmax: np.ndarray, logits: np.ndarray | None, tempe
     if temperature <= 0 or logits is None:
         return verify_greedy(tree, argmax)
     return verify_stochastic(tree, target_distribution(logits, temperature, top_p), dists, rng)
+
+
+def agreement(cands: list[tuple[int, float, int, int]], target_argmax: np.ndarray) -> list[tuple[int, float, bool]]:
+    """Label every drafted candidate (drafter, prob, token, parent node): did the target's
+    argmax after the candidate's parent equal its token? The tree forward scores every
+    node, so each candidate is judged on its own prefix whether or not that branch won.
+    These are the examples calibration and routing learn from."""
+    am = np.asarray(target_argmax).reshape(-1)
+    return [(int(d), float(p), bool(0 <= u < am.size and int(am[u]) == int(t))) for d, p, t, u in cands]

@@ -48,7 +48,7 @@ class Router:
     next round. See docs/algorithms.md "Routing" for the formulas."""
 
     def __init__(self, drafters: Sequence[DrafterInfo], max_drafters: int = 2, ema: float = 0.5,
-                 explore_threshold: float = 1.5, explore_prob: float = 0.1,
+                 explore_threshold: float = 1.5, explore_prob: float = 0.0,
                  classifier: DomainClassifier | None = None, seed: int = 0, window: int = 4,
                  base_score: float = 0.5, domain_bonus: float = 0.25, prior_weight: float = 1.0,
                  min_score_ratio: float = 0.0):

@@ -150,7 +150,7 @@ class Server:
                                              alive=n in health))
         infos = [DrafterInfo(d.name, tuple(d.domains)) for d in self.drafters]
         self.router = RouterActor.start(Router.from_config(infos, cc.routing, seed=cc.seed)).proxy()
-        self.fuser = FuserActor.start(cc.fusion.rule, cc.fusion.min_confidence).proxy()
+        self.fuser = FuserActor.start(cc.fusion.rule, cc.fusion.min_confidence, cc.fusion.calibrate).proxy()
         pull_addr = self.pull_addr
         ctx = self.ctx
 

@@ -72,6 +72,8 @@ class _VerifyFit:
 class _ReqState:
     alpha: float
     draft_step_s: float | None = None   # non-overlapped draft time per draft step
+    hits: float = 0.0                    # decayed accepted positions (alpha's evidence)
+    trials: float = 0.0                  # decayed tested positions
     tok_ema: float | None = None         # committed tokens per round (EMA)
     time_ema: float | None = None        # seconds per round (EMA)
     rounds_on: int = 0                   # speculative rounds since (re)enabled
@@ -91,7 +93,8 @@ class SpeculationController:
                  disable_below_ratio: float = 0.9, max_verify_tokens: int = 256, probe_every: int = 16,
                  ema: float = 0.5, alpha_init: float = 0.6, min_rounds: int = 2,
                  idle_high: float = 0.25, queue_high: int = 8, bias_step: float = 0.5,
-                 bias_decay: float = 0.9, verify_decay: float = 0.95, verify_token_frac: float = 0.05):
+                 bias_decay: float = 0.9, verify_decay: float = 0.95, verify_token_frac: float = 0.05,
+                 alpha_keep: float = 0.85, alpha_prior: float = 4.0):
         if not 1 <= min_draft_len <= draft_len <= max_draft_len:
             raise ValueError("SpeculationController: need 1 <= min_draft_len <= draft_len <= max_draft_len, got "
                              f"{min_draft_len}, {draft_len}, {max_draft_len}")
@@ -112,7 +115,11 @@ class SpeculationController:
         # Pipeline bias in draft steps; beyond the draft-length range it spills into tree width.
         self.bias_limit = float((max_draft_len - min_draft_len) + (max_tree_width - 1))
         self.bias = 0.0
+        # alpha = (hits + alpha_prior * alpha_global) / (trials + alpha_prior), counts decayed
+        # by alpha_keep per round: one missed round must not halve the draft length.
+        self.alpha_keep, self.alpha_prior = alpha_keep, alpha_prior
         self.alpha_global = alpha_init        # seeds new requests
+        self._g_hits, self._g_trials = 0.0, 0.0
         self.draft_step_global: float | None = None
         self.plain_tok_s: float | None = None  # EMA of a plain (one-token) target step
         self._verify = _VerifyFit(verify_decay)
@@ -178,6 +185,8 @@ class SpeculationController:
                 return OFF
             st.off, st.off_rounds, st.rounds_on = False, 0, 0  # probe: measure speculation afresh
             st.tok_ema = st.time_ema = None
+            st.hits = st.trials = 0.0
+            st.alpha = self.alpha_global
         k = self.best_draft_len(rid, self.tree_width) if st.tok_ema is not None else self.draft_len
         k, width = self._shape(k)
         st.last_plan = DraftPlan(True, k, width)
@@ -224,9 +233,12 @@ class SpeculationController:
             # Per-position acceptance: positions 1..accepted succeeded, the next one (if any)
             # failed. accepted/drafted would understate alpha for trees and long drafts.
             trials = accepted + (1 if accepted < depth else 0)
-            sample = accepted / trials if trials else 0.0
-            st.alpha = _ema(st.alpha, sample, self.ema)
-            self.alpha_global = _ema(self.alpha_global, sample, self.ema)
+            keep = self.alpha_keep
+            st.hits, st.trials = keep * st.hits + accepted, keep * st.trials + trials
+            self._g_hits = 0.95 * self._g_hits + accepted
+            self._g_trials = 0.95 * self._g_trials + trials
+            self.alpha_global = (self._g_hits + self.alpha_prior * 0.6) / (self._g_trials + self.alpha_prior)
+            st.alpha = (st.hits + self.alpha_prior * self.alpha_global) / (st.trials + self.alpha_prior)
             st.draft_step_s = _ema(st.draft_step_s, draft_s / depth, self.ema)
             self.draft_step_global = _ema(self.draft_step_global, draft_s / depth, self.ema)
         if verify_s > 0:
@@ -234,10 +246,24 @@ class SpeculationController:
         st.tok_ema = _ema(st.tok_ema, accepted + 1.0, self.ema)
         st.time_ema = _ema(st.time_ema, verify_s + draft_s, self.ema)
         st.rounds_on += 1
-        g, plain = st.goodput(), self.plain_rate
+        # Off when the goodput predicted from this request's measured acceptance, draft step
+        # and the verifier's measured cost curve, at the best draft length, is below plain
+        # decoding's: a model of measurements, not one noisy round's wall time (a round
+        # that included the drafter's prompt catch-up would otherwise switch it off).
+        g, plain = self.predicted_goodput(rid), self.plain_rate
         if (self.adaptive and plain is not None and g is not None and st.rounds_on >= self.min_rounds
                 and g < self.disable_below_ratio * plain):
             st.off, st.off_rounds = True, 0
+
+    def predicted_goodput(self, rid: str) -> float | None:
+        """Tokens/s of this request's best speculative round by the cost model (None before
+        anything is measured)."""
+        st = self._reqs.get(rid)
+        if st is None or st.draft_step_s is None or self.verify_s(1) <= 0:
+            return None
+        width = st.last_plan.tree_width if st.last_plan is not None and st.last_plan.speculate else self.tree_width
+        k = self.best_draft_len(rid, width)
+        return expected_tokens(st.alpha, k) / (self.verify_s(1 + k * width) + st.draft_step_s * k)
 
     def observe_pipeline(self, verifier_idle_frac: float, draft_queue_len: int) -> None:
         """Verifier waiting -> draft more; drafts queueing at the verifier -> draft less;

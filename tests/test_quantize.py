@@ -27,6 +27,13 @@ def test_quantized_engine_runs_and_records_agreement(control_engines, tmp_path: 
     assert logits.shape == (1, 3, e.vocab_size) and np.isfinite(logits).all()
     with pytest.raises(ExportError, match="already quantized"):
         quantize_engine(out, tmp_path / "again", mode)
+    if mode == "int4":  # the LM head is quantized too: no float Gemm/MatMul over a constant is left
+        import onnx
+
+        g = onnx.load(str(out / "model.onnx"), load_external_data=False).graph
+        consts = {t.name for t in g.initializer}
+        left = [n.name for n in g.node if n.op_type in ("Gemm", "MatMul") and n.input[1] in consts]
+        assert left == [] and sum(n.op_type == "MatMulNBits" for n in g.node) >= 2, left
 
 
 def test_quantize_needs_an_engine(tmp_path: Path) -> None:

@@ -54,7 +54,8 @@ def _providers(provider: str, device: str, engine_dir: Path) -> list[Any]:
 class Engine:
     """ONNX Runtime session over an engine directory plus its manifest facts."""
 
-    def __init__(self, engine_dir: str | Path, provider: str = "cpu", device: str = "cpu", threads: int = 0):
+    def __init__(self, engine_dir: str | Path, provider: str = "cpu", device: str = "cpu", threads: int = 0,
+                 spin: bool = False):
         self.dir = Path(engine_dir)
         manifest_path = self.dir / "manifest.json"
         model_path = self.dir / "model.onnx"
@@ -91,6 +92,9 @@ class Engine:
         if threads > 0:
             opts.intra_op_num_threads = threads
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if not spin:  # a spinning idle thread pool steals cores from co-located workers
+            opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+            opts.add_session_config_entry("session.inter_op.allow_spinning", "0")
         try:
             self.session = ort.InferenceSession(str(model_path), sess_options=opts,
                                                 providers=_providers(provider, device, self.dir))
