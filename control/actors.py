@@ -36,7 +36,7 @@ from cosine.control.pool import Request
 from cosine.control.proxies import DraftJob, DraftOut, Timed
 from cosine.control.routing import Router
 from cosine.control.scheduling import CostModel, PendingRequest, select_batch
-from cosine.control.speculation import DraftPlan, GoodputGate, SpeculationController, speculation_pays
+from cosine.control.speculation import DraftPlan, GoodputGate, SpeculationController, VerifyFit, speculation_pays
 from cosine.protocol import VERSION
 
 log = logging.getLogger("cosine.control.actors")
@@ -174,6 +174,7 @@ class ControllerActor(pykka.ThreadingActor):
         self.cost = cost or CostModel.default()
         self.spec = SpeculationController.from_config(self.cc.speculation, self.cc.scheduling.max_verify_tokens)
         self.gated_streak: dict[str, int] = {}  # rid -> consecutive rounds the batch gate ran plain
+        self.probe_gap: dict[str, int] = {}     # rid -> gated rounds before its next probe
         sc = self.cc.speculation
         self.goodput_gate = GoodputGate(sc.gate_window, sc.gate_explore_every)
         self.requests: dict[str, Request] = {}          # admitted (prefilled) requests
@@ -186,6 +187,16 @@ class ControllerActor(pykka.ThreadingActor):
         self.probe_every_s = max(1.0, min(5.0, self.worker_timeout))
         self.queue_waits = 0             # requests that had to wait in the queue for KV room
         self.prefill_s = 0.0             # drafters' prompt prefill inside the current _draft call
+        self.pipelined = cfg.pipelined()
+        # Verify call time against the call's total tokens, measured on every round: the
+        # batch gate's cost of a plain and of a speculative round (the start-up profile
+        # sees one request only and misses what batching and contention cost).
+        self.call_fit = VerifyFit(0.9)
+        log.info("cosine mode %s: %s", "pipelines drafting and verification" if self.pipelined else
+                 "drafts then verifies in turn", f"[controller] pipeline = {cfg.controller.pipeline!r}"
+                 + ("" if cfg.controller.pipeline != "auto" else
+                    (" (drafters and verifiers on separate hardware)" if self.pipelined else
+                     " (a drafter shares a host and device with a verifier)")))
         self.budgets = [max(1, cfg.worker(v.name).kv_budget_tokens) for v in verifiers]
 
     def on_start(self) -> None:
@@ -226,7 +237,7 @@ class ControllerActor(pykka.ThreadingActor):
             drafters[d.name] = {"alive": d.alive, "busy_s": d.busy_s,
                                 "idle_frac": max(0.0, 1.0 - d.busy_s / wall) if s.wall_s else None}
         return {
-            "uptime_s": time.monotonic() - s.started, "mode": self.cc.mode,
+            "uptime_s": time.monotonic() - s.started, "mode": self.cc.mode, "pipelined": self.pipelined,
             "active_requests": len(self.requests), "queued_requests": len(self.incoming),
             "rounds": s.rounds, "tokens": s.tokens, "requests_done": s.requests_done, "gated_rounds": s.gated_rounds,
             "requests_failed": s.requests_failed,
@@ -304,6 +315,7 @@ class ControllerActor(pykka.ThreadingActor):
             self.router.finish([req.rid])
             self.spec.forget(req.rid)
             self.gated_streak.pop(req.rid, None)
+            self.probe_gap.pop(req.rid, None)
 
     # -- the round loop ----------------------------------------------------------------
     def _kick(self) -> None:
@@ -334,7 +346,8 @@ class ControllerActor(pykka.ThreadingActor):
         plans = self._plans([r for r in reqs if r.phase == "draft"])
         # cosine requests pipeline; one that does not speculate this round (no live drafter,
         # speculation switched off) is verified right away like the sequential modes
-        pipelined = [r for r in reqs if r.params.mode == "cosine" and (r.phase == "verify" or plans[r.rid].speculate)]
+        pipelined = [r for r in reqs if self.pipelined and r.params.mode == "cosine"
+                     and (r.phase == "verify" or plans[r.rid].speculate)]
         sequential = [r for r in reqs if r not in pipelined]
 
         # Which requests verify this round: those holding a tree plus the sequential ones
@@ -513,10 +526,15 @@ class ControllerActor(pykka.ThreadingActor):
         wide = {rid: DraftPlan(p.speculate, p.draft_len, p.tree_width * width) for rid, p in plans.items()}
         B, S = len(plans), len(cos)  # the batch verifies together; the S speculating requests draft together
 
+        measured = self.call_fit.spread() > 0.25  # both plain and speculative calls seen
+        step = self.spec.draft_step_global
+
         def model_says() -> bool:
-            return speculation_pays(wide, {rid: self.spec.alpha(rid) for rid in cos},
-                                    lambda n: self.cost.verify_s(B, max(1, round(n / B)), seq),
-                                    lambda k: self.cost.draft_s(S, k, seq), self.cc.speculation.disable_below_ratio)
+            verify = ((lambda n: self.call_fit.predict(n, 0.0) or 0.0) if measured else
+                      (lambda n: self.cost.verify_s(B, max(1, round(n / B)), seq)))
+            draft = (lambda k: step * k) if step is not None else (lambda k: self.cost.draft_s(S, k, seq))
+            return speculation_pays(wide, {rid: self.spec.alpha(rid) for rid in cos}, verify, draft,
+                                    self.cc.speculation.disable_below_ratio)
 
         if gate == "measured":  # the measured gate explores by itself: no per-request probes
             if self.goodput_gate.decide(len(self.requests), model_says):
@@ -526,15 +544,23 @@ class ControllerActor(pykka.ThreadingActor):
         if model_says():
             for rid in cos:
                 self.gated_streak.pop(rid, None)
+                self.probe_gap.pop(rid, None)
             return plans
         self.stats_.gated_rounds += 1
-        # A gated request learns nothing about its acceptance rate, so every probe_every-th
-        # gated round it speculates anyway (else one pessimistic estimate would lock it out).
+        # A gated request learns nothing about its acceptance rate, so after probe_every
+        # gated rounds it speculates once anyway (else one pessimistic estimate would lock
+        # it out). A probe that changes nothing doubles the wait for the next (up to 8x):
+        # under steady load the probes' cost shrinks towards nothing.
         out = dict(plans)
+        every = self.spec.probe_every
         for rid in cos:
-            self.gated_streak[rid] = self.gated_streak.get(rid, 0) + 1
-            if self.gated_streak[rid] % self.spec.probe_every:
+            n = self.gated_streak[rid] = self.gated_streak.get(rid, 0) + 1
+            gap = self.probe_gap.get(rid, every)
+            if n < gap:
                 out[rid] = DraftPlan(False, 0, 1)
+            else:
+                self.gated_streak[rid] = 0
+                self.probe_gap[rid] = min(8 * every, 2 * gap)
         return out
 
     def _plans(self, reqs: list[Request]) -> dict[str, DraftPlan]:
@@ -772,6 +798,8 @@ class ControllerActor(pykka.ThreadingActor):
 
     def _apply_verify(self, v: VerifierSlot, rs: list[Request], res: Timed) -> float:
         v.busy_s += res.busy_s
+        if not res.error and res.busy_s > 0:
+            self.call_fit.add(float(sum(r.tree.n for r in rs)), res.busy_s)
         if res.error:
             code = "unavailable" if res.error == "dead" else {"too_long": "too_long", "capacity": "overloaded"}.get(
                 res.extra.get("code"), "internal")

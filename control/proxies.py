@@ -151,10 +151,16 @@ class VerifierProxyActor(_WorkerProxy):
 class DrafterProxyActor(_WorkerProxy):
     """Drafter worker plus a mirror of what its cache holds for each request."""
 
-    def __init__(self, name: str, endpoint: str, timeout_s: float, index: int, curve: CurveKeys | None = None):
+    def __init__(self, name: str, endpoint: str, timeout_s: float, index: int, curve: CurveKeys | None = None,
+                 context_window: int = 0):
         super().__init__(name, endpoint, timeout_s, curve)
         self.index = index
         self.cached: dict[str, list[int]] = {}  # rid -> tokens in the worker's cache
+        # A drafter only proposes, so it may see just the last ``context_window`` prompt
+        # tokens (0 = all): its prompt prefill then costs a fixed amount however long the
+        # prompt. ``start[rid]`` is where in the request's context its cache begins.
+        self.context_window = context_window
+        self.start: dict[str, int] = {}
         # Requests the worker may hold although the mirror says nothing: the ones of a call
         # that timed out or failed in transport. Their messages may still arrive (a link that
         # comes back delivers what was queued), so they are released when a probe succeeds.
@@ -168,7 +174,10 @@ class DrafterProxyActor(_WorkerProxy):
             new = [j for j in jobs if j.rid not in self.cached]
             prefill_s = 0.0
             if new:
-                pre = [(j.rid, j.context[:-1]) for j in new]
+                w = self.context_window
+                for j in new:
+                    self.start[j.rid] = max(0, len(j.context) - w) if w else 0
+                pre = [(j.rid, j.context[self.start[j.rid]:-1]) for j in new]
                 toks = np.asarray([t for _, ts in pre for t in ts], dtype=np.int32)
                 self.call("prefill", {"requests": [{"rid": r, "n": len(ts)} for r, ts in pre]}, {"tokens": toks})
                 for r, ts in pre:
@@ -176,7 +185,7 @@ class DrafterProxyActor(_WorkerProxy):
                 prefill_s = time.perf_counter() - t0
             reqs, feed = [], []
             for j in jobs:
-                keep, f = plan_feed(self.cached[j.rid], j.context)
+                keep, f = plan_feed(self.cached[j.rid], j.context[self.start.get(j.rid, 0):])
                 reqs.append({"rid": j.rid, "keep": keep, "n_feed": len(f), "k": j.k, "topk": j.topk,
                              "temperature": j.temperature, "return_probs": j.return_probs, "seed": j.seed})
                 feed.extend(f)
@@ -207,7 +216,7 @@ class DrafterProxyActor(_WorkerProxy):
             # A weight-free drafter (prompt lookup) marks "nothing to propose" with -1: the
             # draft ends there, and its worker appended only the tokens before it.
             n = toks.index(-1) if -1 in toks else k
-            self.cached[j.rid] = list(j.context) + toks[:min(n, k - 1)]
+            self.cached[j.rid] = list(j.context[self.start.get(j.rid, 0):]) + toks[:min(n, k - 1)]
             if n:
                 sl = slice(off, off + n)
                 out[j.rid] = DraftOut(tokens=toks[:n], probs=[float(p) for p in a["token_probs"][sl]],

@@ -18,6 +18,9 @@ from cosine.config import RoutingConfig
 from cosine.control.domains import DomainClassifier, KeywordClassifier
 
 
+ALL_DOMAINS = "*"  # the priors' key for a drafter's record over every domain
+
+
 @dataclass(frozen=True)
 class DrafterInfo:
     name: str
@@ -86,10 +89,14 @@ class Router:
 
     # -- per-request lifecycle ---------------------------------------------------------
     def initial_score(self, domain: str, drafter: DrafterInfo) -> float:
-        """Shrunk mean of learned final scores towards the declared-domain base score."""
+        """The drafter's learned mean final score in this domain, shrunk towards its mean
+        over all domains, itself shrunk towards the declared-domain base score: a drafter
+        that proved itself everywhere starts high in a domain it has not met yet."""
         base = self.base_score + (self.domain_bonus if domain in drafter.domains else 0.0)
+        s, n = self._prior_sums.get(ALL_DOMAINS, {}).get(drafter.name, (0.0, 0))
+        overall = (s + self.prior_weight * base) / (n + self.prior_weight)
         s, n = self._prior_sums.get(domain, {}).get(drafter.name, (0.0, 0))
-        return (s + self.prior_weight * base) / (n + self.prior_weight)
+        return (s + self.prior_weight * overall) / (n + self.prior_weight)
 
     def start(self, rid: str, prompt_text: str = "") -> str:
         """Classify the prompt and seed this request's scores from the domain's priors.
@@ -105,11 +112,12 @@ class Router:
         req = self._reqs.pop(rid, None)
         if req is None:
             return
-        sums = self._prior_sums.setdefault(req.domain, {})
-        for name in req.tried:  # untried scores are just the prior again: no evidence
-            acc = sums.setdefault(name, [0.0, 0])
-            acc[0] += req.scores[name]
-            acc[1] += 1
+        for dom in (req.domain, ALL_DOMAINS):
+            sums = self._prior_sums.setdefault(dom, {})
+            for name in req.tried:  # untried scores are just the prior again: no evidence
+                acc = sums.setdefault(name, [0.0, 0])
+                acc[0] += req.scores[name]
+                acc[1] += 1
 
     def _req(self, rid: str, op: str) -> _Request:
         try:

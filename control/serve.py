@@ -145,8 +145,9 @@ class Server:
             w = cfg.worker(n)
             eng = (health.get(n) or {}).get("engine") or {}
             # (a drafter that was down reports no context length: a too-long draft is a soft error)
-            self.drafters.append(DrafterSlot(n, i, DrafterProxyActor.start(n, w.endpoint, t, i, curve=keys).proxy(),
-                                             int(eng.get("max_positions") or 1 << 30), cfg.model(w.model).domains,
+            m = cfg.model(w.model)
+            proxy = DrafterProxyActor.start(n, w.endpoint, t, i, curve=keys, context_window=m.draft_context).proxy()
+            self.drafters.append(DrafterSlot(n, i, proxy, int(eng.get("max_positions") or 1 << 30), m.domains,
                                              alive=n in health))
         infos = [DrafterInfo(d.name, tuple(d.domains)) for d in self.drafters]
         self.router = RouterActor.start(Router.from_config(infos, cc.routing, seed=cc.seed)).proxy()

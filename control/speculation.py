@@ -25,20 +25,29 @@ class DraftPlan:
 OFF = DraftPlan(False, 0, 1)
 
 
-def expected_tokens(alpha: float, k: int) -> float:
-    """E(k) = 1 + alpha + ... + alpha^k = (1 - alpha^(k+1)) / (1 - alpha): tokens committed
-    per round (accepted drafts plus the bonus token) when each position is accepted with
-    probability alpha given its parent was."""
-    if alpha >= 1.0:
-        return float(k + 1)
-    return (1.0 - alpha ** (k + 1)) / (1.0 - alpha)
+def expected_tokens(alpha: float, k: int, alpha_next: float | None = None) -> float:
+    """Tokens committed per round (accepted drafts plus the bonus token) for a k-token draft.
+
+    One rate (``alpha_next`` None): each position is accepted with probability alpha given
+    its parent was, E(k) = 1 + alpha + ... + alpha^k = (1 - alpha^(k+1)) / (1 - alpha).
+    Two rates: the first position with alpha, every later one with alpha_next given its
+    parent was, E(k) = 1 + alpha * (1 + alpha_next + ... + alpha_next^(k-1)). Acceptance
+    runs in streaks (a drafter that got the first token of an easy stretch usually gets
+    the rest), so the two-rate model asks for the longer drafts that pay on such text.
+    """
+    if k <= 0:
+        return 1.0
+    if alpha_next is None:
+        return float(k + 1) if alpha >= 1.0 else (1.0 - alpha ** (k + 1)) / (1.0 - alpha)
+    tail = float(k) if alpha_next >= 1.0 else (1.0 - alpha_next ** k) / (1.0 - alpha_next)
+    return 1.0 + alpha * tail
 
 
 def _ema(old: float | None, new: float, keep: float) -> float:
     return new if old is None else keep * old + (1.0 - keep) * new
 
 
-class _VerifyFit:
+class VerifyFit:
     """Exponentially weighted least squares of verify time on tree size n:
     t(n) = a + b*n. Shared by all requests: it is a property of the verifier."""
 
@@ -54,6 +63,13 @@ class _VerifyFit:
         self.snn = d * self.snn + n * n
         self.snt = d * self.snt + n * t
 
+    def spread(self) -> float:
+        """Weighted variance of the sizes seen: 0 until two different sizes were measured."""
+        if self.w == 0.0:
+            return 0.0
+        mn = self.sn / self.w
+        return max(0.0, self.snn / self.w - mn * mn)
+
     def predict(self, n: float, token_frac: float) -> float | None:
         if self.w == 0.0:
             return None
@@ -68,12 +84,34 @@ class _VerifyFit:
         return a + b * n
 
 
+class _Rates:
+    """Acceptance of the first draft position and of every later one given its parent was
+    accepted, as decayed counts shrunk towards a prior: (hits + m * prior) / (trials + m)."""
+
+    def __init__(self, keep: float):
+        self.keep = keep
+        self.h = [0.0, 0.0]  # first, later
+        self.t = [0.0, 0.0]
+
+    def add(self, accepted: int, depth: int) -> None:
+        """A round of ``depth`` drafted positions (per path) with ``accepted`` accepted."""
+        first_t, first_h = 1.0, float(accepted >= 1)
+        later_t = float(max(0, min(accepted + 1, depth) - 1)) if accepted >= 1 else 0.0
+        later_h = float(max(0, accepted - 1))
+        for i, (hh, tt) in enumerate(((first_h, first_t), (later_h, later_t))):
+            self.h[i] = self.keep * self.h[i] + hh
+            self.t[i] = self.keep * self.t[i] + tt
+
+    def rates(self, prior: tuple[float, float], m: float) -> tuple[float, float]:
+        return ((self.h[0] + m * prior[0]) / (self.t[0] + m), (self.h[1] + m * prior[1]) / (self.t[1] + m))
+
+
 @dataclass
 class _ReqState:
-    alpha: float
+    alpha: float                         # first draft position's acceptance rate
+    alpha_next: float                    # a later position's, given its parent was accepted
+    rates: _Rates
     draft_step_s: float | None = None   # non-overlapped draft time per draft step
-    hits: float = 0.0                    # decayed accepted positions (alpha's evidence)
-    trials: float = 0.0                  # decayed tested positions
     tok_ema: float | None = None         # committed tokens per round (EMA)
     time_ema: float | None = None        # seconds per round (EMA)
     rounds_on: int = 0                   # speculative rounds since (re)enabled
@@ -115,14 +153,15 @@ class SpeculationController:
         # Pipeline bias in draft steps; beyond the draft-length range it spills into tree width.
         self.bias_limit = float((max_draft_len - min_draft_len) + (max_tree_width - 1))
         self.bias = 0.0
-        # alpha = (hits + alpha_prior * alpha_global) / (trials + alpha_prior), counts decayed
-        # by alpha_keep per round: one missed round must not halve the draft length.
-        self.alpha_keep, self.alpha_prior = alpha_keep, alpha_prior
-        self.alpha_global = alpha_init        # seeds new requests
-        self._g_hits, self._g_trials = 0.0, 0.0
+        # Per request: (alpha, alpha_next) from counts decayed by alpha_keep per round and
+        # shrunk with alpha_prior pseudo-trials towards the global rates (which are shrunk
+        # towards alpha_init): one missed round must not halve the draft length.
+        self.alpha_keep, self.alpha_prior, self.alpha_init = alpha_keep, alpha_prior, alpha_init
+        self.alpha_global, self.alpha_next_global = alpha_init, alpha_init  # seed new requests
+        self._g_rates = _Rates(0.95)
         self.draft_step_global: float | None = None
         self.plain_tok_s: float | None = None  # EMA of a plain (one-token) target step
-        self._verify = _VerifyFit(verify_decay)
+        self._verify = VerifyFit(verify_decay)
         self._reqs: dict[str, _ReqState] = {}
 
     @classmethod
@@ -135,7 +174,8 @@ class SpeculationController:
     def _state(self, rid: str) -> _ReqState:
         st = self._reqs.get(rid)
         if st is None:
-            st = self._reqs[rid] = _ReqState(alpha=self.alpha_global, draft_step_s=self.draft_step_global)
+            st = self._reqs[rid] = _ReqState(self.alpha_global, self.alpha_next_global, _Rates(self.alpha_keep),
+                                             draft_step_s=self.draft_step_global)
         return st
 
     def forget(self, rid: str) -> None:
@@ -157,7 +197,8 @@ class SpeculationController:
         best_k, best_g = self.draft_len, -1.0
         for k in range(self.min_draft_len, self.max_draft_len + 1):
             cost = self.verify_s(1 + k * tree_width) + step * k
-            g = expected_tokens(st.alpha, k) / cost if cost > 0 else expected_tokens(st.alpha, k)
+            e = expected_tokens(st.alpha, k, st.alpha_next)
+            g = e / cost if cost > 0 else e
             if g > best_g * (1.0 + 1e-9):
                 best_k, best_g = k, g
         return best_k
@@ -185,17 +226,17 @@ class SpeculationController:
                 return OFF
             st.off, st.off_rounds, st.rounds_on = False, 0, 0  # probe: measure speculation afresh
             st.tok_ema = st.time_ema = None
-            st.hits = st.trials = 0.0
-            st.alpha = self.alpha_global
+            st.rates = _Rates(self.alpha_keep)
+            st.alpha, st.alpha_next = self.alpha_global, self.alpha_next_global
         k = self.best_draft_len(rid, self.tree_width) if st.tok_ema is not None else self.draft_len
         k, width = self._shape(k)
         st.last_plan = DraftPlan(True, k, width)
         return st.last_plan
 
-    def alpha(self, rid: str) -> float:
-        """Estimated per-position acceptance rate of this request (the global one if new)."""
+    def alpha(self, rid: str) -> tuple[float, float]:
+        """This request's estimated (first, later) position acceptance rates (global if new)."""
         st = self._reqs.get(rid)
-        return st.alpha if st else self.alpha_global
+        return (st.alpha, st.alpha_next) if st else (self.alpha_global, self.alpha_next_global)
 
     def is_off(self, rid: str) -> bool:
         st = self._reqs.get(rid)
@@ -232,13 +273,10 @@ class SpeculationController:
         if depth > 0:
             # Per-position acceptance: positions 1..accepted succeeded, the next one (if any)
             # failed. accepted/drafted would understate alpha for trees and long drafts.
-            trials = accepted + (1 if accepted < depth else 0)
-            keep = self.alpha_keep
-            st.hits, st.trials = keep * st.hits + accepted, keep * st.trials + trials
-            self._g_hits = 0.95 * self._g_hits + accepted
-            self._g_trials = 0.95 * self._g_trials + trials
-            self.alpha_global = (self._g_hits + self.alpha_prior * 0.6) / (self._g_trials + self.alpha_prior)
-            st.alpha = (st.hits + self.alpha_prior * self.alpha_global) / (st.trials + self.alpha_prior)
+            st.rates.add(accepted, depth)
+            self._g_rates.add(accepted, depth)
+            self.alpha_global, self.alpha_next_global = self._g_rates.rates((self.alpha_init,) * 2, self.alpha_prior)
+            st.alpha, st.alpha_next = st.rates.rates((self.alpha_global, self.alpha_next_global), self.alpha_prior)
             st.draft_step_s = _ema(st.draft_step_s, draft_s / depth, self.ema)
             self.draft_step_global = _ema(self.draft_step_global, draft_s / depth, self.ema)
         if verify_s > 0:
@@ -263,7 +301,7 @@ class SpeculationController:
             return None
         width = st.last_plan.tree_width if st.last_plan is not None and st.last_plan.speculate else self.tree_width
         k = self.best_draft_len(rid, width)
-        return expected_tokens(st.alpha, k) / (self.verify_s(1 + k * width) + st.draft_step_s * k)
+        return expected_tokens(st.alpha, k, st.alpha_next) / (self.verify_s(1 + k * width) + st.draft_step_s * k)
 
     def observe_pipeline(self, verifier_idle_frac: float, draft_queue_len: int) -> None:
         """Verifier waiting -> draft more; drafts queueing at the verifier -> draft less;
@@ -312,7 +350,7 @@ class SpeculationController:
         return out
 
 
-def speculation_pays(plans: Mapping[str, DraftPlan], alphas: Mapping[str, float],
+def speculation_pays(plans: Mapping[str, DraftPlan], alphas: Mapping[str, float | tuple[float, float]],
                      verify_s: Callable[[int], float], draft_s: Callable[[int], float], ratio: float = 1.0) -> bool:
     """Whole-round check (CoSine: speculation must never be slower under load).
 
@@ -332,7 +370,11 @@ def speculation_pays(plans: Mapping[str, DraftPlan], alphas: Mapping[str, float]
     if t_plain <= 0:
         return True
     tokens = B + sum(p.draft_len * p.tree_width for p in spec.values())
-    committed = (B - len(spec)) + sum(expected_tokens(alphas.get(r, 0.0), p.draft_len) for r, p in spec.items())
+    def expect(r: str, k: int) -> float:
+        a = alphas.get(r, 0.0)
+        return expected_tokens(a[0], k, a[1]) if isinstance(a, tuple) else expected_tokens(a, k)
+
+    committed = (B - len(spec)) + sum(expect(r, p.draft_len) for r, p in spec.items())
     t_spec = verify_s(tokens) + max(draft_s(p.draft_len) for p in spec.values())
     return committed / t_spec >= ratio * B / t_plain
 

@@ -17,6 +17,7 @@ from typing import Any, get_args, get_origin, get_type_hints
 MODES = ("autoregressive", "speculative", "specinfer", "cosine")
 ROLES = ("target", "drafter")
 GATES = ("measured", "model", "off")
+PIPELINE = ("auto", "on", "off")
 PROVIDERS = ("cpu", "cuda", "tensorrt")
 MODEL_KINDS = ("neural", "ngram", "lookup")
 
@@ -64,6 +65,10 @@ class ModelConfig:
     domains: tuple[str, ...] = ()
     dtype: str = "float32"
     quantize: str = ""  # drafters only: "int4" or "int8" (how `make demo` builds the engine)
+    # Drafters only: prefill at most this many of the prompt's last tokens (0 = all). The
+    # drafter's prompt prefill is paid before a request's first speculative round; a
+    # window caps it, and a small model drafts from the recent context about as well.
+    draft_context: int = 0
 
 
 @dataclass(frozen=True)
@@ -110,7 +115,7 @@ class SpeculationConfig:
 @dataclass(frozen=True)
 class RoutingConfig:
     max_drafters_per_request: int = 2
-    ema: float = 0.5
+    ema: float = 0.8
     explore_threshold: float = 1.5  # mean accepted length below which the router explores
     explore_prob: float = 0.0    # random exploration on top of the low-accepted-length trigger
     # A drafter already tried on a request is dropped from its rounds while its score is
@@ -149,6 +154,11 @@ class ControllerConfig:
     max_pending_requests: int = 256
     temperature: float = 0.0
     seed: int = 0
+    # CoSine's pipelining (drafting one group of requests while the verifier verifies the
+    # other) only pays when drafters and verifiers run on different hardware. "auto" turns
+    # it off when some drafter shares a host and device with a verifier (one CPU, one GPU):
+    # there the two groups would only take turns on the same cores and split the batch.
+    pipeline: str = "auto"
     speculation: SpeculationConfig = field(default_factory=SpeculationConfig)
     routing: RoutingConfig = field(default_factory=RoutingConfig)
     fusion: FusionConfig = field(default_factory=FusionConfig)
@@ -170,6 +180,15 @@ class Config:
             if m.name == name:
                 return m
         raise ConfigError(f"{self.path}: no model named {name!r}; models: {[m.name for m in self.models]}")
+
+    def pipelined(self) -> bool:
+        """Does cosine mode pipeline (see ControllerConfig.pipeline)?"""
+        if self.controller.pipeline != "auto":
+            return self.controller.pipeline == "on"
+        local = {"127.0.0.1", "localhost", "::1"}
+        place = lambda w: ("local" if w.host in local else w.host, w.device)  # noqa: E731
+        verifiers = {place(w) for w in self.verifier_workers()}
+        return not any(place(w) in verifiers for w in self.drafter_workers())
 
     def worker(self, name: str) -> WorkerConfig:
         for w in self.workers:
@@ -271,6 +290,9 @@ def _check(cfg: Config, text: str, check_engines: bool) -> None:
         if m.quantize and (m.role == "target" or m.quantize not in ("int4", "int8")):
             raise ConfigError(f"{where('models', 'quantize')}: model {m.name!r}: quantize must be \"int4\" or "
                               f"\"int8\" and only on drafters (a quantized target would change the output)")
+        if m.draft_context and (m.role == "target" or m.draft_context < 8):
+            raise ConfigError(f"{where('models', 'draft_context')}: model {m.name!r}: draft_context is 0 (the whole "
+                              f"prompt) or >= 8 tokens, and only on drafters")
         if m.kind != "neural" and m.role == "target":
             raise ConfigError(f"{where('models', 'kind')}: the target {m.name!r} must be a neural model, not {m.kind}")
         if check_engines and m.kind != "lookup" and not (cfg.engine_dir(m) / "manifest.json").is_file():
@@ -320,6 +342,8 @@ def _check(cfg: Config, text: str, check_engines: bool) -> None:
         raise ConfigError(f"{where('controller', 'endpoint')}: endpoint {c.endpoint!r} must look like tcp://HOST:PORT")
     if (m.group(1), int(m.group(2))) in endpoints:
         raise ConfigError(f"{where('controller', 'endpoint')}: {c.endpoint} is also a worker's port")
+    if c.pipeline not in PIPELINE:
+        raise ConfigError(f"{where('controller', 'pipeline')}: pipeline {c.pipeline!r}; use one of {PIPELINE}")
     s = c.speculation
     if s.gate not in GATES:
         raise ConfigError(f"{where('controller.speculation', 'gate')}: gate {s.gate!r}; use one of {GATES}")

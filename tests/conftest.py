@@ -103,8 +103,10 @@ def write_cluster_config(path: Path, target: Path, drafters: dict[str, Any], con
     for wname, model in workers:
         lines += ["", "[[workers]]", f'name = "{wname}"', f'model = "{model}"', 'host = "127.0.0.1"',
                   f"port = {free_port()}", "threads = 1", "max_batch = 64", "idle_timeout_s = 600.0"]
+    # pipeline "on": the test clusters share one host, where "auto" would turn it off, and
+    # the pipelined round loop is what most tests exercise
     c = {"endpoint": f"tcp://127.0.0.1:{free_port()}", "mode": "cosine", "worker_timeout_s": 3.0,
-         **(controller or {})}
+         "pipeline": "on", **(controller or {})}
     lines += ["", "[controller]"] + [f"{k} = {_toml_value(v)}" for k, v in c.items()]
     # tiny engines draft about as slowly as they verify: keep speculation on regardless
     # (tests of the gates set gate themselves)

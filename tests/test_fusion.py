@@ -113,3 +113,46 @@ def test_weighted_rule_trusts_track_record_over_raw_confidence() -> None:
     tree, node = fuse_step(TokenTree.root(5), 0, DraftStep(cands), weighted(base, {0: 0.9, 1: 0.3}))
     assert int(tree.tokens[node]) == 11
     assert np.allclose(sorted(tree.probs[1:]), [0.6, 0.8])  # the tree keeps the raw probabilities
+
+
+def test_calibration_learns_which_drafter_to_trust() -> None:
+    """A drafter that states 0.9 but is right 20% of the time loses fusion to one that
+    states 0.6 and is right 80% of the time, once the verified examples say so; per domain."""
+    from cosine.control.fusion import Calibration, max_confidence
+
+    cal = Calibration()
+    cands = [Candidate(0, 10, 0.9), Candidate(1, 11, 0.6)]
+    assert cal.rule(max_confidence, "code")(cands).token == 10  # no evidence: stated probabilities
+    rng = np.random.default_rng(0)
+    for _ in range(400):
+        cal.observe("code", 0, 0.9, bool(rng.random() < 0.2))
+        cal.observe("code", 1, 0.6, bool(rng.random() < 0.8))
+    assert abs(cal.confidence("code", 0, 0.9) - 0.2) < 0.06 and abs(cal.confidence("code", 1, 0.6) - 0.8) < 0.06
+    assert cal.rule(max_confidence, "code")(cands).token == 11
+    assert cal.rule(max_confidence, "prose")(cands).token == 10  # another domain: no evidence yet
+    assert cal.confidence("code", 0, 0.1) == pytest.approx(0.1)  # an unseen bin keeps the stated p
+    t = cal.table()["code"][0]
+    assert sum(n for _, n in t) == 400
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 2), st.floats(0, 1), st.booleans()), max_size=60), st.floats(0, 1))
+def test_calibration_confidence_is_a_probability(obs, p) -> None:
+    from cosine.control.fusion import Calibration
+
+    cal = Calibration(cap=10.0)
+    for d, q, ok in obs:
+        cal.observe("x", d, q, ok)
+    for d in range(3):
+        assert 0.0 <= cal.confidence("x", d, p) <= 1.0
+    with pytest.raises(ValueError):
+        Calibration(edges=(0.5, 0.2))
+
+
+def test_agreement_labels_every_candidate_on_its_own_prefix() -> None:
+    from cosine.control.rounds import agreement
+
+    # root 0 -> a(1) -> b(2); root -> c(3). Target argmax per node: after root 7, after a 8.
+    argmax = np.array([7, 8, 5, 6])
+    cands = [(0, 0.9, 7, 0), (0, 0.8, 9, 1), (1, 0.4, 3, 0), (1, 0.5, 8, 1)]
+    assert agreement(cands, argmax) == [(0, 0.9, True), (0, 0.8, False), (1, 0.4, False), (1, 0.5, True)]

@@ -66,11 +66,34 @@ def test_goodput_not_acceptance_drives_draft_len():
 def test_best_draft_len_is_argmax_of_goodput():
     sc = SpeculationController(min_draft_len=1, max_draft_len=8)
     st_ = sc._state("r")
-    st_.alpha, st_.draft_step_s = 0.7, 0.003
+    st_.alpha, st_.alpha_next, st_.draft_step_s = 0.7, 0.8, 0.003
     sc.observe_plain(0.02)
     sc.observe_plain(0.02)  # one tree size only: per-token slope falls back to verify_token_frac
-    g = {k: expected_tokens(0.7, k) / (sc.verify_s(1 + k) + 0.003 * k) for k in range(1, 9)}
+    g = {k: expected_tokens(0.7, k, 0.8) / (sc.verify_s(1 + k) + 0.003 * k) for k in range(1, 9)}
     assert sc.best_draft_len("r") == max(g, key=g.get)
+
+
+def test_two_rate_expected_tokens():
+    assert expected_tokens(0.5, 3, 0.5) == pytest.approx(expected_tokens(0.5, 3))  # equal rates: geometric
+    assert expected_tokens(0.0, 5, 1.0) == 1.0
+    assert expected_tokens(1.0, 5, 1.0) == 6.0
+    assert expected_tokens(0.5, 4, 1.0) == pytest.approx(3.0)  # half the rounds take all 4
+
+
+def test_streaky_acceptance_asks_for_longer_drafts():
+    """Rounds that accept all or nothing (easy stretches) make a later position almost
+    sure once the first is in: the two-rate estimate drafts longer than the geometric one
+    would at the same mean acceptance."""
+    sc = SpeculationController(disable_below_ratio=0.0, max_draft_len=8)
+    sc.observe_plain(0.25)
+    for i in range(40):
+        p = sc.plan("a")
+        acc = p.draft_len if i % 2 else 0  # all or nothing
+        sc.observe("a", drafted=p.draft_len, accepted=acc, draft_s=0.02 * p.draft_len,
+                   verify_s=0.25 + 0.008 * p.draft_len)
+    a1, a2 = sc.alpha("a")
+    assert 0.35 < a1 < 0.65 and a2 > 0.85
+    assert sc.plan("a").draft_len >= 6
 
 
 def test_speculation_turns_off_when_slower_than_plain_and_reprobes():
