@@ -373,7 +373,7 @@ class ControllerActor(pykka.ThreadingActor):
         t1 = time.perf_counter()
         self.prefill_s = 0.0
         self._draft(to_draft, plans)
-        draft_s = time.perf_counter() - t1
+        draft_s = time.perf_counter() - t1 if to_draft else 0.0
         verify_busy = self._collect_verify(futures)
         for r in to_draft:
             r.draft_s = max(0.0, draft_s - self.prefill_s)

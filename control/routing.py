@@ -168,7 +168,11 @@ class Router:
         # misses win steps): the request runs on the better ones alone.
         top = req.scores[picks[0]]
         picks = picks[:1] + [n for n in picks[1:] if n not in req.tried or req.scores[n] >= self.min_score_ratio * top]
-        rest = [n for n in ranked if n not in picks]
+        # Exploration candidates: unpicked drafters whose score (for an untried one: its
+        # learned prior) is within min_score_ratio of the best. Once the priors show a
+        # drafter is far behind on this domain, a hard stretch of text no longer makes
+        # every request try it again.
+        rest = [n for n in ranked if n not in picks and req.scores[n] >= self.min_score_ratio * top]
         if not rest:
             return picks
         low = len(req.window) == self.window and float(np.mean(req.window)) < self.explore_threshold

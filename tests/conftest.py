@@ -87,9 +87,11 @@ def _toml_value(v: Any) -> str:
 
 
 def write_cluster_config(path: Path, target: Path, drafters: dict[str, Any], controller: dict[str, Any] | None = None,
-                         sections: dict[str, dict[str, Any]] | None = None, limits: dict[str, Any] | None = None) -> Path:
+                         sections: dict[str, dict[str, Any]] | None = None, limits: dict[str, Any] | None = None,
+                         model_extra: dict[str, dict[str, Any]] | None = None) -> Path:
     """config.toml for one verifier ("verifier-0", model "target") and one drafter worker per
-    entry of ``drafters`` (worker name -> engine dir), all on free loopback ports."""
+    entry of ``drafters`` (worker name -> engine dir), all on free loopback ports.
+    ``model_extra`` adds keys to a drafter's [[models]] entry (by worker name)."""
     lines = ["[logging]", 'level = "WARNING"', "", "[limits]"]
     lim = {"max_prompt_tokens": 96, "max_new_tokens": 256, **(limits or {})}
     lines += [f"{k} = {_toml_value(v)}" for k, v in lim.items()]
@@ -99,6 +101,8 @@ def write_cluster_config(path: Path, target: Path, drafters: dict[str, Any], con
     for name, role, (kind, eng), domains in models:
         lines += ["", "[[models]]", f'name = "{name}"', f'role = "{role}"', f'kind = "{kind}"',
                   f"domains = {_toml_value(list(domains))}"] + ([f'engine = "{eng}"'] if eng else [])
+        extra = (model_extra or {}).get(name[2:] if name.startswith("m-") else "", {})
+        lines += [f"{k} = {_toml_value(v)}" for k, v in extra.items()]
     workers = [("verifier-0", "target")] + [(n, f"m-{n}") for n in drafters]
     for wname, model in workers:
         lines += ["", "[[workers]]", f'name = "{wname}"', f'model = "{model}"', 'host = "127.0.0.1"',

@@ -139,3 +139,23 @@ def test_prefill_is_chunked_across_ticks(control_engines, tmp_path, reference):
     assert {i: out[i] for i in range(6)} == {i: reference[i % len(PROMPTS)] for i in range(6)}
     # start-up profile + 6 requests of 5, 1 and 12 tokens under a 6-token cap: >= 3 more ops
     assert prefills >= 4
+
+
+def test_unpipelined_with_a_drafter_context_window_stays_exact(control_engines, tmp_path, reference):
+    """pipeline = "off" (the rule on a shared host) drafts then verifies every cosine request
+    in turn; a drafter that sees only the last 8 prompt tokens (draft_context) still drafts
+    well enough to be accepted, and every mode stays token for token exact."""
+    from cosine.control.cluster import LocalCluster
+    from tests.conftest import write_cluster_config
+
+    cfg = write_cluster_config(tmp_path / "config.toml", control_engines["target"],
+                               {"good": control_engines["target"], "poor": control_engines["poor"]},
+                               controller={"pipeline": "off"}, model_extra={"good": {"draft_context": 8}})
+    with LocalCluster(cfg) as cl, Client(cl.endpoint, timeout_s=60) as c:
+        for mode in MODES:
+            for i, p in enumerate(PROMPTS):
+                assert c.generate(p, max_tokens=24, mode=mode).token_ids == reference[i], (mode, i)
+        spec = c.generate(PROMPTS[2], max_tokens=24, mode="speculative")
+        st = c.stats()
+    assert not st["pipelined"] and st["pipeline_overlap_s"] == 0.0
+    assert spec.stats["mean_accepted_length"] > 2.0, spec.stats  # the windowed drafter is still useful

@@ -310,3 +310,23 @@ def test_exploration_adds_a_drafter_when_the_cut_left_room():
         r.update("a", "coder", 0.9, 4, 4)
     picks = r.select("a", k=2)
     assert picks[0] == "coder" and len(picks) == 2 and picks[1] != "coder"
+
+
+def test_low_window_does_not_explore_a_drafter_the_priors_rule_out():
+    """Hard text (accepted length below the threshold) triggers exploration only among
+    drafters within min_score_ratio of the best: one that finished requests of this domain
+    far behind is not tried again by every new request."""
+    r = router(classifier=Fixed("code"), window=2, explore_threshold=1.5, min_score_ratio=0.75)
+    for i in range(4):  # evidence: on code, "writer" is hopeless and "coder" good
+        r.start(f"p{i}")
+        for _ in range(4):
+            r.update(f"p{i}", "coder", 0.9, 4, 4)
+            r.update(f"p{i}", "writer", 0.1, 0, 4)
+        r.finish(f"p{i}")
+    r.start("a")
+    avail = {"coder", "writer"}
+    assert r.select("a", available=avail, k=1) == ["coder"]
+    for _ in range(6):  # a hard stretch: accepted length 1 round after round
+        r.record_round("a", 0)
+        assert r.select("a", available=avail, k=1) == ["coder"]
+    assert r.explorations == 0
