@@ -192,6 +192,12 @@ class ControllerActor(pykka.ThreadingActor):
         # batch gate's cost of a plain and of a speculative round (the start-up profile
         # sees one request only and misses what batching and contention cost).
         self.call_fit = VerifyFit(0.9)
+        # Seconds per prompt token of a drafter's prompt prefill (measured on the model
+        # drafters): what a request that never drafted costs before its first speculative
+        # round. The batch gate charges 1/probe_every of it per round (speculation must last
+        # about that long to repay it), and never probes a request that never drafted.
+        self.prefill_tok_s: float | None = None
+        self.lead_drafters = {w.name for w in cfg.drafter_workers() if cfg.model(w.model).kind == "neural"}
         log.info("cosine mode %s: %s", "pipelines drafting and verification" if self.pipelined else
                  "drafts then verifies in turn", f"[controller] pipeline = {cfg.controller.pipeline!r}"
                  + ("" if cfg.controller.pipeline != "auto" else
@@ -533,8 +539,10 @@ class ControllerActor(pykka.ThreadingActor):
             verify = ((lambda n: self.call_fit.predict(n, 0.0) or 0.0) if measured else
                       (lambda n: self.cost.verify_s(B, max(1, round(n / B)), seq)))
             draft = (lambda k: step * k) if step is not None else (lambda k: self.cost.draft_s(S, k, seq))
+            fresh = sum(len(r.committed) for r in reqs if r.rid in cos and not r.drafted)
             return speculation_pays(wide, {rid: self.spec.alpha(rid) for rid in cos}, verify, draft,
-                                    self.cc.speculation.disable_below_ratio)
+                                    self.cc.speculation.disable_below_ratio,
+                                    fresh * (self.prefill_tok_s or 0.0) / self.spec.probe_every)
 
         if gate == "measured":  # the measured gate explores by itself: no per-request probes
             if self.goodput_gate.decide(len(self.requests), model_says):
@@ -553,10 +561,11 @@ class ControllerActor(pykka.ThreadingActor):
         # under steady load the probes' cost shrinks towards nothing.
         out = dict(plans)
         every = self.spec.probe_every
+        by_rid = {r.rid: r for r in reqs}
         for rid in cos:
             n = self.gated_streak[rid] = self.gated_streak.get(rid, 0) + 1
             gap = self.probe_gap.get(rid, every)
-            if n < gap:
+            if n < gap or not by_rid[rid].drafted:  # a request that never drafted has nothing to refresh
                 out[rid] = DraftPlan(False, 0, 1)
             else:
                 self.gated_streak[rid] = 0
@@ -630,6 +639,7 @@ class ControllerActor(pykka.ThreadingActor):
         for r in reqs:
             r.tree, r.draft_dists, r.drafters, r.proposals = rounds.root_tree(r.committed[-1]), {}, [], {}
             r.cands = []
+            r.drafted = r.drafted or plans[r.rid].speculate
             r.phase = "verify"
             r.wait_since = time.monotonic()
         if chains:
@@ -651,6 +661,10 @@ class ControllerActor(pykka.ThreadingActor):
             res: Timed = f.get()
             d.busy_s += res.busy_s
             self.prefill_s = max(self.prefill_s, res.extra.get("prefill_s", 0.0))
+            n_pre = res.extra.get("prefill_tokens", 0)
+            if n_pre and d.name in self.lead_drafters:  # the drafter that bounds prefill time
+                per_tok = res.extra["prefill_s"] / n_pre
+                self.prefill_tok_s = per_tok if self.prefill_tok_s is None else 0.5 * self.prefill_tok_s + 0.5 * per_tok
             if res.error == "dead":
                 self._mark_dead(d, res.message)
             elif res.error:

@@ -86,6 +86,7 @@ class Request:
     prefilled: bool = False
     proposals: dict = field(default_factory=dict)   # drafter name -> (tokens, probs) this round
     cands: list = field(default_factory=list)       # (drafter index, prob, token, parent node) this round
+    drafted: bool = False                            # has speculated at least once (drafters hold its prompt)
     commit_nodes: list[int] | None = None            # accepted nodes of the last verify (inline commit)
     client_key: Any = None
     domain: str = ""

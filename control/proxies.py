@@ -172,7 +172,7 @@ class DrafterProxyActor(_WorkerProxy):
         t0 = time.perf_counter()
         try:
             new = [j for j in jobs if j.rid not in self.cached]
-            prefill_s = 0.0
+            prefill_s, prefill_tokens = 0.0, 0
             if new:
                 w = self.context_window
                 for j in new:
@@ -183,6 +183,7 @@ class DrafterProxyActor(_WorkerProxy):
                 for r, ts in pre:
                     self.cached[r] = list(ts)
                 prefill_s = time.perf_counter() - t0
+                prefill_tokens = int(toks.size)
             reqs, feed = [], []
             for j in jobs:
                 keep, f = plan_feed(self.cached[j.rid], j.context[self.start.get(j.rid, 0):])
@@ -227,7 +228,7 @@ class DrafterProxyActor(_WorkerProxy):
         self.busy_s += dt
         # the prompt prefill is paid once per request: speculation control must not count it
         # as the cost of drafting
-        return Timed(out, dt, extra={"prefill_s": prefill_s})
+        return Timed(out, dt, extra={"prefill_s": prefill_s, "prefill_tokens": prefill_tokens})
 
     def _lose_track(self, jobs: list[DraftJob]) -> None:
         self.unsure.update(self.cached)

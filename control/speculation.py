@@ -351,7 +351,8 @@ class SpeculationController:
 
 
 def speculation_pays(plans: Mapping[str, DraftPlan], alphas: Mapping[str, float | tuple[float, float]],
-                     verify_s: Callable[[int], float], draft_s: Callable[[int], float], ratio: float = 1.0) -> bool:
+                     verify_s: Callable[[int], float], draft_s: Callable[[int], float], ratio: float = 1.0,
+                     once_s: float = 0.0) -> bool:
     """Whole-round check (CoSine: speculation must never be slower under load).
 
     One round verifies every request's tree in one forward. With speculation the round
@@ -361,6 +362,8 @@ def speculation_pays(plans: Mapping[str, DraftPlan], alphas: Mapping[str, float 
     with a large batch, it is not, and plain batched decoding wins. Unmeasured costs
     (zero) never turn speculation off; it pays while its goodput is at least ``ratio``
     times plain decoding's ([controller.speculation] disable_below_ratio; 0 = always).
+    ``once_s`` is a one-off cost of speculating now, e.g. drafters prefilling the prompts
+    of requests that never drafted (charged to this round: the first round must pay it).
     """
     spec = {r: p for r, p in plans.items() if p.speculate and p.draft_len > 0}
     if not spec:
@@ -375,7 +378,7 @@ def speculation_pays(plans: Mapping[str, DraftPlan], alphas: Mapping[str, float 
         return expected_tokens(a[0], k, a[1]) if isinstance(a, tuple) else expected_tokens(a, k)
 
     committed = (B - len(spec)) + sum(expect(r, p.draft_len) for r, p in spec.items())
-    t_spec = verify_s(tokens) + max(draft_s(p.draft_len) for p in spec.values())
+    t_spec = verify_s(tokens) + max(draft_s(p.draft_len) for p in spec.values()) + max(0.0, once_s)
     return committed / t_spec >= ratio * B / t_plain
 
 

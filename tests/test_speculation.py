@@ -239,6 +239,9 @@ def test_speculation_pays_compares_round_goodput() -> None:
     assert not speculation_pays({"a": DraftPlan(False, 0, 1)}, {}, cpu, free_draft)
     # ratio 0 (disable_below_ratio = 0) keeps speculation on whatever it costs
     assert speculation_pays(plans, alphas, linear, free_draft, ratio=0.0)
+    # a one-off cost (drafters prefilling new prompts) can tip it; two-rate acceptance works too
+    assert speculation_pays(one, {"a": (0.7, 0.9)}, cpu, lambda k: 0.05 * k)
+    assert not speculation_pays(one, {"a": (0.7, 0.9)}, cpu, lambda k: 0.05 * k, once_s=2.0)
 
 
 # ----- GoodputGate: the batch-level switch learnt from measured rounds -----------------
