@@ -110,9 +110,6 @@ class FuserActor(pykka.ThreadingActor):
             for domain, drafter, prob, agreed in labels:
                 self.calibration.observe(domain, drafter, prob, agreed)
 
-    def calibration_table(self) -> dict:
-        return self.calibration.table() if self.calibration is not None else {}
-
 
 @dataclass
 class DrafterSlot:
@@ -519,8 +516,9 @@ class ControllerActor(pykka.ThreadingActor):
         return max(0, min(r.context_limit - len(r.committed), r.params.max_tokens - len(r.output)))
 
     def _gate(self, reqs: list[Request], plans: dict[str, DraftPlan], width: int) -> dict[str, DraftPlan]:
-        """Plain batched decoding for this round's cosine requests when, by the profiled
-        cost model, speculation would commit fewer tokens per second (under load)."""
+        """Plain batched decoding for this round's cosine requests when, by the cost model
+        (measured verify calls and draft steps; the start-up profile before those exist),
+        speculation would commit fewer tokens per second (under load)."""
         cos = [r.rid for r in reqs if r.params.mode == "cosine" and self.cc.speculation.adaptive
                and plans[r.rid].speculate]
         if not cos:

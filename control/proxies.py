@@ -238,6 +238,7 @@ class DrafterProxyActor(_WorkerProxy):
     def _forget(self, rids: list[str]) -> None:
         for r in rids:
             self.cached.pop(r, None)
+            self.start.pop(r, None)
         try:
             self.call("release", {"rids": list(rids)})
         except (WorkerError, TimeoutError, OSError):
@@ -247,6 +248,8 @@ class DrafterProxyActor(_WorkerProxy):
         mine = [r for r in rids if r in self.cached]
         for r in mine:
             del self.cached[r]
+        for r in rids:
+            self.start.pop(r, None)
         if mine:
             try:
                 self.call("release", {"rids": mine})
