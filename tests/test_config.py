@@ -47,7 +47,7 @@ def test_missing_engine_names_the_fix(tmp_path: Path) -> None:
     ("adaptive = true", "adaptive = 1", r"adaptive must be bool"),
     ('endpoint = "tcp://127.0.0.1:5600"', 'endpoint = "tcp://127.0.0.1:5601"', r"also a worker's port"),
     ("curve = false", "curve = true", r"curve = true needs server_secret_key"),
-    ('mode = "cosine"', 'mode = "cosine"\npipeline = "yes"', r"pipeline 'yes'; use one of"),
+    ('pipeline = "auto"', 'pipeline = "yes"', r"pipeline 'yes'; use one of"),
 ])
 def test_bad_config_is_a_clear_error(tmp_path: Path, old: str, new: str, pattern: str) -> None:
     assert old in BASE
@@ -109,6 +109,6 @@ def test_pipeline_auto_follows_where_the_workers_run(tmp_path: Path) -> None:
     text = re.sub(r'(?m)^port = (560[4-7])$', r'port = \1\nhost = "10.0.0.8"', text)
     assert text != BASE
     assert config.load(write(tmp_path, text), check_engines=False).pipelined()  # every drafter elsewhere
-    forced = config.load(write(tmp_path, BASE.replace('mode = "cosine"', 'mode = "cosine"\npipeline = "on"', 1)),
+    forced = config.load(write(tmp_path, BASE.replace('pipeline = "auto"', 'pipeline = "on"', 1)),
                          check_engines=False)
     assert forced.pipelined()
