@@ -110,6 +110,10 @@ class FuserActor(pykka.ThreadingActor):
             for domain, drafter, prob, agreed in labels:
                 self.calibration.observe(domain, drafter, prob, agreed)
 
+    def calibration_table(self) -> dict:
+        """Calibration.table(), for the serve stats (empty when calibration is off)."""
+        return self.calibration.table() if self.calibration is not None else {}
+
 
 @dataclass
 class DrafterSlot:
@@ -254,6 +258,9 @@ class ControllerActor(pykka.ThreadingActor):
             "verifiers": {v.name: {"load": v.load, "busy_s": v.busy_s, "kv_reserved": v.reserved,
                                    "kv_budget": b} for v, b in zip(self.verifiers, self.budgets)},
             "queue_waits": self.queue_waits, "gate_goodput": self.goodput_gate.snapshot(),
+            # domain -> drafter -> per probability bin [agreement rate, trials] (fusion's confidence)
+            "calibration": {dom: {self.drafters[d].name: [list(b) for b in bins] for d, bins in per.items()}
+                            for dom, per in self.fuser.calibration_table().get().items()},
             **({"timeline": [list(r) for r in list(s.timeline)[-timeline:]]} if timeline > 0 else {}),
         }
 

@@ -93,6 +93,10 @@ def test_pipelining_overlaps_and_stats(control_cluster, reference):
     assert 0.0 <= s["drafter_idle_frac"] <= 1.0
     assert set(s["drafters"]) == {"good", "poor"}
     assert "verifier-0" in s["workers"] and "requests_held" in s["workers"]["verifier-0"]
+    # fusion's calibration learned from the verified candidates, per domain and drafter
+    cal = s["calibration"]
+    assert cal and all(set(per) <= {"good", "poor"} for per in cal.values())
+    assert sum(n for per in cal.values() for bins in per.values() for _, n in bins) > 0
 
 
 def test_measured_gate_tries_both_regimes_and_stays_exact(control_engines, tmp_path, reference):
