@@ -93,7 +93,9 @@ class FuserActor(pykka.ThreadingActor):
         self.calibration = Calibration() if calibrate else None
 
     def fuse(self, items: list[tuple[Any, int, list, bool, dict[int, float] | None, str]]
-             ) -> list[tuple[Any, int | None, dict]]:
+             ) -> list[tuple[Any, int | None, dict, float]]:
+        """One fusion step per item: (tree, fused node or None, q per (drafter, parent) for
+        sampling, the fused node's confidence: P(target agrees | its parent accepted))."""
         out = []
         for tree, parent, cands, stochastic, weights, domain in items:
             dists: dict = {}
@@ -101,8 +103,25 @@ class FuserActor(pykka.ThreadingActor):
             if self.calibration is not None:
                 rule = self.calibration.rule(rule, domain)
             t, fused = rounds.fuse_candidates(tree, parent, cands, rule, stochastic, dists)
-            out.append((t, fused, dists))
+            conf = 0.0
+            if fused is not None:
+                conf = (self.calibration.confidence(domain, int(t.proposers[fused]), float(t.probs[fused]))
+                        if self.calibration is not None else min(1.0, max(0.0, float(t.probs[fused]))))
+            out.append((t, fused, dists, conf))
         return out
+
+    def confidence(self, tree: Any, domain: str) -> np.ndarray:
+        """Per node P(target agrees | parent accepted): calibrated, else the stated prob."""
+        if self.calibration is not None:
+            return self.calibration.tree_confidence(tree, domain)
+        conf = np.clip(np.asarray(tree.probs, np.float64), 0.0, 1.0)
+        conf[0] = 1.0
+        return conf
+
+    def prune(self, items: list[tuple[Any, str, float]]) -> list[tuple[Any, np.ndarray]]:
+        """(tree, domain, min_gain) -> (pruned tree, kept old node indices): nodes whose
+        chance of being accepted is below min_gain tokens are not worth their verify cost."""
+        return [tree.prune(self.confidence(tree, domain), gain) for tree, domain, gain in items]
 
     def observe(self, labels: list[tuple[str, int, float, bool]]) -> None:
         """Verified candidates (domain, drafter, its prob, target agreed) teach calibration."""
@@ -150,6 +169,7 @@ class ControllerStats:
     draft_wall_s: float = 0.0
     overlap_s: float = 0.0
     gated_rounds: int = 0            # rounds where plain batched decoding beat speculation
+    pruned_nodes: int = 0            # drafted tree nodes dropped as not worth verifying
     last_round: dict = field(default_factory=dict)
     # The last rounds' phases, seconds since start: (sequential draft start, end, verify
     # start, end, pipelined draft start, end, requests verified, requests drafted);
@@ -247,6 +267,7 @@ class ControllerActor(pykka.ThreadingActor):
             "uptime_s": time.monotonic() - s.started, "mode": self.cc.mode, "pipelined": self.pipelined,
             "active_requests": len(self.requests), "queued_requests": len(self.incoming),
             "rounds": s.rounds, "tokens": s.tokens, "requests_done": s.requests_done, "gated_rounds": s.gated_rounds,
+            "pruned_nodes": s.pruned_nodes,
             "requests_failed": s.requests_failed,
             "mean_accepted_length": 1.0 + s.accepted_drafts / s.rounds if s.rounds else 1.0,
             "busy_wall_s": s.wall_s, "draft_wall_s": s.draft_wall_s, "verify_busy_s": s.verify_busy_s,
@@ -651,6 +672,7 @@ class ControllerActor(pykka.ThreadingActor):
             self._draft_chains(chains, plans)
         if fused:
             self._draft_fused(fused, plans)
+            self._prune(fused)
 
     def _job(self, r: Request, context: list[int], k: int, topk: int = 1) -> DraftJob:
         stochastic = r.params.temperature > 0
@@ -733,7 +755,10 @@ class ControllerActor(pykka.ThreadingActor):
             names = [n for n in sel.get(r.rid, []) if n in by_name]
             r.drafters = names
             r.proposals = {n: ([], []) for n in names}
-            state[r.rid] = {"parent": 0, "prefix": [], "left": plans[r.rid].draft_len}
+            # reach: P(the fused path so far is accepted); a step is drafted only while its
+            # expected gain, reach * P(next position accepted), is worth its cost
+            state[r.rid] = {"parent": 0, "prefix": [], "left": plans[r.rid].draft_len, "reach": 1.0,
+                            "floor": self._step_floor(r)}
         for _step in range(max((plans[r.rid].draft_len for r in reqs), default=0)):
             jobs: dict[int, list[DraftJob]] = defaultdict(list)
             for r in reqs:
@@ -771,7 +796,7 @@ class ControllerActor(pykka.ThreadingActor):
                 order.append(r)
             if not items:
                 break
-            for r, (tree, node, dists) in zip(order, self.fuser.fuse(items).get()):
+            for r, (tree, node, dists, conf) in zip(order, self.fuser.fuse(items).get()):
                 st = state[r.rid]
                 r.tree = tree
                 r.draft_dists.update(dists)
@@ -781,6 +806,39 @@ class ControllerActor(pykka.ThreadingActor):
                     st["parent"] = node
                     st["prefix"].append(int(tree.tokens[node]))
                     st["left"] -= 1
+                    st["reach"] *= conf
+                    if st["reach"] * self.spec.alpha(r.rid)[1] < st["floor"]:
+                        st["left"] = 0
+
+    def _step_floor(self, r: Request) -> float:
+        """Fewest expected tokens one more fused draft step must bring (0 = no early stop)."""
+        sc = self.cc.speculation
+        return self.spec.gain_floors(r.rid)[1] if sc.prune and sc.adaptive else 0.0
+
+    def _prunes(self, r: Request) -> bool:
+        """Cosine-mode greedy requests drop tree nodes not worth verifying. Sampling keeps
+        every candidate: dropping a sample for its own low probability would bias the
+        distribution multi-step speculative sampling relies on."""
+        sc = self.cc.speculation
+        return sc.prune and sc.adaptive and r.params.mode == "cosine" and r.params.temperature <= 0
+
+    def _prune(self, reqs: list[Request]) -> None:
+        """Drop each tree's nodes whose acceptance chance is below the node gain floor;
+        candidate labels follow the renumbering (a dropped candidate whose parent stays
+        is still labelled: the target scores its parent either way)."""
+        todo = [(r, self.spec.gain_floors(r.rid)[0]) for r in reqs
+                if self._prunes(r) and r.tree is not None and r.tree.n > 2]
+        todo = [(r, g) for r, g in todo if g > 0.0]
+        if not todo:
+            return
+        out = self.fuser.prune([(r.tree, r.domain, g) for r, g in todo]).get()
+        for (r, _), (tree, kept) in zip(todo, out):
+            if tree.n == r.tree.n:
+                continue
+            new = {int(o): i for i, o in enumerate(kept)}
+            self.stats_.pruned_nodes += r.tree.n - tree.n
+            r.tree = tree
+            r.cands = [(d, p, t, new[u]) for d, p, t, u in r.cands if u in new]
 
     # -- verification --------------------------------------------------------------------
     def _issue_verify(self, reqs: list[Request]) -> dict[int, tuple[list[Request], Any, bool]]:
@@ -870,8 +928,9 @@ class ControllerActor(pykka.ThreadingActor):
                           "agreed=%s", r.rid, r.params.mode, r.tree.n, n_acc, r.draft_s, res.busy_s, r.drafters,
                           {u[1]: f"{u[3]}/{u[4]}@{u[2]:.2f}" for u in upd if u[0] == r.rid})
             if r.params.mode == "cosine" and drafted:
+                # depth: the positions verified (early stop and pruning may end short of the plan)
                 self.spec.observe(r.rid, drafted, n_acc, r.draft_s, res.busy_s * r.tree.n / max(n_total, 1),
-                                  overlapped_s=r.draft_overlap_s)
+                                  depth=int(r.tree.depths().max()), overlapped_s=r.draft_overlap_s)
             elif r.tree.n == 1:
                 self.spec.observe_plain(res.busy_s)
             for name in r.drafters:

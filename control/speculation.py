@@ -132,7 +132,7 @@ class SpeculationController:
                  ema: float = 0.5, alpha_init: float = 0.6, min_rounds: int = 2,
                  idle_high: float = 0.25, queue_high: int = 8, bias_step: float = 0.5,
                  bias_decay: float = 0.9, verify_decay: float = 0.95, verify_token_frac: float = 0.05,
-                 alpha_keep: float = 0.85, alpha_prior: float = 4.0):
+                 alpha_keep: float = 0.85, alpha_prior: float = 4.0, min_gain: float = 0.0):
         if not 1 <= min_draft_len <= draft_len <= max_draft_len:
             raise ValueError("SpeculationController: need 1 <= min_draft_len <= draft_len <= max_draft_len, got "
                              f"{min_draft_len}, {draft_len}, {max_draft_len}")
@@ -150,6 +150,7 @@ class SpeculationController:
         self.idle_high, self.queue_high = idle_high, queue_high
         self.bias_step, self.bias_decay = bias_step, bias_decay
         self.verify_token_frac = verify_token_frac
+        self.min_gain = min_gain
         # Pipeline bias in draft steps; beyond the draft-length range it spills into tree width.
         self.bias_limit = float((max_draft_len - min_draft_len) + (max_tree_width - 1))
         self.bias = 0.0
@@ -168,7 +169,7 @@ class SpeculationController:
     def from_config(cls, cfg: SpeculationConfig, max_verify_tokens: int, **kw) -> "SpeculationController":
         return cls(draft_len=cfg.draft_len, min_draft_len=cfg.min_draft_len, max_draft_len=cfg.max_draft_len,
                    tree_width=cfg.tree_width, max_tree_width=max(cfg.tree_width, kw.pop("max_tree_width", 4)),
-                   adaptive=cfg.adaptive, disable_below_ratio=cfg.disable_below_ratio,
+                   adaptive=cfg.adaptive, disable_below_ratio=cfg.disable_below_ratio, min_gain=cfg.min_gain,
                    max_verify_tokens=max_verify_tokens, **kw)
 
     def _state(self, rid: str) -> _ReqState:
@@ -245,6 +246,19 @@ class SpeculationController:
     def goodput(self, rid: str) -> float | None:
         st = self._reqs.get(rid)
         return st.goodput() if st else None
+
+    def gain_floors(self, rid: str) -> tuple[float, float]:
+        """(node, step): the fewest expected tokens that pay for one more tree node, and for
+        one more draft step plus its node. Adding work that yields g tokens for c seconds
+        raises a round's goodput G (tokens/s) iff g > G * c; c is the verifier's measured
+        cost per tree node, plus this request's draft step. Never below ``min_gain``; only
+        that before anything is measured."""
+        st = self._reqs.get(rid)
+        g = st.goodput() if st is not None else None
+        if not g:
+            return self.min_gain, self.min_gain
+        node_s = max(0.0, self.verify_s(2) - self.verify_s(1))
+        return max(self.min_gain, g * node_s), max(self.min_gain, g * (node_s + (st.draft_step_s or 0.0)))
 
     @property
     def plain_rate(self) -> float | None:

@@ -110,6 +110,12 @@ class SpeculationConfig:
     gate: str = "model"
     gate_window: int = 8          # ticks per measurement window
     gate_explore_every: int = 8   # every n-th window plays the regime that looks worse
+    # Cosine mode, adaptive: stop fused drafting, and drop tree nodes before verification,
+    # once a node's chance of acceptance is worth less than what it costs (greedy only drops).
+    prune: bool = True
+    # ... and a floor under that (expected tokens): a node less likely than this to be accepted
+    # is never verified, even where the verifier's extra node looks free (0 = cost only).
+    min_gain: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -347,6 +353,8 @@ def _check(cfg: Config, text: str, check_engines: bool) -> None:
     s = c.speculation
     if s.gate not in GATES:
         raise ConfigError(f"{where('controller.speculation', 'gate')}: gate {s.gate!r}; use one of {GATES}")
+    if not 0.0 <= s.min_gain < 1.0:
+        raise ConfigError(f"{where('controller.speculation', 'min_gain')}: need 0 <= min_gain < 1, got {s.min_gain}")
     if s.gate_window < 1 or s.gate_explore_every < 2:
         raise ConfigError(f"{where('controller.speculation', 'gate_window')}: need gate_window >= 1 and "
                           f"gate_explore_every >= 2")

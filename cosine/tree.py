@@ -247,12 +247,30 @@ class TokenTree:
         """Tokens after the root along the path to ``node`` (empty for the root)."""
         return self.tokens[self.path(node)[1:]].copy()
 
-    def path_probs(self) -> np.ndarray:
-        """float64 [N]: product of probs along each node's path (root's own prob excluded)."""
+    def path_probs(self, values: Sequence[float] | np.ndarray | None = None) -> np.ndarray:
+        """float64 [N]: product of ``values`` (default: the proposers' probs) along each
+        node's path, root's own value excluded."""
+        v = self.probs if values is None else np.asarray(values, np.float64).reshape(-1)
+        if v.size != self.n:
+            raise TreeError(f"path_probs: need one value per node ({self.n}), got {v.size}")
         pp = np.ones(self.n)
         for i, p in enumerate(self.parents.tolist()[1:], start=1):
-            pp[i] = pp[p] * float(self.probs[i])
+            pp[i] = pp[p] * float(v[i])
         return pp
+
+    def prune(self, conf: Sequence[float] | np.ndarray, min_gain: float) -> tuple[TokenTree, np.ndarray]:
+        """Drop the nodes not worth verifying: (pruned tree, kept old node indices).
+
+        ``conf[i]`` is P(the target agrees with node i | its parent was accepted). Siblings
+        carry distinct tokens, so at most one of them is accepted, and the probability that
+        node i ends on the accepted path (its expected gain in tokens) is the product of
+        conf along its path. Nodes whose gain is below ``min_gain`` go. With conf in [0, 1]
+        gains never grow along a path, so the kept set is ancestor-closed (a valid tree).
+        """
+        c = np.clip(np.asarray(conf, np.float64).reshape(-1), 0.0, 1.0)
+        keep = np.flatnonzero(self.path_probs(c) >= float(min_gain))
+        keep = np.union1d([0], keep)
+        return (self if keep.size == self.n else self.subtree(keep)), keep
 
     def dfs_order(self) -> np.ndarray:
         """Pre-order DFS from the root, children in index order (a topological order)."""

@@ -48,6 +48,7 @@ def test_missing_engine_names_the_fix(tmp_path: Path) -> None:
     ('endpoint = "tcp://127.0.0.1:5600"', 'endpoint = "tcp://127.0.0.1:5601"', r"also a worker's port"),
     ("curve = false", "curve = true", r"curve = true needs server_secret_key"),
     ('pipeline = "auto"', 'pipeline = "yes"', r"pipeline 'yes'; use one of"),
+    ("min_gain = 0.0", "min_gain = 1.5", r"line \d+: need 0 <= min_gain < 1, got 1.5"),
 ])
 def test_bad_config_is_a_clear_error(tmp_path: Path, old: str, new: str, pattern: str) -> None:
     assert old in BASE

@@ -163,3 +163,22 @@ def test_unpipelined_with_a_drafter_context_window_stays_exact(control_engines, 
         st = c.stats()
     assert not st["pipelined"] and st["pipeline_overlap_s"] == 0.0
     assert spec.stats["mean_accepted_length"] > 2.0, spec.stats  # the windowed drafter is still useful
+
+
+def test_pruned_trees_stay_exact(control_engines, tmp_path, reference):
+    """min_gain = 0.3: fused drafting stops early and the poor drafter's nodes, once
+    calibration has seen them fail, are dropped before verification; outputs stay exact."""
+    from cosine.control.cluster import LocalCluster
+    from tests.conftest import write_cluster_config
+
+    cfg = write_cluster_config(tmp_path / "config.toml", control_engines["target"],
+                               {"good": control_engines["target"], "poor": control_engines["poor"]},
+                               sections={"speculation": {"min_gain": 0.3}})
+    with LocalCluster(cfg) as cl, Client(cl.endpoint, timeout_s=60) as c:
+        for _ in range(2):
+            for i, p in enumerate(PROMPTS):
+                r = c.generate(p, max_tokens=24, mode="cosine", drafters=["good", "poor"])
+                assert r.token_ids == reference[i], i
+        st = c.stats()
+    assert st["pruned_nodes"] > 0, st
+    assert st["mean_accepted_length"] > 1.5, st

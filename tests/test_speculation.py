@@ -300,3 +300,19 @@ def test_gate_drops_windows_cut_short_by_a_batch_change():
     g.observe(100, 1.0)                 # one round only, then the batch grows
     g.decide(2, lambda: False)
     assert g.rate == {}                 # 1 of 8 rounds is too little to judge a regime
+
+
+def test_gain_floors_price_a_node_and_a_step_in_tokens():
+    """A node is worth verifying when its expected tokens beat goodput x its verify cost;
+    a draft step also pays the drafter's step. min_gain is a floor under both."""
+    sc = SpeculationController(disable_below_ratio=0.0, min_gain=0.02)
+    assert sc.gain_floors("r") == (0.02, 0.02)          # nothing measured: the floor only
+    sc.observe_plain(0.2 + 0.025)                        # verify line: 0.2 s + 0.025 s per node
+    for _ in range(6):
+        sc.observe("r", drafted=4, accepted=2, draft_s=0.12, verify_s=0.2 + 0.025 * 5, depth=4)
+        sc.observe("r", drafted=8, accepted=2, draft_s=0.12, verify_s=0.2 + 0.025 * 9, depth=4)
+    g = sc.goodput("r")
+    node, step = sc.gain_floors("r")
+    assert node == pytest.approx(g * 0.025, rel=0.05)
+    assert step == pytest.approx(g * (0.025 + 0.03), rel=0.05)
+    assert SpeculationController(min_gain=0.5).gain_floors("r") == (0.5, 0.5)

@@ -229,3 +229,47 @@ def test_truncate_example_and_errors():
         t.truncate(0)
     with pytest.raises(TreeError):
         t.subtree([0, 2])
+
+
+# ----- prune -------------------------------------------------------------------------------
+
+@settings(max_examples=150, deadline=None)
+@given(t=token_trees(max_nodes=20), g=st.sampled_from([0.0, 0.01, 0.1, 0.3, 0.6, 1.0]))
+def test_prune_keeps_exactly_the_nodes_worth_their_gain(t, g):
+    conf = np.asarray(t.probs, np.float64).copy()
+    tt, kept = t.prune(conf, g)
+    TokenTree(tt.tokens, tt.parents, tt.proposers, tt.probs)  # a valid tree
+    gain = t.path_probs(np.clip(conf, 0, 1))
+    assert kept[0] == 0 and list(kept) == sorted(kept)
+    assert set(kept.tolist()) == {0} | {i for i in range(t.n) if gain[i] >= g}
+    assert set(path_records(tt)) <= set(path_records(t))
+    assert [tuple(tt.path_tokens(i).tolist()) for i in range(tt.n)] == [all_paths(t)[k] for k in kept]
+    if g == 0.0:
+        assert tt is t
+
+
+@settings(max_examples=150, deadline=None)
+@given(t=token_trees(max_nodes=20), g=st.sampled_from([0.05, 0.2, 0.5]), seed=st.integers(0, 2 ** 16))
+def test_prune_is_lossless_under_greedy_verification(t, g, seed):
+    """Whatever is pruned, greedy verification of the pruned tree commits a prefix of what
+    the full tree commits: pruning only costs accepted tokens, never changes them."""
+    from cosine.control.verify import verify_greedy
+
+    t = merge_trees([t])  # greedy trees: equal siblings share a node
+    am = np.random.default_rng(seed).integers(0, 3, t.n)
+    tt, kept = t.prune(t.probs, g)
+    full, part = verify_greedy(t, am).tokens.tolist(), verify_greedy(tt, am[kept]).tokens.tolist()
+    assert full[:len(part)] == part and len(part) >= 1
+
+
+def test_prune_example_and_errors():
+    # root -> a(0.9) -> b(0.5) ; root -> c(0.2)
+    t = TokenTree(np.array([0, 1, 2, 3]), np.array([-1, 0, 1, 0]), np.array([-1, 0, 0, 1]),
+                  np.array([1, 0.9, 0.5, 0.2]))
+    tt, kept = t.prune([1, 0.9, 0.5, 0.2], 0.3)   # gains 0.9, 0.45, 0.2
+    assert kept.tolist() == [0, 1, 2] and tt.tokens.tolist() == [0, 1, 2]
+    tt, kept = t.prune([1, 0.9, 0.5, 0.2], 0.5)
+    assert kept.tolist() == [0, 1] and tt.parents.tolist() == [-1, 0]
+    assert t.prune([1, 0.1, 0.1, 0.1], 1.0)[1].tolist() == [0]  # the root always stays
+    with pytest.raises(TreeError):
+        t.prune([1, 0.5], 0.1)
