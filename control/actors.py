@@ -670,7 +670,7 @@ class ControllerActor(pykka.ThreadingActor):
         chains = [r for r in reqs if r.params.mode in ("speculative", "specinfer") and plans[r.rid].speculate]
         for r in reqs:
             r.tree, r.draft_dists, r.drafters, r.proposals = rounds.root_tree(r.committed[-1]), {}, [], {}
-            r.cands, r.routed, r.draft_depth = [], [], 0
+            r.cands = []
             r.drafted = r.drafted or plans[r.rid].speculate
             r.phase = "verify"
             r.wait_since = time.monotonic()
@@ -730,7 +730,6 @@ class ControllerActor(pykka.ThreadingActor):
                 if o is None:
                     continue
                 chains.append(rounds.ChainDraft(i, o.tokens, o.probs, o.topk_ids, o.topk_probs, o.dists))
-                r.draft_depth = max(r.draft_depth, len(o.tokens))
                 r.drafters.append(self.drafters[i].name)
                 r.proposals[self.drafters[i].name] = (o.tokens, o.probs)
                 if pick is not None:  # a routed solo chain: its j-th token hangs off node j
@@ -751,8 +750,6 @@ class ControllerActor(pykka.ThreadingActor):
                 weights[rid] = {by_name[n].index: s for n, s in sc.items() if n in by_name}
         # A request routed to a single drafter has nothing to fuse: one multi-step draft op
         # gives the same chain as k fused steps, for one round trip instead of k.
-        for r in reqs:
-            r.routed = [n for n in sel.get(r.rid, []) if n in by_name]
         solo = {r.rid: [by_name[n] for n in sel.get(r.rid, []) if n in by_name] for r in reqs}
         solo = {rid: ds for rid, ds in solo.items() if len(ds) == 1}
         if solo:  # fused drafting never expands top-k siblings, so neither does its solo chain
@@ -801,7 +798,6 @@ class ControllerActor(pykka.ThreadingActor):
                 if not cands:
                     st["left"] = 0
                     continue
-                r.draft_depth += 1
                 items.append((r.tree, st["parent"], cands, r.params.temperature > 0, weights[r.rid], r.domain))
                 order.append(r)
             if not items:
@@ -911,12 +907,10 @@ class ControllerActor(pykka.ThreadingActor):
             self.stats_.rounds += 1
             self.stats_.accepted_drafts += n_acc
             drafted = r.tree.n - 1
-            if r.routed:
-                # Routed rounds: each drafter is scored by its agreement with the target at
-                # the positions that could have been accepted, and the labels calibrate
-                # fusion. A picked drafter that proposed nothing (no prompt-lookup match)
-                # wasted the round's pick: it scores a miss.
-                labels = rounds.agreement(r.cands, argmax, set(int(n) for n in vr.nodes))
+            if r.cands:
+                # Routed rounds: each drafter is scored by per-position agreement with the
+                # target over all its candidates, and the labels calibrate fusion.
+                labels = rounds.agreement(r.cands, argmax)
                 per: dict[int, list[float]] = defaultdict(lambda: [0.0, 0, 0])
                 for d, prob, agreed in labels:
                     per[d][0] += prob
@@ -925,8 +919,6 @@ class ControllerActor(pykka.ThreadingActor):
                     cal.append((r.domain, d, prob, agreed))
                 for d, (psum, hits, trials) in per.items():
                     upd.append((r.rid, self.drafters[d].name, psum / trials, hits, trials))
-                spoke = {self.drafters[d].name for d, *_ in r.cands}
-                upd.extend((r.rid, name, 0.0, 0, 1) for name in r.routed if name not in spoke)
             else:
                 for name, (toks, probs) in (r.proposals or {}).items():
                     if not toks:
@@ -942,9 +934,9 @@ class ControllerActor(pykka.ThreadingActor):
                           "agreed=%s", r.rid, r.params.mode, r.tree.n, n_acc, r.draft_s, res.busy_s, r.drafters,
                           {u[1]: f"{u[3]}/{u[4]}@{u[2]:.2f}" for u in upd if u[0] == r.rid})
             if r.params.mode == "cosine" and drafted:
-                # depth: the positions drafted (an early stop ends short of the plan)
+                # depth: the positions verified (early stop and pruning may end short of the plan)
                 self.spec.observe(r.rid, drafted, n_acc, r.draft_s, res.busy_s * r.tree.n / max(n_total, 1),
-                                  depth=r.draft_depth or None, overlapped_s=r.draft_overlap_s)
+                                  depth=int(r.tree.depths().max()), overlapped_s=r.draft_overlap_s)
             elif r.tree.n == 1:
                 self.spec.observe_plain(res.busy_s)
             for name in r.drafters:

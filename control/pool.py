@@ -86,8 +86,6 @@ class Request:
     prefilled: bool = False
     proposals: dict = field(default_factory=dict)   # drafter name -> (tokens, probs) this round
     cands: list = field(default_factory=list)       # (drafter index, prob, token, parent node) this round
-    routed: list[str] = field(default_factory=list)  # the drafters the router picked this round
-    draft_depth: int = 0                             # draft positions drafted this round (before pruning)
     drafted: bool = False                            # has speculated at least once (drafters hold its prompt)
     commit_nodes: list[int] | None = None            # accepted nodes of the last verify (inline commit)
     client_key: Any = None

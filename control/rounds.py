@@ -9,7 +9,6 @@ different drafters stay separate children (``add_child`` below never deduplicate
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Collection
 
 import numpy as np
 
@@ -93,15 +92,10 @@ def verify(tree: TokenTree, argmax: np.ndarray, logits: np.ndarray | None, tempe
     return verify_stochastic(tree, target_distribution(logits, temperature, top_p), dists, rng)
 
 
-def agreement(cands: list[tuple[int, float, int, int]], target_argmax: np.ndarray,
-              reached: Collection[int] | None = None) -> list[tuple[int, float, bool]]:
-    """Label drafted candidates (drafter, prob, token, parent node): did the target's argmax
-    after the candidate's parent equal its token? These are the examples calibration and
-    routing learn from. With ``reached`` (the accepted path's nodes, root included) only
-    candidates whose parent is on it are labelled: those positions could have been
-    accepted. Off the path a drafter is judged on a prefix the target already rejected,
-    where agreement comes easily (finishing a wrong word) and says little about whether
-    its tokens get accepted."""
+def agreement(cands: list[tuple[int, float, int, int]], target_argmax: np.ndarray) -> list[tuple[int, float, bool]]:
+    """Label every drafted candidate (drafter, prob, token, parent node): did the target's
+    argmax after the candidate's parent equal its token? The tree forward scores every
+    node, so each candidate is judged on its own prefix whether or not that branch won.
+    These are the examples calibration and routing learn from."""
     am = np.asarray(target_argmax).reshape(-1)
-    return [(int(d), float(p), bool(0 <= u < am.size and int(am[u]) == int(t))) for d, p, t, u in cands
-            if reached is None or u in reached]
+    return [(int(d), float(p), bool(0 <= u < am.size and int(am[u]) == int(t))) for d, p, t, u in cands]

@@ -44,7 +44,6 @@ class _Request:
     window: deque = field(default_factory=deque)      # 1 + accepted, per round
     pending: int | None = None                        # best drafter match of an unrecorded round
     rounds: int = 0
-    priors: dict[str, float] = field(default_factory=dict)  # the scores it started from
 
 
 class Router:
@@ -104,7 +103,7 @@ class Router:
         Starting a rid again starts it afresh."""
         domain = self.classifier.classify(prompt_text)
         scores = {d.name: self.initial_score(domain, d) for d in self.drafters}
-        self._reqs[rid] = _Request(domain, scores, window=deque(maxlen=self.window), priors=dict(scores))
+        self._reqs[rid] = _Request(domain, scores, window=deque(maxlen=self.window))
         return domain
 
     def finish(self, rid: str) -> None:
@@ -163,22 +162,17 @@ class Router:
         names = [d.name for d in self.drafters if available is None or d.name in available]
         if k <= 0 or not names:
             return []
-        # An untried drafter's score is its prior, a whole-request average; a tried one's
-        # reflects this request's text. Hard text lowers every drafter's agreement, so an
-        # untried drafter is compared at its prior scaled by how far the best tried
-        # drafter has fallen below its own prior (else the lead, dragged down by a hard
-        # stretch, would hand over to drafters the priors put behind it, one after another).
-        hard = min(1.0, max((req.scores[n] / req.priors[n] for n in names
-                             if n in req.tried and req.priors.get(n, 0.0) > 0.0), default=1.0))
-        eff = {n: req.scores[n] if n in req.tried else req.scores[n] * hard for n in names}
-        ranked = sorted(names, key=lambda n: (-eff[n], self._order[n]))
-        # The bar any drafter besides the lead must clear: min_score_ratio of the lead's
-        # (effective) score. A drafter far behind only costs tree nodes and fusion steps
-        # (its confident misses win them).
-        bar = self.min_score_ratio * eff[ranked[0]]
-        picks = ranked[:1] + [n for n in ranked[1:k] if eff[n] >= bar]
-        # Exploration candidates: unpicked drafters above the bar.
-        rest = [n for n in ranked if n not in picks and eff[n] >= bar]
+        ranked = sorted(names, key=lambda n: (-req.scores[n], self._order[n]))
+        picks = ranked[:k]
+        # A tried drafter far behind the best only costs fusion accepted length (its confident
+        # misses win steps): the request runs on the better ones alone.
+        top = req.scores[picks[0]]
+        picks = picks[:1] + [n for n in picks[1:] if n not in req.tried or req.scores[n] >= self.min_score_ratio * top]
+        # Exploration candidates: unpicked drafters whose score (for an untried one: its
+        # learned prior) is within min_score_ratio of the best. Once the priors show a
+        # drafter is far behind on this domain, a hard stretch of text no longer makes
+        # every request try it again.
+        rest = [n for n in ranked if n not in picks and req.scores[n] >= self.min_score_ratio * top]
         if not rest:
             return picks
         low = len(req.window) == self.window and float(np.mean(req.window)) < self.explore_threshold

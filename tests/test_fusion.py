@@ -170,13 +170,3 @@ def test_calibration_tree_confidence_uses_each_nodes_proposer() -> None:
     assert conf[0] == 1.0 and conf[1] == pytest.approx(0.9) and conf[2] < 0.05
     tt, kept = t.prune(conf, 0.1)
     assert kept.tolist() == [0, 1]   # the node of the drafter that is never right goes
-
-
-def test_agreement_on_the_accepted_path_only() -> None:
-    from cosine.control.rounds import agreement
-
-    # root 0 -> a(1) -> b(2); root -> c(3). The round accepted nothing: path = [root].
-    argmax = np.array([7, 8, 5, 6])
-    cands = [(0, 0.9, 7, 0), (0, 0.8, 8, 1), (1, 0.4, 3, 0), (1, 0.5, 8, 1)]
-    assert agreement(cands, argmax, reached={0}) == [(0, 0.9, True), (1, 0.4, False)]
-    assert agreement(cands, argmax, reached={0, 1}) == agreement(cands, argmax)

@@ -263,8 +263,7 @@ def test_unknown_rid_errors_and_finish_forgets():
 
 
 def test_from_config_and_validation():
-    cfg = RoutingConfig(max_drafters_per_request=3, ema=0.25, explore_threshold=2.0, explore_prob=0.0,
-                        min_score_ratio=0.0)
+    cfg = RoutingConfig(max_drafters_per_request=3, ema=0.25, explore_threshold=2.0, explore_prob=0.0)
     r = Router.from_config(DRAFTERS, cfg, classifier=Fixed("code"), seed=3)
     assert (r.max_drafters, r.ema, r.explore_threshold, r.explore_prob) == (3, 0.25, 2.0, 0.0)
     r.start("a")
@@ -280,19 +279,18 @@ def test_from_config_and_validation():
 
 
 def test_tried_drafter_far_behind_the_best_is_dropped():
-    """min_score_ratio: a drafter whose score (an untried one's: its prior) is below that
-    fraction of the best's stays out of the request's rounds (it would only win fusion
-    steps with confident misses); a comparable one stays."""
+    """min_score_ratio: once tried, a drafter whose score is below that fraction of the best's
+    leaves the request's rounds (it would only win fusion steps with confident misses);
+    untried drafters are never cut, and a comparable one stays."""
     r = router(classifier=Fixed("code"), min_score_ratio=0.75)
     r.start("a")
-    assert r.select("a", k=2) == ["coder"]                # priors: coder 0.75, the rest 0.5 < 0.75 x 0.75
-    r.update("a", "general", 0.4, 1, 4)
+    assert r.select("a", k=2) == ["coder", "general"]     # nothing tried: the priors decide
     for _ in range(6):
         r.update("a", "coder", 0.9, 4, 4)
         r.update("a", "general", 0.4, 1, 4)
         r.record_round("a", 4)
     assert r.scores("a")["general"] < 0.75 * r.scores("a")["coder"]
-    assert r.select("a", k=2) == ["coder"]                # general cut; writer's prior is below the bar
+    assert r.select("a", k=2) == ["coder", "writer"]      # general cut; writer untried
     r.update("a", "writer", 0.85, 4, 4)                   # comparable to coder: both stay
     assert r.select("a", k=2) == ["coder", "writer"]
     r2 = router(classifier=Fixed("code"), min_score_ratio=0.0)
@@ -304,7 +302,7 @@ def test_tried_drafter_far_behind_the_best_is_dropped():
 
 
 def test_exploration_adds_a_drafter_when_the_cut_left_room():
-    r = router(classifier=Fixed("code"), min_score_ratio=0.5, explore_prob=1.0)
+    r = router(classifier=Fixed("code"), min_score_ratio=0.75, explore_prob=1.0)
     r.start("a")
     for name in ("general", "writer"):
         r.update("a", name, 0.1, 0, 4)
@@ -332,28 +330,3 @@ def test_low_window_does_not_explore_a_drafter_the_priors_rule_out():
         r.record_round("a", 0)
         assert r.select("a", available=avail, k=1) == ["coder"]
     assert r.explorations == 0
-
-
-def test_hard_stretch_does_not_lower_the_exploration_bar():
-    """Untried drafters are compared at their prior scaled by how far the lead fell below its
-    own: when hard text drags the lead's score down, a drafter the priors put well behind
-    stays out (it would only add misses), while one with a comparable prior is explored."""
-    r = router(classifier=Fixed("code"), window=2, explore_threshold=1.5, min_score_ratio=0.75)
-    for i in range(4):  # evidence on code: coder best, general close, writer well behind
-        r.start(f"p{i}")
-        for _ in range(4):
-            r.update(f"p{i}", "coder", 0.9, 4, 4)
-            r.update(f"p{i}", "writer", 0.6, 2, 4)
-            r.update(f"p{i}", "general", 0.8, 3, 4)
-        r.finish(f"p{i}")
-    r.start("a")
-    prior = r.scores("a")
-    r.update("a", "coder", 0.5, 1, 3)           # a hard stretch lowers coder's score ...
-    now = r.scores("a")["coder"]
-    assert prior["writer"] < now and 0.75 * now < prior["writer"] < 0.75 * prior["coder"]
-    for _ in range(2):
-        r.record_round("a", 0)                  # ... and the accepted length: exploration time
-    assert r.select("a", available={"coder", "writer"}, k=1) == ["coder"]
-    assert r.explorations == 0
-    assert r.select("a", available={"coder", "general"}, k=1) == ["general"]
-    assert r.explorations == 1
