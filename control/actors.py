@@ -103,20 +103,20 @@ class FuserActor(pykka.ThreadingActor):
             if self.calibration is not None:
                 rule = self.calibration.rule(rule, domain)
             t, fused = rounds.fuse_candidates(tree, parent, cands, rule, stochastic, dists)
-            conf = 0.0
-            if fused is not None:
-                conf = (self.calibration.confidence(domain, int(t.proposers[fused]), float(t.probs[fused]))
-                        if self.calibration is not None else min(1.0, max(0.0, float(t.probs[fused]))))
+            conf = 0.0 if fused is None else self._confidence(domain, int(t.proposers[fused]), float(t.probs[fused]))
             out.append((t, fused, dists, conf))
         return out
 
-    def confidence(self, tree: Any, domain: str) -> np.ndarray:
-        """Per node P(target agrees | parent accepted): calibrated, else the stated prob."""
+    def _confidence(self, domain: str, drafter: int, prob: float) -> float:
+        """P(target agrees | parent accepted): calibrated, else the stated prob."""
         if self.calibration is not None:
-            return self.calibration.tree_confidence(tree, domain)
-        conf = np.clip(np.asarray(tree.probs, np.float64), 0.0, 1.0)
-        conf[0] = 1.0
-        return conf
+            return self.calibration.confidence(domain, drafter, prob)
+        return min(1.0, max(0.0, prob))
+
+    def confidence(self, tree: Any, domain: str) -> np.ndarray:
+        """``_confidence`` of every node (the committed root: 1)."""
+        return np.array([1.0] + [self._confidence(domain, int(tree.proposers[i]), float(tree.probs[i]))
+                                 for i in range(1, tree.n)])
 
     def prune(self, items: list[tuple[Any, str, float]]) -> list[tuple[Any, np.ndarray]]:
         """(tree, domain, min_gain) -> (pruned tree, kept old node indices): nodes whose
@@ -825,8 +825,7 @@ class ControllerActor(pykka.ThreadingActor):
         """Cosine-mode greedy requests drop tree nodes not worth verifying. Sampling keeps
         every candidate: dropping a sample for its own low probability would bias the
         distribution multi-step speculative sampling relies on."""
-        sc = self.cc.speculation
-        return sc.prune and sc.adaptive and r.params.mode == "cosine" and r.params.temperature <= 0
+        return self._step_floor(r) > 0.0 and r.params.mode == "cosine" and r.params.temperature <= 0
 
     def _prune(self, reqs: list[Request]) -> None:
         """Drop each tree's nodes whose acceptance chance is below the node gain floor;

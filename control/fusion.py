@@ -182,14 +182,6 @@ class Calibration:
             out.setdefault(dom, {})[d] = [(round(float(hh / tt), 3) if tt else -1.0, int(tt)) for hh, tt in zip(h, t)]
         return out
 
-    def tree_confidence(self, tree: TokenTree, domain: str) -> np.ndarray:
-        """float64 [N]: each node's calibrated confidence (its recorded proposer and prob;
-        the root, already committed, gets 1). ``TokenTree.prune`` takes these."""
-        out = np.ones(tree.n)
-        for i in range(1, tree.n):
-            out[i] = self.confidence(domain, int(tree.proposers[i]), float(tree.probs[i]))
-        return out
-
     def rule(self, rule: FusionRule, domain: str) -> FusionRule:
         """``rule`` deciding on calibrated confidences (the tree keeps the drafters' own)."""
         def c_rule(cands: Sequence[Candidate]) -> Candidate | None:

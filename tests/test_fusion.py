@@ -158,7 +158,7 @@ def test_agreement_labels_every_candidate_on_its_own_prefix() -> None:
     assert agreement(cands, argmax) == [(0, 0.9, True), (0, 0.8, False), (1, 0.4, False), (1, 0.5, True)]
 
 
-def test_calibration_tree_confidence_uses_each_nodes_proposer() -> None:
+def test_calibrated_confidences_prune_the_drafter_that_is_never_right() -> None:
     from cosine.control.fusion import Calibration
 
     cal = Calibration()
@@ -166,7 +166,7 @@ def test_calibration_tree_confidence_uses_each_nodes_proposer() -> None:
         cal.observe("code", 1, 0.9, False)   # drafter 1 states 0.9 and is always wrong
     # root -> a (drafter 0, 0.9) ; root -> b (drafter 1, 0.9)
     t = TokenTree(np.array([0, 1, 2]), np.array([-1, 0, 0]), np.array([-1, 0, 1]), np.array([1.0, 0.9, 0.9]))
-    conf = cal.tree_confidence(t, "code")
+    conf = np.array([1.0] + [cal.confidence("code", int(t.proposers[i]), float(t.probs[i])) for i in (1, 2)])
     assert conf[0] == 1.0 and conf[1] == pytest.approx(0.9) and conf[2] < 0.05
     tt, kept = t.prune(conf, 0.1)
     assert kept.tolist() == [0, 1]   # the node of the drafter that is never right goes
