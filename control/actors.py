@@ -825,7 +825,8 @@ class ControllerActor(pykka.ThreadingActor):
         """Cosine-mode greedy requests drop tree nodes not worth verifying. Sampling keeps
         every candidate: dropping a sample for its own low probability would bias the
         distribution multi-step speculative sampling relies on."""
-        return self._step_floor(r) > 0.0 and r.params.mode == "cosine" and r.params.temperature <= 0
+        sc = self.cc.speculation
+        return sc.prune and sc.adaptive and r.params.mode == "cosine" and r.params.temperature <= 0
 
     def _prune(self, reqs: list[Request]) -> None:
         """Drop each tree's nodes whose acceptance chance is below the node gain floor;
