@@ -36,7 +36,7 @@ from cosine.control.pool import Request
 from cosine.control.proxies import DraftJob, DraftOut, Timed
 from cosine.control.routing import Router
 from cosine.control.scheduling import CostModel, PendingRequest, select_batch
-from cosine.control.speculation import DraftPlan, GoodputGate, SpeculationController, VerifyFit, speculation_pays
+from cosine.control.speculation import DraftPlan, GoodputGate, ewma, SpeculationController, VerifyFit, speculation_pays
 from cosine.protocol import VERSION
 
 log = logging.getLogger("cosine.control.actors")
@@ -145,6 +145,7 @@ class DrafterSlot:
     next_probe: float = 0.0
     probe: Any = None                # pending probe future
     busy_s: float = 0.0
+    warm: tuple[Any, list[str]] | None = None  # background prefill in flight: (future, its rids)
 
 
 @dataclass
@@ -170,6 +171,7 @@ class ControllerStats:
     overlap_s: float = 0.0
     gated_rounds: int = 0            # rounds where plain batched decoding beat speculation
     pruned_nodes: int = 0            # drafted tree nodes dropped as not worth verifying
+    background_prefills: int = 0     # request prompts a model drafter prefilled off the critical path
     last_round: dict = field(default_factory=dict)
     # The last rounds' phases, seconds since start: (sequential draft start, end, verify
     # start, end, pipelined draft start, end, requests verified, requests drafted);
@@ -209,6 +211,7 @@ class ControllerActor(pykka.ThreadingActor):
         self.queue_waits = 0             # requests that had to wait in the queue for KV room
         self.prefill_s = 0.0             # drafters' prompt prefill inside the current _draft call
         self.pipelined = cfg.pipelined()
+        self.background_prefill = cfg.background_prefills()
         # Verify call time against the call's total tokens, measured on every round: the
         # batch gate's cost of a plain and of a speculative round (the start-up profile
         # sees one request only and misses what batching and contention cost).
@@ -223,7 +226,8 @@ class ControllerActor(pykka.ThreadingActor):
                  "drafts then verifies in turn", f"[controller] pipeline = {cfg.controller.pipeline!r}"
                  + ("" if cfg.controller.pipeline != "auto" else
                     (" (drafters and verifiers on separate hardware)" if self.pipelined else
-                     " (a drafter shares a host and device with a verifier)")))
+                     " (a drafter shares a host and device with a verifier)"))
+                 + f"; model drafters prefill new prompts {'in the background' if self.background_prefill else 'inline'}")
         self.budgets = [max(1, cfg.worker(v.name).kv_budget_tokens) for v in verifiers]
 
     def on_start(self) -> None:
@@ -267,7 +271,7 @@ class ControllerActor(pykka.ThreadingActor):
             "uptime_s": time.monotonic() - s.started, "mode": self.cc.mode, "pipelined": self.pipelined,
             "active_requests": len(self.requests), "queued_requests": len(self.incoming),
             "rounds": s.rounds, "tokens": s.tokens, "requests_done": s.requests_done, "gated_rounds": s.gated_rounds,
-            "pruned_nodes": s.pruned_nodes,
+            "pruned_nodes": s.pruned_nodes, "background_prefills": s.background_prefills,
             "requests_failed": s.requests_failed,
             "mean_accepted_length": 1.0 + s.accepted_drafts / s.rounds if s.rounds else 1.0,
             "busy_wall_s": s.wall_s, "draft_wall_s": s.draft_wall_s, "verify_busy_s": s.verify_busy_s,
@@ -371,6 +375,7 @@ class ControllerActor(pykka.ThreadingActor):
         self._probe_drafters()
         self._expire()
         self._admit()
+        self._warm()
         if not self.requests:
             return
         reqs = list(self.requests.values())
@@ -446,11 +451,52 @@ class ControllerActor(pykka.ThreadingActor):
                 d.probe = None
                 if ok:
                     d.alive = True
+                    for r in self.requests.values():  # it holds no prompt now: prefill afresh
+                        r.warmed.discard(d.name)
                     log.info("drafter %s answers again; re-admitted (its cache starts empty)", d.name)
                     continue
                 d.next_probe = now + self.probe_every_s
             elif now >= d.next_probe:
                 d.probe = d.proxy.probe(min(1.0, self.worker_timeout))
+
+    def _warm(self) -> None:
+        """Background drafter prefill (cosine mode): a model drafter prefills the prompts of
+        new requests in one op while the rounds go on; until it is done, those requests
+        draft with the other drafters (``_usable``). Its prompt prefill thus overlaps the
+        target's verification instead of delaying every new request's first round."""
+        if not self.background_prefill:
+            return
+        for d in self.drafters:
+            if d.warm is not None:
+                fut, rids = d.warm
+                try:
+                    res: Timed = fut.get(timeout=0)
+                except pykka.Timeout:
+                    continue
+                d.warm = None
+                d.busy_s += res.busy_s
+                if res.error == "dead":
+                    self._mark_dead(d, res.message)
+                    continue
+                if res.error:  # those requests prefill inline in their first draft op instead
+                    log.warning("drafter %s refused a background prefill (%s)", d.name, res.message)
+                elif res.value:
+                    self.stats_.background_prefills += len(rids)
+                    self.prefill_tok_s = ewma(self.prefill_tok_s, res.busy_s / res.value, 0.5)
+                for rid in rids:
+                    if rid in self.requests:
+                        self.requests[rid].warmed.add(d.name)
+            if d.warm is None and d.alive and d.probe is None and d.name in self.lead_drafters:
+                todo = [r for r in self.requests.values() if r.params.mode == "cosine" and d.name not in r.warmed
+                        and (not r.params.drafters or d.name in r.params.drafters)
+                        and self._fits(d, len(r.committed), 1)]
+                if todo:
+                    d.warm = (d.proxy.warm([(r.rid, list(r.committed)) for r in todo]), [r.rid for r in todo])
+
+    def _warming(self, r: Request, d: DrafterSlot) -> bool:
+        """Is ``d`` busy with a background prefill, or still to prefill ``r``'s prompt?"""
+        return (self.background_prefill and r.params.mode == "cosine" and d.name in self.lead_drafters
+                and (d.warm is not None or d.name not in r.warmed))
 
     def _mark_dead(self, d: DrafterSlot, why: str) -> None:
         if d.alive:
@@ -660,7 +706,7 @@ class ControllerActor(pykka.ThreadingActor):
     def _usable(self, r: Request) -> list[DrafterSlot]:
         """Alive drafters this request may use (GenParams.drafters pins a subset)."""
         pin = r.params.drafters
-        return [d for d in self.drafters if d.alive and (not pin or d.name in pin)]
+        return [d for d in self.drafters if d.alive and (not pin or d.name in pin) and not self._warming(r, d)]
 
     def _draft(self, reqs: list[Request], plans: dict[str, DraftPlan]) -> None:
         """Build ``r.tree`` for every request (root only when it does not speculate)."""
@@ -696,8 +742,7 @@ class ControllerActor(pykka.ThreadingActor):
             self.prefill_s = max(self.prefill_s, res.extra.get("prefill_s", 0.0))
             n_pre = res.extra.get("prefill_tokens", 0)
             if n_pre and d.name in self.lead_drafters:  # the drafter that bounds prefill time
-                per_tok = res.extra["prefill_s"] / n_pre
-                self.prefill_tok_s = per_tok if self.prefill_tok_s is None else 0.5 * self.prefill_tok_s + 0.5 * per_tok
+                self.prefill_tok_s = ewma(self.prefill_tok_s, res.extra["prefill_s"] / n_pre, 0.5)
             if res.error == "dead":
                 self._mark_dead(d, res.message)
             elif res.error:

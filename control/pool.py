@@ -87,6 +87,7 @@ class Request:
     proposals: dict = field(default_factory=dict)   # drafter name -> (tokens, probs) this round
     cands: list = field(default_factory=list)       # (drafter index, prob, token, parent node) this round
     drafted: bool = False                            # has speculated at least once (drafters hold its prompt)
+    warmed: set[str] = field(default_factory=set)    # model drafters done prefilling it (or that never will)
     commit_nodes: list[int] | None = None            # accepted nodes of the last verify (inline commit)
     client_key: Any = None
     domain: str = ""

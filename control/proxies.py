@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Iterable
 
 import numpy as np
 import pykka
@@ -171,19 +171,8 @@ class DrafterProxyActor(_WorkerProxy):
         """One draft op for all jobs (after a prefill op for requests new to this worker)."""
         t0 = time.perf_counter()
         try:
-            new = [j for j in jobs if j.rid not in self.cached]
-            prefill_s, prefill_tokens = 0.0, 0
-            if new:
-                w = self.context_window
-                for j in new:
-                    self.start[j.rid] = max(0, len(j.context) - w) if w else 0
-                pre = [(j.rid, j.context[self.start[j.rid]:-1]) for j in new]
-                toks = np.asarray([t for _, ts in pre for t in ts], dtype=np.int32)
-                self.call("prefill", {"requests": [{"rid": r, "n": len(ts)} for r, ts in pre]}, {"tokens": toks})
-                for r, ts in pre:
-                    self.cached[r] = list(ts)
-                prefill_s = time.perf_counter() - t0
-                prefill_tokens = int(toks.size)
+            prefill_tokens = self._prefill_new([(j.rid, j.context) for j in jobs])
+            prefill_s = time.perf_counter() - t0 if prefill_tokens else 0.0
             reqs, feed = [], []
             for j in jobs:
                 keep, f = plan_feed(self.cached[j.rid], j.context[self.start.get(j.rid, 0):])
@@ -191,24 +180,8 @@ class DrafterProxyActor(_WorkerProxy):
                              "temperature": j.temperature, "return_probs": j.return_probs, "seed": j.seed})
                 feed.extend(f)
             h, a = self.call("draft", {"requests": reqs}, {"feed": np.asarray(feed, dtype=np.int32)})
-        except WorkerError as e:
-            if e.code not in SOFT_CODES:  # the worker itself is broken: treat it as dead
-                self._lose_track(jobs)
-                dt = time.perf_counter() - t0
-                self.busy_s += dt
-                return Timed(None, dt, "dead", f"drafter {self.name} failed: {e.code}: {e.message}")
-            # The batch failed as a whole and changed nothing on the worker, but our mirror
-            # may be stale (worker restarted or freed idle requests): drop those requests
-            # there and here, so they are prefilled afresh next time.
-            self._forget([j.rid for j in jobs])
-            dt = time.perf_counter() - t0
-            self.busy_s += dt
-            return Timed(None, dt, "soft", f"{e.code}: {e.message}", {"code": e.code})
-        except (TimeoutError, OSError) as e:
-            self._lose_track(jobs)  # unknown state: treat the worker as empty when it is back
-            dt = time.perf_counter() - t0
-            self.busy_s += dt
-            return Timed(None, dt, "dead", f"drafter {self.name} did not answer: {e}")
+        except (WorkerError, TimeoutError, OSError) as e:
+            return self._failed(e, [j.rid for j in jobs], t0)
         out: dict[str, DraftOut] = {}
         off = 0
         for j in jobs:
@@ -230,9 +203,53 @@ class DrafterProxyActor(_WorkerProxy):
         # as the cost of drafting
         return Timed(out, dt, extra={"prefill_s": prefill_s, "prefill_tokens": prefill_tokens})
 
-    def _lose_track(self, jobs: list[DraftJob]) -> None:
+    def _prefill_new(self, items: list[tuple[str, list[int]]]) -> int:
+        """Prefill op for the requests new to this worker (all of ``context`` but its root,
+        which the next draft op feeds); returns the prompt tokens prefilled."""
+        new = [(rid, ctx) for rid, ctx in items if rid not in self.cached]
+        if not new:
+            return 0
+        w = self.context_window
+        for rid, ctx in new:
+            self.start[rid] = max(0, len(ctx) - w) if w else 0
+        pre = [(rid, ctx[self.start[rid]:-1]) for rid, ctx in new]
+        toks = np.asarray([t for _, ts in pre for t in ts], dtype=np.int32)
+        self.call("prefill", {"requests": [{"rid": r, "n": len(ts)} for r, ts in pre]}, {"tokens": toks})
+        for r, ts in pre:
+            self.cached[r] = list(ts)
+        return int(toks.size)
+
+    def warm(self, items: list[tuple[str, list[int]]]) -> Timed:
+        """Prefill these requests' contexts now, ahead of their first draft op: the
+        controller runs it while the target verifies, so the prompt prefill leaves the
+        critical path (docs/algorithms.md, "Background drafter prefill")."""
+        t0 = time.perf_counter()
+        try:
+            n = self._prefill_new(items)
+        except (WorkerError, TimeoutError, OSError) as e:
+            return self._failed(e, [rid for rid, _ in items], t0)
+        dt = time.perf_counter() - t0
+        self.busy_s += dt
+        return Timed(n, dt)  # value: prompt tokens prefilled
+
+    def _failed(self, e: Exception, rids: list[str], t0: float) -> Timed:
+        dt = time.perf_counter() - t0
+        self.busy_s += dt
+        if isinstance(e, WorkerError) and e.code in SOFT_CODES:
+            # The batch failed as a whole and changed nothing on the worker, but our mirror
+            # may be stale (worker restarted or freed idle requests): drop those requests
+            # there and here, so they are prefilled afresh next time.
+            self._forget(rids)
+            return Timed(None, dt, "soft", f"{e.code}: {e.message}", {"code": e.code})
+        # The worker itself is broken or silent: unknown state, so treat it as empty when
+        # it is back.
+        self._lose_track(rids)
+        why = f"failed: {e.code}: {e.message}" if isinstance(e, WorkerError) else f"did not answer: {e}"
+        return Timed(None, dt, "dead", f"drafter {self.name} {why}")
+
+    def _lose_track(self, rids: Iterable[str]) -> None:
         self.unsure.update(self.cached)
-        self.unsure.update(j.rid for j in jobs)
+        self.unsure.update(rids)
         self.cached.clear()
 
     def _forget(self, rids: list[str]) -> None:

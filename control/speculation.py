@@ -43,7 +43,7 @@ def expected_tokens(alpha: float, k: int, alpha_next: float | None = None) -> fl
     return 1.0 + alpha * tail
 
 
-def _ema(old: float | None, new: float, keep: float) -> float:
+def ewma(old: float | None, new: float, keep: float) -> float:
     return new if old is None else keep * old + (1.0 - keep) * new
 
 
@@ -268,7 +268,7 @@ class SpeculationController:
     # -- feedback ------------------------------------------------------------------------
     def observe_plain(self, verify_s_single_token: float) -> None:
         if verify_s_single_token > 0:
-            self.plain_tok_s = _ema(self.plain_tok_s, float(verify_s_single_token), self.ema)
+            self.plain_tok_s = ewma(self.plain_tok_s, float(verify_s_single_token), self.ema)
             self._verify.add(1.0, float(verify_s_single_token))
 
     def observe(self, rid: str, drafted: int, accepted: int, draft_s: float, verify_s: float,
@@ -291,12 +291,12 @@ class SpeculationController:
             self._g_rates.add(accepted, depth)
             self.alpha_global, self.alpha_next_global = self._g_rates.rates((self.alpha_init,) * 2, self.alpha_prior)
             st.alpha, st.alpha_next = st.rates.rates((self.alpha_global, self.alpha_next_global), self.alpha_prior)
-            st.draft_step_s = _ema(st.draft_step_s, draft_s / depth, self.ema)
-            self.draft_step_global = _ema(self.draft_step_global, draft_s / depth, self.ema)
+            st.draft_step_s = ewma(st.draft_step_s, draft_s / depth, self.ema)
+            self.draft_step_global = ewma(self.draft_step_global, draft_s / depth, self.ema)
         if verify_s > 0:
             self._verify.add(1.0 + drafted, verify_s)
-        st.tok_ema = _ema(st.tok_ema, accepted + 1.0, self.ema)
-        st.time_ema = _ema(st.time_ema, verify_s + draft_s, self.ema)
+        st.tok_ema = ewma(st.tok_ema, accepted + 1.0, self.ema)
+        st.time_ema = ewma(st.time_ema, verify_s + draft_s, self.ema)
         st.rounds_on += 1
         # Off when the goodput predicted from this request's measured acceptance, draft step
         # and the verifier's measured cost curve, at the best draft length, is below plain
@@ -454,7 +454,7 @@ class GoodputGate:
         if w is None or w[2] < max(1, self.window // 2) or w[4] <= 0:
             return
         key = (w[0], w[1])
-        self.rate[key] = _ema(self.rate.get(key), w[3] / w[4], self.keep)
+        self.rate[key] = ewma(self.rate.get(key), w[3] / w[4], self.keep)
 
     def snapshot(self) -> dict[str, float]:
         return {f"{b}:{'spec' if s else 'plain'}": r for (b, s), r in sorted(self.rate.items())}

@@ -48,6 +48,7 @@ def test_missing_engine_names_the_fix(tmp_path: Path) -> None:
     ('endpoint = "tcp://127.0.0.1:5600"', 'endpoint = "tcp://127.0.0.1:5601"', r"also a worker's port"),
     ("curve = false", "curve = true", r"curve = true needs server_secret_key"),
     ('pipeline = "auto"', 'pipeline = "yes"', r"pipeline 'yes'; use one of"),
+    ('background_prefill = "auto"', 'background_prefill = "always"', r"background_prefill 'always'; use one of"),
     ("min_gain = 0.0", "min_gain = 1.5", r"line \d+: need 0 <= min_gain < 1, got 1.5"),
 ])
 def test_bad_config_is_a_clear_error(tmp_path: Path, old: str, new: str, pattern: str) -> None:
@@ -109,7 +110,9 @@ def test_pipeline_auto_follows_where_the_workers_run(tmp_path: Path) -> None:
     text = re.sub(r'host = "127.0.0.1"\nport = (560[23])', r'host = "10.0.0.7"\nport = \1', BASE)
     text = re.sub(r'(?m)^port = (560[4-7])$', r'port = \1\nhost = "10.0.0.8"', text)
     assert text != BASE
-    assert config.load(write(tmp_path, text), check_engines=False).pipelined()  # every drafter elsewhere
+    remote = config.load(write(tmp_path, text), check_engines=False)
+    assert remote.pipelined() and remote.background_prefills()  # every drafter elsewhere
+    assert not local.background_prefills()
     forced = config.load(write(tmp_path, BASE.replace('pipeline = "auto"', 'pipeline = "on"', 1)),
                          check_engines=False)
     assert forced.pipelined()

@@ -182,3 +182,32 @@ def test_pruned_trees_stay_exact(control_engines, tmp_path, reference):
         st = c.stats()
     assert st["pruned_nodes"] > 0, st
     assert st["mean_accepted_length"] > 1.5, st
+
+
+def test_background_prefill_stays_exact(control_engines, tmp_path, reference):
+    """background_prefill = "on": a model drafter prefills each new cosine prompt in a
+    background op while the first rounds verify with the prompt-lookup drafter's drafts.
+    Concurrent cosine and speculative requests stay token for token exact, every cosine
+    request is prefilled that way once, and the model drafter joins afterwards."""
+    from cosine.control.cluster import LocalCluster
+    from tests.conftest import write_cluster_config
+
+    cfg = write_cluster_config(tmp_path / "config.toml", control_engines["target"],
+                               {"lookup": ("lookup", None), "good": control_engines["target"]},
+                               controller={"background_prefill": "on"})
+    jobs = [(i, mode) for mode in ("cosine", "speculative") for i in range(len(PROMPTS))]
+
+    async def run_all() -> list:
+        async with AsyncClient(cfg_endpoint, timeout_s=120) as ac:
+            return await asyncio.gather(*(ac.generate(PROMPTS[i], max_tokens=24, mode=m) for i, m in jobs))
+
+    with LocalCluster(cfg) as cl:
+        cfg_endpoint = cl.endpoint
+        outs = asyncio.run(run_all())
+        with Client(cl.endpoint, timeout_s=60) as c:
+            alone = c.generate(PROMPTS[2], max_tokens=24, mode="cosine")
+            st = c.stats()
+    assert [o.token_ids for o in outs] == [reference[i] for i, _ in jobs]
+    assert alone.token_ids == reference[2]
+    assert st["background_prefills"] == len(PROMPTS) + 1, st  # the cosine requests, once each
+    assert "good" in alone.stats["drafters_used"], alone.stats
