@@ -36,6 +36,7 @@ from cosine.control.pool import Request
 from cosine.control.proxies import DraftJob, DraftOut, Timed
 from cosine.control.routing import Router
 from cosine.control.scheduling import CostModel, PendingRequest, select_batch
+from cosine.control.engagement import FREE, Engagement
 from cosine.control.speculation import DraftPlan, GoodputGate, ewma, SpeculationController, VerifyFit, speculation_pays
 from cosine.protocol import VERSION
 
@@ -222,6 +223,7 @@ class ControllerActor(pykka.ThreadingActor):
         # about that long to repay it), and never probes a request that never drafted.
         self.prefill_tok_s: float | None = None
         self.lead_drafters = {w.name for w in cfg.drafter_workers() if cfg.model(w.model).kind == "neural"}
+        self.engagement = Engagement() if self.cc.routing.engage_by_cost else None
         log.info("cosine mode %s: %s", "pipelines drafting and verification" if self.pipelined else
                  "drafts then verifies in turn", f"[controller] pipeline = {cfg.controller.pipeline!r}"
                  + ("" if cfg.controller.pipeline != "auto" else
@@ -283,6 +285,8 @@ class ControllerActor(pykka.ThreadingActor):
             "verifiers": {v.name: {"load": v.load, "busy_s": v.busy_s, "kv_reserved": v.reserved,
                                    "kv_budget": b} for v, b in zip(self.verifiers, self.budgets)},
             "queue_waits": self.queue_waits, "gate_goodput": self.goodput_gate.snapshot(),
+            # domain -> "free" or model drafter -> goodput of its rounds (engagement's evidence)
+            "engagement": self.engagement.snapshot() if self.engagement is not None else {},
             # domain -> drafter -> per probability bin [agreement rate, trials] (fusion's confidence)
             "calibration": {dom: {self.drafters[d].name: [list(b) for b in bins] for d, bins in per.items()}
                             for dom, per in self.fuser.calibration_table().get().items()},
@@ -489,9 +493,23 @@ class ControllerActor(pykka.ThreadingActor):
             if d.warm is None and d.alive and d.probe is None and d.name in self.lead_drafters:
                 todo = [r for r in self.requests.values() if r.params.mode == "cosine" and d.name not in r.warmed
                         and (not r.params.drafters or d.name in r.params.drafters)
-                        and self._fits(d, len(r.committed), 1)]
+                        and self._fits(d, len(r.committed), 1) and self._engaged(r, d)]
                 if todo:
                     d.warm = (d.proxy.warm([(r.rid, list(r.committed)) for r in todo]), [r.rid for r in todo])
+
+    def _engaged(self, r: Request, d: DrafterSlot) -> bool:
+        """May model drafter ``d`` draft for cosine request ``r``? Once engaged it stays (its
+        prompt prefill is paid); a pinned drafter is always engaged."""
+        if self.engagement is None or d.name in r.engaged or d.name not in self.lead_drafters:
+            return True
+        pf = self.prefill_tok_s * len(r.committed) if self.prefill_tok_s is not None else 0.0
+        if d.name in r.params.drafters or self.engagement.decide(
+                r.domain, d.name, r.domain in d.domains, r.params.max_tokens - len(r.output), pf):
+            r.engaged.add(d.name)
+            log.debug("engage rid=%s drafter=%s domain=%s after %d tokens (goodput %s)", r.rid, d.name, r.domain,
+                      len(r.output), self.engagement.snapshot().get(r.domain))
+            return True
+        return False
 
     def _warming(self, r: Request, d: DrafterSlot) -> bool:
         """Is ``d`` busy with a background prefill, or still to prefill ``r``'s prompt?"""
@@ -706,7 +724,8 @@ class ControllerActor(pykka.ThreadingActor):
     def _usable(self, r: Request) -> list[DrafterSlot]:
         """Alive drafters this request may use (GenParams.drafters pins a subset)."""
         pin = r.params.drafters
-        return [d for d in self.drafters if d.alive and (not pin or d.name in pin) and not self._warming(r, d)]
+        return [d for d in self.drafters if d.alive and (not pin or d.name in pin)
+                and (r.params.mode != "cosine" or self._engaged(r, d) and not self._warming(r, d))]
 
     def _draft(self, reqs: list[Request], plans: dict[str, DraftPlan]) -> None:
         """Build ``r.tree`` for every request (root only when it does not speculate)."""
@@ -978,9 +997,13 @@ class ControllerActor(pykka.ThreadingActor):
                 log.debug("round rid=%s mode=%s nodes=%d accepted=%d draft_s=%.3f verify_s=%.3f drafters=%s "
                           "agreed=%s", r.rid, r.params.mode, r.tree.n, n_acc, r.draft_s, res.busy_s, r.drafters,
                           {u[1]: f"{u[3]}/{u[4]}@{u[2]:.2f}" for u in upd if u[0] == r.rid})
+            verify_share = res.busy_s * r.tree.n / max(n_total, 1)
+            if r.params.mode == "cosine" and self.engagement is not None:
+                for arm in [n for n in r.drafters if n in self.lead_drafters] or [FREE]:
+                    self.engagement.observe(r.domain, arm, n_acc + 1.0, r.draft_s + verify_share)
             if r.params.mode == "cosine" and drafted:
                 # depth: the positions verified (early stop and pruning may end short of the plan)
-                self.spec.observe(r.rid, drafted, n_acc, r.draft_s, res.busy_s * r.tree.n / max(n_total, 1),
+                self.spec.observe(r.rid, drafted, n_acc, r.draft_s, verify_share,
                                   depth=int(r.tree.depths().max()), overlapped_s=r.draft_overlap_s)
             elif r.tree.n == 1:
                 self.spec.observe_plain(res.busy_s)

@@ -88,6 +88,7 @@ class Request:
     cands: list = field(default_factory=list)       # (drafter index, prob, token, parent node) this round
     drafted: bool = False                            # has speculated at least once (drafters hold its prompt)
     warmed: set[str] = field(default_factory=set)    # model drafters done prefilling it (or that never will)
+    engaged: set[str] = field(default_factory=set)   # model drafters that draft for it (control/engagement.py)
     commit_nodes: list[int] | None = None            # accepted nodes of the last verify (inline commit)
     client_key: Any = None
     domain: str = ""

@@ -127,6 +127,10 @@ class RoutingConfig:
     # A drafter already tried on a request is dropped from its rounds while its score is
     # below this fraction of the best drafter's (0 = always use max_drafters_per_request).
     min_score_ratio: float = 0.75
+    # A model drafter (one that must prefill each prompt) is engaged for a request only when
+    # the time it saves over the tokens left pays for that prefill, judged from per-domain
+    # goodput with and without it (docs/algorithms.md, "Engaging model drafters").
+    engage_by_cost: bool = True
 
 
 @dataclass(frozen=True)

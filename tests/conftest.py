@@ -116,6 +116,8 @@ def write_cluster_config(path: Path, target: Path, drafters: dict[str, Any], con
     # (tests of the gates set gate themselves)
     sections = dict(sections or {})
     sections["speculation"] = {"disable_below_ratio": 0.0, "gate": "off", **sections.get("speculation", {})}
+    # likewise a model drafter is always engaged (its prefill would rarely pay here)
+    sections["routing"] = {"engage_by_cost": False, **sections.get("routing", {})}
     for sec, kv in sections.items():
         lines += ["", f"[controller.{sec}]"] + [f"{k} = {_toml_value(v)}" for k, v in kv.items()]
     path.write_text("\n".join(lines) + "\n")
