@@ -211,3 +211,21 @@ def test_background_prefill_stays_exact(control_engines, tmp_path, reference):
     assert alone.token_ids == reference[2]
     assert st["background_prefills"] == len(PROMPTS) + 1, st  # the cosine requests, once each
     assert "good" in alone.stats["drafters_used"], alone.stats
+
+
+def test_cost_engaged_model_drafter_stays_exact(control_engines, tmp_path, reference):
+    """engage_by_cost on: a request starts with the weight-free lookup drafter, the model
+    drafter is probed once its domain has a weight-free baseline, then engaged or not by
+    goodput; outputs stay exact either way and the evidence shows in the stats."""
+    from cosine.control.cluster import LocalCluster
+    from tests.conftest import write_cluster_config
+
+    cfg = write_cluster_config(tmp_path / "config.toml", control_engines["target"],
+                               {"lookup": ("lookup", None), "good": control_engines["target"]},
+                               sections={"routing": {"engage_by_cost": True}})
+    with LocalCluster(cfg) as cl, Client(cl.endpoint, timeout_s=60) as c:
+        outs = [c.generate(p, max_tokens=24, mode="cosine") for _ in range(2) for p in PROMPTS]
+        st = c.stats()
+    assert [o.token_ids for o in outs] == [reference[i] for _ in range(2) for i in range(len(PROMPTS))]
+    arms = {arm for per in st["engagement"].values() for arm in per}
+    assert arms == {"free", "good"}, st["engagement"]  # the baseline, then the probe
