@@ -186,6 +186,9 @@ worker_timeout_s = {WORKER_TIMEOUT_S}
 
 [controller.speculation]
 disable_below_ratio = 0.0   # tiny engines draft about as slowly as they verify: keep speculating
+
+[controller.routing]
+engage_by_cost = false      # likewise: always engage the model drafter
 """
     path.write_text(text)
     return path
