@@ -506,6 +506,8 @@ class ControllerActor(pykka.ThreadingActor):
         if d.name in r.params.drafters or self.engagement.decide(
                 r.domain, d.name, r.domain in d.domains, r.params.max_tokens - len(r.output), pf):
             r.engaged.add(d.name)
+            if r.output:  # its acceptance rates so far were the weight-free drafters': start afresh
+                self.spec.forget(r.rid)
             log.debug("engage rid=%s drafter=%s domain=%s after %d tokens (goodput %s)", r.rid, d.name, r.domain,
                       len(r.output), self.engagement.snapshot().get(r.domain))
             return True
