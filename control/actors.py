@@ -508,8 +508,9 @@ class ControllerActor(pykka.ThreadingActor):
             r.engaged.add(d.name)
             if r.output:  # its acceptance rates so far were the weight-free drafters': start afresh
                 self.spec.forget(r.rid)
-            log.debug("engage rid=%s drafter=%s domain=%s after %d tokens (goodput %s)", r.rid, d.name, r.domain,
-                      len(r.output), self.engagement.snapshot().get(r.domain))
+            log.debug("engage rid=%s drafter=%s domain=%s after %d tokens (goodput free %s, with it %s)", r.rid,
+                      d.name, r.domain, len(r.output), self.engagement.goodput(r.domain, FREE),
+                      self.engagement.goodput(r.domain, d.name))
             return True
         return False
 
