@@ -225,6 +225,38 @@ def test_extend_rollback_keep_and_forced(client: WorkerClient, engine: Engine, V
     release(client, "e0")
 
 
+def test_forced_runs_match_step_by_step(client: WorkerClient, engine: Engine, V: int) -> None:
+    """Consecutive forced steps go through one forward (guided drafting); every step still
+    reports the drafter's own choice (topk) and its probability of the forced token, and
+    the cache ends up holding exactly the chosen tokens."""
+    rng = np.random.default_rng(7)
+    p = prompt(rng, 8, V)
+    prefill(client, {"g0": p, "g1": p})
+    guide = [int(t) for t in rng.integers(0, V, 6)]
+    patterns = {"g0": guide[:3] + [-1], "g1": [-1, guide[3], guide[4], -1, guide[5], -1]}
+    reqs = [{"rid": rid, "n_feed": 1, "k": len(f), "topk": 1, "forced": f} for rid, f in patterns.items()]
+    h, a = client.call("draft", {"requests": reqs}, {"feed": i32([p[-1], p[-1]])})
+    off = 0
+    for rid, f in patterns.items():
+        seq = list(p)
+        for step, want in enumerate(f):
+            ref = ref_logits(engine, seq)[-1]
+            own = int(np.argmax(ref))
+            tok = own if want < 0 else want
+            q = np.exp(log_softmax(ref))
+            assert int(a["tokens"][off + step]) == tok, (rid, step)
+            assert int(a["topk_ids"][off + step, 0]) == own, (rid, step)
+            np.testing.assert_allclose(a["token_probs"][off + step], q[tok], atol=1e-5)
+            seq.append(tok)
+        off += len(f)
+    lengths = {r["rid"]: r["length"] for r in h["requests"]}
+    assert lengths == {rid: len(p) + len(f) - 1 for rid, f in patterns.items()}
+    # the cache holds the chosen tokens: the next op continues from them
+    _, b = client.call("draft", {"requests": [{"rid": "g0", "n_feed": 1, "k": 2}]}, {"feed": i32([a["tokens"][3]])})
+    assert b["tokens"].tolist() == ref_greedy(engine, p + a["tokens"][:4].tolist(), 2)
+    release(client, "g0", "g1")
+
+
 def test_sampling_is_reproducible_per_seed(client: WorkerClient, V: int) -> None:
     rng = np.random.default_rng(5)
     p = prompt(rng, 5, V)

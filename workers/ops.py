@@ -202,24 +202,33 @@ class Ops(WorkerOps):
                 self.cache.truncate(p.entry, p.keep)
         rngs = [np.random.default_rng(p.seed) if p.seed is not None else p.entry.rng for p in plans]
         chosen: list[list[tuple[int, np.ndarray]]] = [[] for _ in plans]  # per request: (token, probs)
-        active = list(range(len(plans)))
         inputs = [p.feed for p in plans]
-        for step in range(max((p.k for p in plans), default=0)):
-            logits = self._append_chains([plans[i].entry for i in active], [inputs[i] for i in active])
-            for i, lg in zip(active, logits):
+        active = list(range(len(plans)))
+        while active:
+            # A run of forced steps needs no choice in between: their tokens ride along in
+            # one forward, one logits row per step (guided drafting: a weight-free drafter's
+            # chain scored in one pass instead of one pass per token).
+            runs = [_forced_run(plans[i], len(chosen[i])) for i in active]
+            feeds = [np.concatenate([inputs[i], np.asarray(plans[i].forced[len(chosen[i]):len(chosen[i]) + m],
+                                                           np.int64)]) if m else inputs[i]
+                     for i, m in zip(active, runs)]
+            logits = self._append_chains([plans[i].entry for i in active], feeds)
+            for i, m, lg in zip(active, runs, logits):
                 p = plans[i]
-                probs = softmax(lg[-1], p.temperature)
-                if p.temperature > 0:
-                    u = rngs[i].random()
-                    tok = int(min(np.searchsorted(np.cumsum(probs), u * probs.sum(), side="right"), self.V - 1))
-                else:
-                    tok = int(np.argmax(lg[-1]))
-                if p.forced is not None and p.forced[step] >= 0:
-                    tok = p.forced[step]
-                chosen[i].append((tok, probs))
-                inputs[i] = np.array([tok], np.int64)
+                for row in lg[lg.shape[0] - m - 1:]:
+                    step = len(chosen[i])
+                    probs = softmax(row, p.temperature)
+                    if p.temperature > 0:
+                        u = rngs[i].random()
+                        tok = int(min(np.searchsorted(np.cumsum(probs), u * probs.sum(), side="right"), self.V - 1))
+                    else:
+                        tok = int(np.argmax(row))
+                    if p.forced is not None and p.forced[step] >= 0:
+                        tok = p.forced[step]
+                    chosen[i].append((tok, probs))
+                inputs[i] = np.array([chosen[i][-1][0]], np.int64)
             # The last chosen token is not fed (the caller's convention, docs/design.md).
-            active = [i for i in active if plans[i].k > step + 1]
+            active = [i for i in active if len(chosen[i]) < plans[i].k]
 
         return self._draft_reply(plans, chosen)
 
@@ -305,3 +314,12 @@ class Ops(WorkerOps):
 
     def engine_summary(self) -> dict[str, Any]:
         return self.engine.summary()
+
+
+def _forced_run(p: val.DraftRequest, step: int) -> int:
+    """Forced steps from ``step`` on whose tokens are fed (all but the op's last step)."""
+    m = 0
+    if p.forced is not None:
+        while step + m < p.k - 1 and p.forced[step + m] >= 0:
+            m += 1
+    return m
