@@ -37,6 +37,7 @@ from cosine.control.proxies import DraftJob, DraftOut, Timed
 from cosine.control.routing import Router
 from cosine.control.scheduling import CostModel, PendingRequest, select_batch
 from cosine.control.engagement import FREE, Engagement
+from cosine.control.guide import pick_guide, still_valid
 from cosine.control.speculation import DraftPlan, GoodputGate, ewma, SpeculationController, VerifyFit, speculation_pays
 from cosine.protocol import VERSION
 
@@ -119,6 +120,12 @@ class FuserActor(pykka.ThreadingActor):
         return np.array([1.0] + [self._confidence(domain, int(tree.proposers[i]), float(tree.probs[i]))
                                  for i in range(1, tree.n)])
 
+    def guides(self, items: list[tuple[str, dict[int, tuple[list[int], list[float]]], float, int]]
+               ) -> list[list[int]]:
+        """(domain, chains per drafter, min reach, cap) -> the guide for the next draft op."""
+        return [pick_guide(ch, lambda i, p, d=domain: self._confidence(d, i, p), min_reach, cap)
+                for domain, ch, min_reach, cap in items]
+
     def prune(self, items: list[tuple[Any, str, float]]) -> list[tuple[Any, np.ndarray]]:
         """(tree, domain, min_gain) -> (pruned tree, kept old node indices): nodes whose
         chance of being accepted is below min_gain tokens are not worth their verify cost."""
@@ -173,6 +180,7 @@ class ControllerStats:
     gated_rounds: int = 0            # rounds where plain batched decoding beat speculation
     pruned_nodes: int = 0            # drafted tree nodes dropped as not worth verifying
     background_prefills: int = 0     # request prompts a model drafter prefilled off the critical path
+    guided_steps: int = 0            # fused steps a model drafter scored as part of a guide (one forward)
     last_round: dict = field(default_factory=dict)
     # The last rounds' phases, seconds since start: (sequential draft start, end, verify
     # start, end, pipelined draft start, end, requests verified, requests drafted);
@@ -222,7 +230,7 @@ class ControllerActor(pykka.ThreadingActor):
         # round. The batch gate charges 1/probe_every of it per round (speculation must last
         # about that long to repay it), and never probes a request that never drafted.
         self.prefill_tok_s: float | None = None
-        self.lead_drafters = {w.name for w in cfg.drafter_workers() if cfg.model(w.model).kind == "neural"}
+        self.model_drafters = {w.name for w in cfg.drafter_workers() if cfg.model(w.model).kind == "neural"}
         self.engagement = Engagement() if self.cc.routing.engage_by_cost else None
         log.info("cosine mode %s: %s", "pipelines drafting and verification" if self.pipelined else
                  "drafts then verifies in turn", f"[controller] pipeline = {cfg.controller.pipeline!r}"
@@ -274,6 +282,7 @@ class ControllerActor(pykka.ThreadingActor):
             "active_requests": len(self.requests), "queued_requests": len(self.incoming),
             "rounds": s.rounds, "tokens": s.tokens, "requests_done": s.requests_done, "gated_rounds": s.gated_rounds,
             "pruned_nodes": s.pruned_nodes, "background_prefills": s.background_prefills,
+            "guided_steps": s.guided_steps,
             "requests_failed": s.requests_failed,
             "mean_accepted_length": 1.0 + s.accepted_drafts / s.rounds if s.rounds else 1.0,
             "busy_wall_s": s.wall_s, "draft_wall_s": s.draft_wall_s, "verify_busy_s": s.verify_busy_s,
@@ -490,7 +499,7 @@ class ControllerActor(pykka.ThreadingActor):
                 for rid in rids:
                     if rid in self.requests:
                         self.requests[rid].warmed.add(d.name)
-            if d.warm is None and d.alive and d.probe is None and d.name in self.lead_drafters:
+            if d.warm is None and d.alive and d.probe is None and d.name in self.model_drafters:
                 todo = [r for r in self.requests.values() if r.params.mode == "cosine" and d.name not in r.warmed
                         and (not r.params.drafters or d.name in r.params.drafters)
                         and self._fits(d, len(r.committed), 1) and self._engaged(r, d)]
@@ -500,7 +509,7 @@ class ControllerActor(pykka.ThreadingActor):
     def _engaged(self, r: Request, d: DrafterSlot) -> bool:
         """May model drafter ``d`` draft for cosine request ``r``? Once engaged it stays (its
         prompt prefill is paid); a pinned drafter is always engaged."""
-        if self.engagement is None or d.name in r.engaged or d.name not in self.lead_drafters:
+        if self.engagement is None or d.name in r.engaged or d.name not in self.model_drafters:
             return True
         pf = self.prefill_tok_s * len(r.committed) if self.prefill_tok_s is not None else 0.0
         if d.name in r.params.drafters or self.engagement.decide(
@@ -516,7 +525,7 @@ class ControllerActor(pykka.ThreadingActor):
 
     def _warming(self, r: Request, d: DrafterSlot) -> bool:
         """Is ``d`` busy with a background prefill, or still to prefill ``r``'s prompt?"""
-        return (self.background_prefill and r.params.mode == "cosine" and d.name in self.lead_drafters
+        return (self.background_prefill and r.params.mode == "cosine" and d.name in self.model_drafters
                 and (d.warm is not None or d.name not in r.warmed))
 
     def _mark_dead(self, d: DrafterSlot, why: str) -> None:
@@ -748,10 +757,11 @@ class ControllerActor(pykka.ThreadingActor):
             self._draft_fused(fused, plans)
             self._prune(fused)
 
-    def _job(self, r: Request, context: list[int], k: int, topk: int = 1) -> DraftJob:
+    def _job(self, r: Request, context: list[int], k: int, topk: int = 1, forced: list[int] | None = None) -> DraftJob:
         stochastic = r.params.temperature > 0
         return DraftJob(rid=r.rid, context=context, k=k, topk=topk, temperature=r.params.temperature,
-                        return_probs=stochastic, seed=int(r.rng.integers(2 ** 31)) if stochastic else None)
+                        return_probs=stochastic, seed=int(r.rng.integers(2 ** 31)) if stochastic else None,
+                        forced=forced)
 
     def _run_drafts(self, jobs: dict[int, list[DraftJob]]) -> dict[int, dict[str, DraftOut]]:
         """One draft op per drafter, all in flight at once; failed drafters are marked dead."""
@@ -763,7 +773,7 @@ class ControllerActor(pykka.ThreadingActor):
             d.busy_s += res.busy_s
             self.prefill_s = max(self.prefill_s, res.extra.get("prefill_s", 0.0))
             n_pre = res.extra.get("prefill_tokens", 0)
-            if n_pre and d.name in self.lead_drafters:  # the drafter that bounds prefill time
+            if n_pre and d.name in self.model_drafters:  # the drafter that bounds prefill time
                 self.prefill_tok_s = ewma(self.prefill_tok_s, res.extra["prefill_s"] / n_pre, 0.5)
             if res.error == "dead":
                 self._mark_dead(d, res.message)
@@ -807,7 +817,8 @@ class ControllerActor(pykka.ThreadingActor):
 
     def _draft_fused(self, reqs: list[Request], plans: dict[str, DraftPlan]) -> None:
         """CoSine drafting: per step, every selected drafter proposes one token after the same
-        fused prefix; the most confident becomes the fused token all continue from."""
+        fused prefix; the most confident becomes the fused token all continue from. With
+        guided drafting one draft op covers several steps (control/guide.py)."""
         k_max = self.cc.routing.max_drafters_per_request
         sel = self.router.select([(r.rid, k_max, {d.name for d in self._usable(r)}) for r in reqs]).get()
         by_name = {d.name: d for d in self.drafters}
@@ -829,59 +840,100 @@ class ControllerActor(pykka.ThreadingActor):
             r.drafters = names
             r.proposals = {n: ([], []) for n in names}
             # reach: P(the fused path so far is accepted); a step is drafted only while its
-            # expected gain, reach * P(next position accepted), is worth its cost
+            # expected gain, reach * P(next position accepted), is worth its cost.
+            # guide: forced tokens for the model drafters' next op (guided drafting).
             state[r.rid] = {"parent": 0, "prefix": [], "left": plans[r.rid].draft_len, "reach": 1.0,
-                            "floor": self._step_floor(r)}
-        for _step in range(max((plans[r.rid].draft_len for r in reqs), default=0)):
+                            "floor": self._step_floor(r), "guide": []}
+        while True:
             jobs: dict[int, list[DraftJob]] = defaultdict(list)
-            for r in reqs:
+            live = [r for r in reqs if state[r.rid]["left"] > 0]
+            for r in live:
                 st = state[r.rid]
-                if st["left"] <= 0:
-                    continue
+                st["start"] = len(st["prefix"])
                 ctx = r.committed + st["prefix"]
+                # Greedy only: a sampled step must be drawn after the fused prefix is known.
+                chain_k = st["left"] if self._guides(r) else 1
+                guide = st["guide"][:st["left"] - 1]
                 for n in r.drafters:
                     d = by_name[n]
-                    if d.alive and self._fits(d, len(ctx), 1):
-                        jobs[d.index].append(self._job(r, ctx, 1))
+                    model = d.name in self.model_drafters
+                    k = len(guide) + 1 if model else chain_k
+                    if d.alive and self._fits(d, len(ctx), k):
+                        jobs[d.index].append(self._job(r, ctx, k, forced=guide + [-1] if model and guide else None))
             if not jobs:
                 break
             outs = self._run_drafts(jobs)
-            items, order = [], []
-            for r in reqs:
-                st = state[r.rid]
-                if st["left"] <= 0:
-                    continue
-                cands = []
-                for i, res in outs.items():
-                    o = res.get(r.rid)
-                    if o is None:
+            got = {r.rid: {i: res[r.rid] for i, res in outs.items() if r.rid in res} for r in live}
+            # Replay the op's steps, all requests in lockstep (one fusion call per step). A
+            # request goes on to the next step only while every drafter it asked still holds
+            # a proposal made on the fused prefix, so each step fuses a full candidate set.
+            forced = {(j.rid, i): j.forced for i, js in jobs.items() for j in js}
+            asked = {r.rid: {i for (rid, i) in forced if rid == r.rid} for r in live}
+            step = 0
+            while live:
+                items, order = [], []
+                for r in live:
+                    cands = []
+                    for i, o in got[r.rid].items():
+                        f = forced[(r.rid, i)]
+                        own = f is not None and f[step] >= 0  # a scored guide token: its own pick is topk[0]
+                        self.stats_.guided_steps += own
+                        tok = int(o.topk_ids[step][0]) if own else int(o.tokens[step])
+                        prob = float(o.topk_probs[step][0]) if own else float(o.probs[step])
+                        q = o.dists[step] if o.dists is not None else None
+                        cands.append((i, tok, prob, q))
+                        r.cands.append((i, prob, tok, state[r.rid]["parent"]))
+                        toks, probs = r.proposals[self.drafters[i].name]
+                        toks.append(tok)
+                        probs.append(prob)
+                    if not cands:
+                        state[r.rid]["left"] = 0
                         continue
-                    q = o.dists[0] if o.dists is not None else None
-                    cands.append((i, o.tokens[0], o.probs[0], q))
-                    r.cands.append((i, float(o.probs[0]), int(o.tokens[0]), st["parent"]))
-                    toks, probs = r.proposals[self.drafters[i].name]
-                    toks.append(o.tokens[0])
-                    probs.append(o.probs[0])
-                if not cands:
-                    st["left"] = 0
-                    continue
-                items.append((r.tree, st["parent"], cands, r.params.temperature > 0, weights[r.rid], r.domain))
-                order.append(r)
-            if not items:
-                break
-            for r, (tree, node, dists, conf) in zip(order, self.fuser.fuse(items).get()):
-                st = state[r.rid]
-                r.tree = tree
-                r.draft_dists.update(dists)
-                if node is None:
-                    st["left"] = 0
-                else:
+                    items.append((r.tree, state[r.rid]["parent"], cands, r.params.temperature > 0,
+                                  weights[r.rid], r.domain))
+                    order.append(r)
+                if not items:
+                    break
+                nxt = []
+                for r, (tree, node, dists, conf) in zip(order, self.fuser.fuse(items).get()):
+                    st = state[r.rid]
+                    r.tree = tree
+                    r.draft_dists.update(dists)
+                    if node is None:
+                        st["left"] = 0
+                        continue
+                    fused = int(tree.tokens[node])
                     st["parent"] = node
-                    st["prefix"].append(int(tree.tokens[node]))
+                    st["prefix"].append(fused)
                     st["left"] -= 1
                     st["reach"] *= conf
                     if st["reach"] * self.spec.alpha(r.rid)[1] < st["floor"]:
                         st["left"] = 0
+                    got[r.rid] = {i: o for i, o in got[r.rid].items() if still_valid(o.tokens, step, fused)}
+                    if st["left"] > 0 and set(got[r.rid]) == asked[r.rid]:
+                        nxt.append(r)
+                live = nxt
+                step += 1
+            # The weight-free chains that the fused path still follows guide the next op.
+            chains = []
+            for r in reqs:
+                st = state[r.rid]
+                st["guide"] = []
+                if st["left"] > 1 and self._guides(r) and r.rid in got:
+                    done = len(st["prefix"]) - st["start"]  # steps replayed from this op
+                    ch = {i: (o.tokens[done:], o.probs[done:]) for i, o in got[r.rid].items()
+                          if self.drafters[i].name not in self.model_drafters}
+                    if ch:
+                        chains.append((r, ch))
+            if chains:
+                guides = self.fuser.guides([(r.domain, ch, self.cc.fusion.guide_min_reach, state[r.rid]["left"] - 1)
+                                            for r, ch in chains]).get()
+                for (r, _), g in zip(chains, guides):
+                    state[r.rid]["guide"] = g
+
+    def _guides(self, r: Request) -> bool:
+        """Guided drafting for this request: greedy, and on in the config."""
+        return self.cc.fusion.guide and r.params.temperature <= 0
 
     def _step_floor(self, r: Request) -> float:
         """Fewest expected tokens one more fused draft step must bring (0 = no early stop)."""
@@ -1002,7 +1054,7 @@ class ControllerActor(pykka.ThreadingActor):
                           {u[1]: f"{u[3]}/{u[4]}@{u[2]:.2f}" for u in upd if u[0] == r.rid})
             verify_share = res.busy_s * r.tree.n / max(n_total, 1)
             if r.params.mode == "cosine" and self.engagement is not None:
-                for arm in [n for n in r.drafters if n in self.lead_drafters] or [FREE]:
+                for arm in [n for n in r.drafters if n in self.model_drafters] or [FREE]:
                     self.engagement.observe(r.domain, arm, n_acc + 1.0, r.draft_s + verify_share)
             if r.params.mode == "cosine" and drafted:
                 # depth: the positions verified (early stop and pruning may end short of the plan)

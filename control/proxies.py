@@ -53,6 +53,7 @@ class DraftJob:
     temperature: float = 0.0
     return_probs: bool = False
     seed: int | None = None
+    forced: list[int] | None = None  # per step: the token to continue from, -1 = own choice
 
 
 @dataclass
@@ -177,7 +178,8 @@ class DrafterProxyActor(_WorkerProxy):
             for j in jobs:
                 keep, f = plan_feed(self.cached[j.rid], j.context[self.start.get(j.rid, 0):])
                 reqs.append({"rid": j.rid, "keep": keep, "n_feed": len(f), "k": j.k, "topk": j.topk,
-                             "temperature": j.temperature, "return_probs": j.return_probs, "seed": j.seed})
+                             "temperature": j.temperature, "return_probs": j.return_probs, "seed": j.seed,
+                             **({"forced": j.forced} if j.forced is not None else {})})
                 feed.extend(f)
             h, a = self.call("draft", {"requests": reqs}, {"feed": np.asarray(feed, dtype=np.int32)})
         except (WorkerError, TimeoutError, OSError) as e:

@@ -143,6 +143,13 @@ class FusionConfig:
     # Also scale each confidence by the router's per-request score (off by default: the
     # score moves with a handful of rounds, calibration with every candidate).
     weight_by_router: bool = False
+    # Guided drafting (greedy): a weight-free drafter's chain that the fused path is likely
+    # to follow is fed to the model drafters as forced tokens, which they score in one
+    # forward instead of one forward per step (docs/algorithms.md, "Guided drafting").
+    # Chain tokens are used while the calibrated chance of reaching them stays above
+    # guide_min_reach: a wrong guide costs one wider forward.
+    guide: bool = True
+    guide_min_reach: float = 0.25
 
 
 @dataclass(frozen=True)
@@ -381,6 +388,9 @@ def _check(cfg: Config, text: str, check_engines: bool) -> None:
                           f"gate_explore_every >= 2")
     if not 1 <= s.min_draft_len <= s.draft_len <= s.max_draft_len:
         raise ConfigError(f"{where('controller.speculation', 'draft_len')}: need 1 <= min_draft_len <= draft_len <= max_draft_len")
+    if not 0.0 < c.fusion.guide_min_reach <= 1.0:
+        raise ConfigError(f"{where('controller.fusion', 'guide_min_reach')}: need 0 < guide_min_reach <= 1, "
+                          f"got {c.fusion.guide_min_reach}")
     if cfg.logging.level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
         raise ConfigError(f"{where('logging', 'level')}: level {cfg.logging.level!r}; use DEBUG, INFO, WARNING or ERROR")
     if cfg.security.curve:

@@ -55,7 +55,10 @@ def test_every_mode_with_weightfree_drafters_is_identical(weightfree_cluster) ->
                 r = c.generate(prompt, max_tokens=24, mode=mode)
                 assert r.token_ids == ref, (mode, prompt)
         used = c.generate(PROMPTS[0], max_tokens=24, mode="cosine").stats["drafters_used"]
+        st = c.stats()
     assert set(used) & {"lookup", "ngram"}, used
+    # guided drafting ran: the model drafter scored weight-free chains in one forward
+    assert st["guided_steps"] > 0, st
 
 
 def test_weightfree_worker_refuses_verify_and_serves_draft(weightfree_cluster) -> None:
