@@ -29,11 +29,20 @@ def wait_line(proc: subprocess.Popen, needle: str, timeout_s: float, seen: list[
     raise AssertionError(f"{needle!r} not printed; output:\n{''.join(seen[-60:])}")
 
 
+_HANDED_OUT: set[int] = set()
+
+
 def free_port() -> int:
-    """A TCP port on loopback that was free a moment ago."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A TCP port on loopback that was free a moment ago and that this test process has not
+    handed out before (the kernel may offer one port twice in a row: one config would then
+    give it to two sockets)."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port not in _HANDED_OUT:
+            _HANDED_OUT.add(port)
+            return port
 
 
 @pytest.fixture(scope="session")

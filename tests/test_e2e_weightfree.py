@@ -86,3 +86,25 @@ def test_weightfree_worker_refuses_verify_and_serves_draft(weightfree_cluster) -
         wc.call("release", {"rids": ["w"]})
     finally:
         wc.close()
+
+
+def test_guided_drafting_builds_the_same_trees(control_engines, tmp_path) -> None:
+    """Guided drafting only changes how many forwards the model drafter runs: with fixed
+    draft plans (adaptive off) every request takes the same rounds and accepts the same
+    tokens with guide on and off, and only the guided cluster scored guide tokens."""
+    vocab = json.loads((control_engines["target"] / "manifest.json").read_text())["vocab_size"]
+    ngram = build_ngram_engine(tmp_path / "ngram-engine", vocab)
+    runs = {}
+    for guide in (True, False):
+        cfg = write_cluster_config(tmp_path / f"guide-{guide}.toml", control_engines["target"],
+                                   {"lookup": ("lookup", None), "ngram": ("ngram", ngram),
+                                    "poor": control_engines["poor"]},
+                                   sections={"routing": {"max_drafters_per_request": 3},
+                                             "speculation": {"adaptive": False, "draft_len": 6},
+                                             "fusion": {"guide": guide, "guide_min_reach": 0.05}})
+        with LocalCluster(cfg) as cluster, Client(cluster.endpoint, timeout_s=60) as c:
+            outs = [c.generate(p, max_tokens=24, mode="cosine") for p in PROMPTS * 2]
+            runs[guide] = ([(o.token_ids, o.stats["rounds"], o.stats["mean_accepted_length"]) for o in outs],
+                           c.stats()["guided_steps"])
+    assert runs[True][0] == runs[False][0]
+    assert runs[True][1] > 0 and runs[False][1] == 0, (runs[True][1], runs[False][1])

@@ -1,15 +1,17 @@
 #!/usr/bin/env bash
 # The CPU benchmark runs behind README "Performance" (needs `make demo` first: engines and data/).
 # About 30 minutes on the 2-core VM; run it on a quiet machine.
+# Usage: bash tools/bench-cpu.sh [RUN-NAME]   (results in docs/benchmarks/RUN-NAME{,-c16-poisson,-t0.7})
 set -x
 B=.venv/bin/cosine-bench
 D=docs/benchmarks
+N=${1:-$(date +%F)-cpu-qwen}
 $B run --config config.toml --modes autoregressive,speculative,cosine --concurrency 1,4 \
   --domains code,docs,prose,german --prompts data/prompts.json --per-domain 2 --max-tokens 64 \
-  --peers none --out $D/2026-11-23-cpu-qwen-final
+  --peers none --out $D/$N
 $B run --config config.toml --modes autoregressive,speculative,cosine --concurrency 16 \
   --domains code,docs,prose,german --prompts data/prompts.json --per-domain 4 --max-tokens 32 \
-  --poisson-rate 0.5 --poisson-requests 8 --peers none --out $D/2026-11-23-cpu-qwen-final-c16-poisson
+  --poisson-rate 0.5 --poisson-requests 8 --peers none --out $D/$N-c16-poisson
 $B run --config config.toml --modes autoregressive,cosine --concurrency 1 --temperature 0.7 \
   --domains code,docs,prose,german --prompts data/prompts.json --per-domain 1 --max-tokens 32 \
-  --peers none --out $D/2026-11-23-cpu-qwen-final-t0.7
+  --peers none --out $D/$N-t0.7
