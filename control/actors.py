@@ -181,6 +181,7 @@ class ControllerStats:
     pruned_nodes: int = 0            # drafted tree nodes dropped as not worth verifying
     background_prefills: int = 0     # request prompts a model drafter prefilled off the critical path
     guided_steps: int = 0            # fused steps a model drafter scored as part of a guide (one forward)
+    rescued_rounds: int = 0          # routed rounds with no proposal that a spare model drafter drafted
     last_round: dict = field(default_factory=dict)
     # The last rounds' phases, seconds since start: (sequential draft start, end, verify
     # start, end, pipelined draft start, end, requests verified, requests drafted);
@@ -282,7 +283,7 @@ class ControllerActor(pykka.ThreadingActor):
             "active_requests": len(self.requests), "queued_requests": len(self.incoming),
             "rounds": s.rounds, "tokens": s.tokens, "requests_done": s.requests_done, "gated_rounds": s.gated_rounds,
             "pruned_nodes": s.pruned_nodes, "background_prefills": s.background_prefills,
-            "guided_steps": s.guided_steps,
+            "guided_steps": s.guided_steps, "rescued_rounds": s.rescued_rounds,
             "requests_failed": s.requests_failed,
             "mean_accepted_length": 1.0 + s.accepted_drafts / s.rounds if s.rounds else 1.0,
             "busy_wall_s": s.wall_s, "draft_wall_s": s.draft_wall_s, "verify_busy_s": s.verify_busy_s,
@@ -755,6 +756,7 @@ class ControllerActor(pykka.ThreadingActor):
             self._draft_chains(chains, plans)
         if fused:
             self._draft_fused(fused, plans)
+            self._rescue(fused, plans)
             self._prune(fused)
 
     def _job(self, r: Request, context: list[int], k: int, topk: int = 1, forced: list[int] | None = None) -> DraftJob:
@@ -822,6 +824,8 @@ class ControllerActor(pykka.ThreadingActor):
         k_max = self.cc.routing.max_drafters_per_request
         sel = self.router.select([(r.rid, k_max, {d.name for d in self._usable(r)}) for r in reqs]).get()
         by_name = {d.name: d for d in self.drafters}
+        for r in reqs:
+            r.routed = [n for n in sel.get(r.rid, []) if n in by_name]
         weights: dict[str, dict[int, float] | None] = {r.rid: None for r in reqs}
         if self.cc.fusion.weight_by_router:
             for rid, sc in self.router.scores([r.rid for r in reqs]).get().items():
@@ -836,7 +840,7 @@ class ControllerActor(pykka.ThreadingActor):
             reqs = [r for r in reqs if r.rid not in solo]
         state = {}
         for r in reqs:
-            names = [n for n in sel.get(r.rid, []) if n in by_name]
+            names = r.routed
             r.drafters = names
             r.proposals = {n: ([], []) for n in names}
             # reach: P(the fused path so far is accepted); a step is drafted only while its
@@ -930,6 +934,26 @@ class ControllerActor(pykka.ThreadingActor):
                                             for r, ch in chains]).get()
                 for (r, _), g in zip(chains, guides):
                     state[r.rid]["guide"] = g
+
+    def _rescue(self, reqs: list[Request], plans: dict[str, DraftPlan]) -> None:
+        """A routed round whose drafters proposed nothing (a prompt-lookup drafter with no
+        match) would verify the root alone, a plain decoding step. Give it to an engaged
+        model drafter the router did not pick this round: its chain usually brings more
+        than its draft costs, and its verified candidates update the router."""
+        pick = {}
+        for r in reqs:
+            if r.tree is None or r.tree.n > 1 or not plans[r.rid].speculate:
+                continue
+            spare = [d for d in self._usable(r) if d.name in self.model_drafters and d.name not in r.routed
+                     and self._fits(d, len(r.committed), plans[r.rid].draft_len)]
+            if spare:
+                pick[r.rid] = spare[:1]
+        if pick:
+            flat = {rid: DraftPlan(p.speculate, p.draft_len, 1) for rid, p in plans.items()}
+            self._draft_chains([r for r in reqs if r.rid in pick], flat, pick=pick)
+            self.stats_.rescued_rounds += len(pick)
+            log.debug("rescue: %s drafted by %s (the routed drafters proposed nothing)",
+                      sorted(pick), {rid: ds[0].name for rid, ds in pick.items()})
 
     def _guides(self, r: Request) -> bool:
         """Guided drafting for this request: greedy, and on in the config."""

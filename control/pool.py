@@ -85,6 +85,7 @@ class Request:
     draft_overlap_s: float = 0.0                     # part of draft_s hidden behind verification
     prefilled: bool = False
     proposals: dict = field(default_factory=dict)   # drafter name -> (tokens, probs) this round
+    routed: list[str] = field(default_factory=list)  # the drafters the router picked this round
     cands: list = field(default_factory=list)       # (drafter index, prob, token, parent node) this round
     drafted: bool = False                            # has speculated at least once (drafters hold its prompt)
     warmed: set[str] = field(default_factory=set)    # model drafters done prefilling it (or that never will)
