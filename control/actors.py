@@ -840,9 +840,8 @@ class ControllerActor(pykka.ThreadingActor):
             reqs = [r for r in reqs if r.rid not in solo]
         state = {}
         for r in reqs:
-            names = r.routed
-            r.drafters = names
-            r.proposals = {n: ([], []) for n in names}
+            r.drafters = list(r.routed)
+            r.proposals = {n: ([], []) for n in r.routed}
             # reach: P(the fused path so far is accepted); a step is drafted only while its
             # expected gain, reach * P(next position accepted), is worth its cost.
             # guide: forced tokens for the model drafters' next op (guided drafting).
