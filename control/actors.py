@@ -180,7 +180,7 @@ class ControllerStats:
     gated_rounds: int = 0            # rounds where plain batched decoding beat speculation
     pruned_nodes: int = 0            # drafted tree nodes dropped as not worth verifying
     background_prefills: int = 0     # request prompts a model drafter prefilled off the critical path
-    guided_steps: int = 0            # fused steps a model drafter scored as part of a guide (one forward)
+    guided_steps: int = 0            # model-drafter proposals read off a scored guide (no forward of their own)
     rescued_rounds: int = 0          # routed rounds with no proposal that a spare model drafter drafted
     last_round: dict = field(default_factory=dict)
     # The last rounds' phases, seconds since start: (sequential draft start, end, verify
@@ -849,6 +849,7 @@ class ControllerActor(pykka.ThreadingActor):
                             "floor": self._step_floor(r), "guide": []}
         while True:
             jobs: dict[int, list[DraftJob]] = defaultdict(list)
+            asked: dict[str, dict[int, list[int] | None]] = {}  # rid -> drafter index -> its forced tokens
             live = [r for r in reqs if state[r.rid]["left"] > 0]
             for r in live:
                 st = state[r.rid]
@@ -857,12 +858,15 @@ class ControllerActor(pykka.ThreadingActor):
                 # Greedy only: a sampled step must be drawn after the fused prefix is known.
                 chain_k = st["left"] if self._guides(r) else 1
                 guide = st["guide"][:st["left"] - 1]
+                asked[r.rid] = {}
                 for n in r.drafters:
                     d = by_name[n]
                     model = d.name in self.model_drafters
                     k = len(guide) + 1 if model else chain_k
                     if d.alive and self._fits(d, len(ctx), k):
-                        jobs[d.index].append(self._job(r, ctx, k, forced=guide + [-1] if model and guide else None))
+                        forced = guide + [-1] if model and guide else None
+                        jobs[d.index].append(self._job(r, ctx, k, forced=forced))
+                        asked[r.rid][d.index] = forced
             if not jobs:
                 break
             outs = self._run_drafts(jobs)
@@ -870,15 +874,13 @@ class ControllerActor(pykka.ThreadingActor):
             # Replay the op's steps, all requests in lockstep (one fusion call per step). A
             # request goes on to the next step only while every drafter it asked still holds
             # a proposal made on the fused prefix, so each step fuses a full candidate set.
-            forced = {(j.rid, i): j.forced for i, js in jobs.items() for j in js}
-            asked = {r.rid: {i for (rid, i) in forced if rid == r.rid} for r in live}
             step = 0
             while live:
                 items, order = [], []
                 for r in live:
                     cands = []
                     for i, o in got[r.rid].items():
-                        f = forced[(r.rid, i)]
+                        f = asked[r.rid][i]
                         own = f is not None and f[step] >= 0  # a scored guide token: its own pick is topk[0]
                         self.stats_.guided_steps += own
                         tok = int(o.topk_ids[step][0]) if own else int(o.tokens[step])
@@ -913,7 +915,7 @@ class ControllerActor(pykka.ThreadingActor):
                     if st["reach"] * self.spec.alpha(r.rid)[1] < st["floor"]:
                         st["left"] = 0
                     got[r.rid] = {i: o for i, o in got[r.rid].items() if still_valid(o.tokens, step, fused)}
-                    if st["left"] > 0 and set(got[r.rid]) == asked[r.rid]:
+                    if st["left"] > 0 and got[r.rid].keys() == asked[r.rid].keys():
                         nxt.append(r)
                 live = nxt
                 step += 1
