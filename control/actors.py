@@ -811,11 +811,13 @@ class ControllerActor(pykka.ThreadingActor):
                 chains.append(rounds.ChainDraft(i, o.tokens, o.probs, o.topk_ids, o.topk_probs, o.dists))
                 r.drafters.append(self.drafters[i].name)
                 r.proposals[self.drafters[i].name] = (o.tokens, o.probs)
-                if pick is not None:  # a routed solo chain: its j-th token hangs off node j
-                    r.cands.extend((i, float(p), int(t), j) for j, (t, p) in enumerate(zip(o.tokens, o.probs)))
             if chains:
                 d = rounds.chains_tree(r.committed[-1], chains, r.params.temperature > 0, plans[r.rid].tree_width)
                 r.tree, r.draft_dists = d.tree, d.dists
+                if pick is not None:  # a routed solo chain: every node is one of its candidates
+                    t = r.tree
+                    r.cands.extend((int(t.proposers[n]), float(t.probs[n]), int(t.tokens[n]), int(t.parents[n]))
+                                   for n in range(1, t.n))
 
     def _draft_fused(self, reqs: list[Request], plans: dict[str, DraftPlan]) -> None:
         """CoSine drafting: per step, every selected drafter proposes one token after the same
@@ -832,10 +834,12 @@ class ControllerActor(pykka.ThreadingActor):
                 weights[rid] = {by_name[n].index: s for n, s in sc.items() if n in by_name}
         # A request routed to a single drafter has nothing to fuse: one multi-step draft op
         # gives the same chain as k fused steps, for one round trip instead of k.
+        rid_req = {r.rid: r for r in reqs}
         solo = {r.rid: [by_name[n] for n in sel.get(r.rid, []) if n in by_name] for r in reqs}
         solo = {rid: ds for rid, ds in solo.items() if len(ds) == 1}
-        if solo:  # fused drafting never expands top-k siblings, so neither does its solo chain
-            flat = {rid: DraftPlan(p.speculate, p.draft_len, 1) for rid, p in plans.items()}
+        if solo:  # its chain expands the same top-`siblings` leaves as a fused step would
+            flat = {rid: DraftPlan(p.speculate, p.draft_len, self._siblings(rid_req[rid])) for rid, p in plans.items()
+                    if rid in rid_req}
             self._draft_chains([r for r in reqs if r.rid in solo], flat, pick=solo)
             reqs = [r for r in reqs if r.rid not in solo]
         state = {}
@@ -865,7 +869,7 @@ class ControllerActor(pykka.ThreadingActor):
                     k = len(guide) + 1 if model else chain_k
                     if d.alive and self._fits(d, len(ctx), k):
                         forced = guide + [-1] if model and guide else None
-                        jobs[d.index].append(self._job(r, ctx, k, forced=forced))
+                        jobs[d.index].append(self._job(r, ctx, k, topk=self._siblings(r), forced=forced))
                         asked[r.rid][d.index] = forced
             if not jobs:
                 break
@@ -891,6 +895,10 @@ class ControllerActor(pykka.ThreadingActor):
                         toks, probs = r.proposals[self.drafters[i].name]
                         toks.append(tok)
                         probs.append(prob)
+                        for alt, ap in zip(o.topk_ids[step][1:], o.topk_probs[step][1:]):  # runners-up
+                            if alt >= 0 and alt != tok:
+                                cands.append((i, int(alt), float(ap), None))
+                                r.cands.append((i, float(ap), int(alt), state[r.rid]["parent"]))
                     if not cands:
                         state[r.rid]["left"] = 0
                         continue
@@ -955,6 +963,11 @@ class ControllerActor(pykka.ThreadingActor):
             self.stats_.rescued_rounds += len(pick)
             log.debug("rescue: %s drafted by %s (the routed drafters proposed nothing)",
                       sorted(pick), {rid: ds[0].name for rid, ds in pick.items()})
+
+    def _siblings(self, r: Request) -> int:
+        """Top-k candidates per drafter and fused step: greedy only (a sampled step is one
+        draw per drafter, tested against its own q)."""
+        return self.cc.fusion.siblings if r.params.temperature <= 0 else 1
 
     def _guides(self, r: Request) -> bool:
         """Guided drafting for this request: greedy, and on in the config."""

@@ -25,6 +25,7 @@ ALL_DOMAINS = "*"  # the priors' key for a drafter's record over every domain
 class DrafterInfo:
     name: str
     domains: tuple[str, ...] = ()
+    model: bool = False  # a neural drafter (it runs a forward per step); else weight-free
 
 
 def harmonic_mean(a: float, b: float) -> float:
@@ -54,7 +55,7 @@ class Router:
                  explore_threshold: float = 1.5, explore_prob: float = 0.0,
                  classifier: DomainClassifier | None = None, seed: int = 0, window: int = 4,
                  base_score: float = 0.5, domain_bonus: float = 0.25, prior_weight: float = 1.0,
-                 min_score_ratio: float = 0.0):
+                 min_score_ratio: float = 0.0, anchor_model: bool = False):
         names = [d.name for d in drafters]
         if len(set(names)) != len(names):
             raise ValueError(f"Router: drafter names must be unique, got {names}")
@@ -74,6 +75,8 @@ class Router:
         self.domain_bonus = float(domain_bonus)
         self.prior_weight = float(prior_weight)
         self.min_score_ratio = float(min_score_ratio)
+        self.anchor_model = bool(anchor_model)
+        self._model = {d.name for d in drafters if d.model}
         self.rng = np.random.default_rng(seed)
         self._reqs: dict[str, _Request] = {}
         # domain -> drafter -> [sum of final scores, number of requests folded in]
@@ -85,7 +88,8 @@ class Router:
                     classifier: DomainClassifier | None = None, seed: int = 0, **kw) -> "Router":
         return cls(drafters, max_drafters=cfg.max_drafters_per_request, ema=cfg.ema,
                    explore_threshold=cfg.explore_threshold, explore_prob=cfg.explore_prob,
-                   min_score_ratio=cfg.min_score_ratio, classifier=classifier, seed=seed, **kw)
+                   min_score_ratio=cfg.min_score_ratio, anchor_model=cfg.anchor_model, classifier=classifier,
+                   seed=seed, **kw)
 
     # -- per-request lifecycle ---------------------------------------------------------
     def initial_score(self, domain: str, drafter: DrafterInfo) -> float:
@@ -163,10 +167,14 @@ class Router:
         if k <= 0 or not names:
             return []
         ranked = sorted(names, key=lambda n: (-req.scores[n], self._order[n]))
+        top = req.scores[ranked[0]]
+        # Anchor: the best available model drafter always drafts; the scores pick the rest.
+        anchor = next((n for n in ranked if n in self._model), None) if self.anchor_model else None
+        if anchor is not None:
+            ranked = [anchor] + [n for n in ranked if n != anchor]
         picks = ranked[:k]
         # A tried drafter far behind the best only costs fusion accepted length (its confident
         # misses win steps): the request runs on the better ones alone.
-        top = req.scores[picks[0]]
         picks = picks[:1] + [n for n in picks[1:] if n not in req.tried or req.scores[n] >= self.min_score_ratio * top]
         # Exploration candidates: unpicked drafters whose score (for an untried one: its
         # learned prior) is within min_score_ratio of the best. Once the priors show a
@@ -177,7 +185,7 @@ class Router:
             return picks
         low = len(req.window) == self.window and float(np.mean(req.window)) < self.explore_threshold
         lucky = self.rng.random() < self.explore_prob  # drawn every call: a stable random stream
-        if low or lucky:
+        if (low or lucky) and (anchor is None or k > 1):
             untried = [n for n in rest if n not in req.tried]
             choice = untried[0] if untried else rest[int(self.rng.integers(len(rest)))]
             if len(picks) < k:

@@ -103,7 +103,12 @@ class _Rates:
             self.t[i] = self.keep * self.t[i] + tt
 
     def rates(self, prior: tuple[float, float], m: float) -> tuple[float, float]:
-        return ((self.h[0] + m * prior[0]) / (self.t[0] + m), (self.h[1] + m * prior[1]) / (self.t[1] + m))
+        """The later rate shrinks towards max(its prior, the first rate): a later position is
+        only measured when one is drafted, so after short drafts a low prior would keep the
+        drafts short for good; acceptance runs in streaks, so without evidence a later
+        position is taken to be at least as likely as the first."""
+        first = (self.h[0] + m * prior[0]) / (self.t[0] + m)
+        return first, (self.h[1] + m * max(prior[1], first)) / (self.t[1] + m)
 
 
 @dataclass

@@ -131,6 +131,10 @@ class RoutingConfig:
     # the time it saves over the tokens left pays for that prefill, judged from per-domain
     # goodput with and without it (docs/algorithms.md, "Engaging model drafters").
     engage_by_cost: bool = True
+    # The best-scoring engaged model drafter drafts every round of its request and the
+    # router fills the other slots (and explores) among the rest: a weight-free drafter
+    # with nothing to propose then never displaces the model's chain.
+    anchor_model: bool = True
 
 
 @dataclass(frozen=True)
@@ -150,6 +154,10 @@ class FusionConfig:
     # guide_min_reach: a wrong guide costs one wider forward.
     guide: bool = True
     guide_min_reach: float = 0.25
+    # Greedy: each drafter's top-`siblings` tokens per fused step enter the tree (the
+    # runners-up as leaves), so a round whose fused token misses can still accept the
+    # drafter's second guess. Pruning keeps only those worth their verify cost.
+    siblings: int = 1
 
 
 @dataclass(frozen=True)
@@ -388,6 +396,8 @@ def _check(cfg: Config, text: str, check_engines: bool) -> None:
                           f"gate_explore_every >= 2")
     if not 1 <= s.min_draft_len <= s.draft_len <= s.max_draft_len:
         raise ConfigError(f"{where('controller.speculation', 'draft_len')}: need 1 <= min_draft_len <= draft_len <= max_draft_len")
+    if not 1 <= c.fusion.siblings <= 8:
+        raise ConfigError(f"{where('controller.fusion', 'siblings')}: need 1 <= siblings <= 8, got {c.fusion.siblings}")
     if not 0.0 < c.fusion.guide_min_reach <= 1.0:
         raise ConfigError(f"{where('controller.fusion', 'guide_min_reach')}: need 0 < guide_min_reach <= 1, "
                           f"got {c.fusion.guide_min_reach}")

@@ -49,6 +49,32 @@ def test_run_reports_every_mode_level_ratio_and_timeline(bench_config: Path, tmp
     assert "cosine/autoregressive@1" in (out / "results.md").read_text()
 
 
+def test_interleaved_run_pairs_every_prompt_across_modes(bench_config: Path, tmp_path: Path) -> None:
+    """--interleave runs every prompt in each mode back to back (repeated passes), reports
+    the same per-mode summary and, per prompt and pass, cosine's ratio to each baseline."""
+    from cosine.bench import main
+
+    out = tmp_path / "paired"
+    args = ["run", "--config", str(bench_config), "--modes", "autoregressive,speculative,cosine", "--peers", "none",
+            "--domains", "code,prose", "--prompts", str(bench_config.parent / "prompts.json"), "--max-tokens", "8",
+            "--concurrency", "1", "--interleave", "--repeat", "2", "--out", str(out)]
+    assert main(args) == 0
+    res = json.loads((out / "results.json").read_text())
+    recs = sorted((r for r in res["records"] if r.get("mode") in ("autoregressive", "speculative", "cosine")),
+                  key=lambda r: r["turn"])
+    # turn order: for each (pass, prompt), the three modes in a row
+    assert [r["mode"] for r in recs] == [r["mode"] for r in recs[:3]] * 8
+    assert {r["pass"] for r in recs} == {0, 1}
+    for key in ("autoregressive@1", "speculative@1", "cosine@1"):
+        assert res["summary"][key]["requests"] == 8 and res["summary"][key]["server_stats_delta"]["rounds"] > 0
+    pr = res["paired_ratios"]["cosine/speculative@1"]
+    assert pr["pairs"] == 8 and pr["min"] <= pr["geomean"] <= pr["max"]
+    assert res["identity"]["mismatches"] == [] and res["timelines"]["cosine@1"]
+    assert "geometric mean" in (out / "results.md").read_text()
+    with pytest.raises(SystemExit):  # paired turns are defined at concurrency 1 only
+        main(args[:-4] + ["1,2", "--interleave", "--out", str(tmp_path / "bad")])
+
+
 def test_drafters_table_pins_each_drafter(bench_config: Path, tmp_path: Path) -> None:
     from cosine.bench import main
 

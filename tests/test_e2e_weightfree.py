@@ -111,12 +111,12 @@ def test_guided_drafting_builds_the_same_trees(control_engines, tmp_path) -> Non
 
 
 def test_round_without_proposals_is_rescued_by_a_model_drafter(control_engines, tmp_path) -> None:
-    """One drafter per request: when the router's pick is the prompt-lookup drafter and it
-    finds no match, the round goes to the model drafter instead of verifying the root
+    """One drafter per request, no anchor: when the router's pick is the prompt-lookup
+    drafter and it finds no match, the round goes to the model drafter instead of verifying the root
     alone; outputs stay exact."""
     cfg = write_cluster_config(tmp_path / "config.toml", control_engines["target"],
                                {"lookup": ("lookup", None), "poor": control_engines["poor"]},
-                               sections={"routing": {"max_drafters_per_request": 1}})
+                               sections={"routing": {"max_drafters_per_request": 1, "anchor_model": False}})
     prompts = PROMPTS + [[40, 3, 17, 22, 9, 31, 40, 3, 17], [7, 7, 7, 7, 2, 9]]
     with LocalCluster(cfg) as cluster, Client(cluster.endpoint, timeout_s=60) as c:
         refs = [c.generate(p, max_tokens=24, mode="autoregressive").token_ids for p in prompts]

@@ -96,6 +96,22 @@ def test_streaky_acceptance_asks_for_longer_drafts():
     assert sc.plan("a").draft_len >= 6
 
 
+def test_short_drafts_do_not_starve_the_later_rate():
+    """A later position is measured only when one is drafted. A request whose rounds all
+    draft one token and accept it must not stay at one token because earlier requests
+    missed at later positions: without evidence its later rate follows its first."""
+    sc = SpeculationController(disable_below_ratio=0.0, max_draft_len=8)
+    sc.observe_plain(0.25)
+    for _ in range(30):  # another request: first position in, the second always out
+        sc.observe("old", drafted=4, accepted=1, draft_s=0.1, verify_s=0.3, depth=4)
+    assert sc.alpha_next_global < 0.3
+    for _ in range(12):  # this request: every one-token draft accepted
+        sc.observe("new", drafted=1, accepted=1, draft_s=0.03, verify_s=0.26, depth=1)
+    a1, a2 = sc.alpha("new")
+    assert a1 > 0.85 and a2 >= a1 - 1e-9, (a1, a2)
+    assert sc.best_draft_len("new") >= 3
+
+
 def test_speculation_turns_off_when_slower_than_plain_and_reprobes():
     sc = SpeculationController(probe_every=5, min_rounds=2, disable_below_ratio=0.9)
     sc.observe_plain(0.01)  # plain: 100 tok/s

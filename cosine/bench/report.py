@@ -30,6 +30,11 @@ def table(result: dict) -> str:
     if result.get("ratios"):
         lines += ["", "| ratio (same run) | value |", "|---|---|"]
         lines += [f"| {k} | {v:.2f}x |" for k, v in result["ratios"].items()]
+    if result.get("paired_ratios"):
+        lines += ["", "Per prompt at concurrency 1 (cosine's tokens/s over the baseline's on the same prompt and pass):",
+                  "", "| ratio | geometric mean | min | max | cosine faster |", "|---|---|---|---|---|"]
+        lines += [f"| {k} | {v['geomean']:.2f}x | {v['min']:.2f}x | {v['max']:.2f}x | "
+                  f"{v['cosine_faster']} of {v['pairs']} |" for k, v in result["paired_ratios"].items()]
     per = {k: v["mean_accepted_length_by_drafter"] for k, v in summ.items() if v.get("mean_accepted_length_by_drafter")}
     if per:
         lines += ["", "Mean accepted length of the requests each drafter drafted for (a routed request "

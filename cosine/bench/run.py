@@ -84,7 +84,7 @@ def closed_loop(endpoint: str, items: list[tuple[str, str]], mode: str, concurre
                     return
                 d, p = items[i % len(items)]
                 rec = _one(c, d, p, mode, args, seed=args.seed + i)
-                rec["concurrency"] = concurrency
+                rec["concurrency"], rec["pass"] = concurrency, i // len(items)
                 with lock:
                     out.append(rec)
 
@@ -93,6 +93,36 @@ def closed_loop(endpoint: str, items: list[tuple[str, str]], mode: str, concurre
         for f in [ex.submit(worker) for _ in range(concurrency)]:
             f.result()
     return out, time.perf_counter() - t0
+
+
+def interleaved(endpoint: str, items: list[tuple[str, str]], modes: list[str], args
+                ) -> tuple[dict[str, list], dict[str, float], dict[str, dict], dict[str, list]]:
+    """Concurrency 1 with the modes taking turns on each prompt (prompt 1 in every mode,
+    then prompt 2, ...), so that a drift in machine speed over the run (10-25% on a shared
+    VM) falls on every mode alike instead of on whichever mode ran last. Returns, per mode:
+    records, summed wall time, summed server counters and the rounds' timeline."""
+    from cosine.client import Client
+
+    recs: dict[str, list] = {m: [] for m in modes}
+    wall = {m: 0.0 for m in modes}
+    counters: dict[str, dict] = {m: {} for m in modes}
+    lines: dict[str, list] = {m: [] for m in modes}
+    with Client(endpoint, timeout_s=args.timeout, curve=args.curve) as c:
+        for i in range(len(items) * max(1, args.repeat)):
+            d, p = items[i % len(items)]
+            for mode in modes:
+                before = c.stats()
+                rec = _one(c, d, p, mode, args, seed=args.seed + i)
+                after = c.stats(timeline=4096)
+                rec["concurrency"], rec["pass"], rec["turn"] = 1, i // len(items), sum(map(len, recs.values()))
+                recs[mode].append(rec)
+                wall[mode] += rec["wall_s"]
+                for k, v in _counters(before, after).items():
+                    counters[mode][k] = counters[mode].get(k, 0.0) + v
+                lines[mode] += [t for t in after.get("timeline", []) if t[0] >= before["uptime_s"]]
+                log.info("[%s %d/%d] %s: %.2f tok/s", d, i + 1, len(items) * max(1, args.repeat), mode,
+                         rec["tokens"] / max(rec["wall_s"], 1e-9))
+    return recs, wall, counters, lines
 
 
 def open_loop(endpoint: str, items: list[tuple[str, str]], mode: str, rate: float, n: int, args) -> tuple[list, float]:
@@ -191,6 +221,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--temperature", type=float, default=0.0)
     ap.add_argument("--concurrency", default="1,4,16")
     ap.add_argument("--repeat", type=int, default=1, help="passes over the prompt list per level")
+    ap.add_argument("--interleave", action="store_true",
+                    help="concurrency 1: the modes take turns on each prompt (paired comparison; "
+                         "machine-speed drift falls on every mode alike)")
     ap.add_argument("--poisson-rate", type=float, default=0.0, help="requests/s for an open-loop run (0 = none)")
     ap.add_argument("--poisson-requests", type=int, default=16)
     ap.add_argument("--seed", type=int, default=0)
@@ -220,8 +253,17 @@ def main(argv: list[str] | None = None) -> int:
     from cosine.client import Client
     from cosine.control.cluster import LocalCluster
 
+    if args.interleave and levels != [1]:
+        ap.error("--interleave runs concurrency 1 only: pass --concurrency 1")
     with LocalCluster(args.config) as cluster:
-        for mode in modes:
+        if args.interleave:
+            recs, walls, counters, lines = interleaved(cluster.endpoint, items, modes, args)
+            for mode in modes:
+                records += recs[mode]
+                summary[f"{mode}@1"] = {**summarize(recs[mode], walls[mode]),
+                                        "server_stats_delta": _fractions(counters[mode])}
+                timelines[f"{mode}@1"] = lines[mode]
+        for mode in modes if not args.interleave else []:
             for c in levels:
                 log.info("mode %s, concurrency %d, %d prompts", mode, c, len(items))
                 with Client(cluster.endpoint, curve=args.curve) as admin:
@@ -245,7 +287,8 @@ def main(argv: list[str] | None = None) -> int:
             if rs:
                 summary[f"{name}@1"] = summarize(rs, sum(r["wall_s"] for r in rs))
     result = {"environment": env, "args": {k: str(v) for k, v in vars(args).items() if k != "curve"},
-              "summary": summary, "ratios": ratios(summary), "identity": identity(records) if args.temperature == 0 else
+              "summary": summary, "ratios": ratios(summary), "paired_ratios": paired_ratios(records),
+              "identity": identity(records) if args.temperature == 0 else
               {"checked": 0, "mismatches": [], "note": "sampling: outputs differ from autoregressive by design; "
                "the distribution is checked by tests/test_control_sampling.py"}, "timelines": timelines, "records": records}
     (out / "results.json").write_text(json.dumps(result, indent=1))
@@ -257,20 +300,32 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _delta(before: dict, after: dict) -> dict:
-    """Controller counters accumulated during one level: rounds, gated rounds, and the
-    verifier's and drafters' idle fractions of the time the controller had work."""
+def _counters(before: dict, after: dict) -> dict:
+    """The controller's additive counters between two stats snapshots."""
     d = lambda k: (after.get(k) or 0.0) - (before.get(k) or 0.0)  # noqa: E731
-    wall = d("busy_wall_s")
-    out = {"rounds": d("rounds"), "gated_rounds": d("gated_rounds"), "busy_wall_s": wall,
-           "pipeline_overlap_s": d("pipeline_overlap_s")}
-    if wall > 0:
-        out["verifier_idle_frac"] = max(0.0, 1.0 - d("verify_busy_s") / wall)
-        busy = [(a.get("busy_s") or 0.0) - ((before.get("drafters") or {}).get(n, {}).get("busy_s") or 0.0)
-                for n, a in (after.get("drafters") or {}).items()]
-        if busy:
-            out["drafter_idle_frac"] = max(0.0, 1.0 - sum(busy) / len(busy) / wall)
+    out = {k: d(k) for k in ("rounds", "gated_rounds", "busy_wall_s", "pipeline_overlap_s", "verify_busy_s")}
+    busy = [(a.get("busy_s") or 0.0) - ((before.get("drafters") or {}).get(n, {}).get("busy_s") or 0.0)
+            for n, a in (after.get("drafters") or {}).items()]
+    if busy:
+        out["drafter_busy_mean_s"] = sum(busy) / len(busy)
     return out
+
+
+def _fractions(c: dict) -> dict:
+    """Counters -> rounds, gated rounds, and the verifier's and drafters' idle fractions of
+    the time the controller had work."""
+    wall = c.get("busy_wall_s", 0.0)
+    out = {k: c.get(k, 0.0) for k in ("rounds", "gated_rounds", "busy_wall_s", "pipeline_overlap_s")}
+    if wall > 0:
+        out["verifier_idle_frac"] = max(0.0, 1.0 - c.get("verify_busy_s", 0.0) / wall)
+        if "drafter_busy_mean_s" in c:
+            out["drafter_idle_frac"] = max(0.0, 1.0 - c["drafter_busy_mean_s"] / wall)
+    return out
+
+
+def _delta(before: dict, after: dict) -> dict:
+    """Controller counters accumulated during one level (see ``_fractions``)."""
+    return _fractions(_counters(before, after))
 
 
 def ratios(summary: dict) -> dict:
@@ -284,6 +339,25 @@ def ratios(summary: dict) -> dict:
             b = summary.get(f"{base}@{level}")
             if b and b["tokens_per_s"] > 0:
                 out[f"cosine/{base}@{level}"] = s["tokens_per_s"] / b["tokens_per_s"]
+    return out
+
+
+def paired_ratios(records: list[dict]) -> dict:
+    """cosine over each baseline prompt by prompt at concurrency 1: the geometric mean, min
+    and max of per-request tokens/s ratios over the (prompt, pass) pairs both modes ran. A
+    pair shares its prompt and, when interleaved, its minute of machine speed."""
+    rate: dict[tuple[str, str, int], float] = {}
+    for r in records:
+        if r.get("concurrency") == 1 and r.get("mode") in MODES and r.get("wall_s"):
+            rate[(r["mode"], r["prompt"], r.get("pass", 0))] = r["tokens"] / r["wall_s"]
+    out = {}
+    for base in ("autoregressive", "speculative", "specinfer"):
+        rs = [rate[("cosine", p, k)] / v for (m, p, k), v in rate.items()
+              if m == base and ("cosine", p, k) in rate and v > 0]
+        if rs:
+            out[f"cosine/{base}@1"] = {"geomean": float(np.exp(np.mean(np.log(rs)))), "min": float(min(rs)),
+                                       "max": float(max(rs)), "pairs": len(rs),
+                                       "cosine_faster": int(sum(x > 1.0 for x in rs))}
     return out
 
 
