@@ -689,7 +689,7 @@ class ControllerActor(pykka.ThreadingActor):
             if mode == "autoregressive" or not self._usable(r):
                 plans[r.rid] = DraftPlan(False, 0, 1)
             elif mode == "cosine" and sc.adaptive:
-                plans[r.rid] = self.spec.plan(r.rid)
+                plans[r.rid] = self.spec.plan(r.rid, r.domain)
             else:
                 plans[r.rid] = DraftPlan(True, sc.draft_len, sc.tree_width)
         n_alive = max(1, sum(d.alive for d in self.drafters))

@@ -119,6 +119,7 @@ class _ReqState:
     draft_step_s: float | None = None   # non-overlapped draft time per draft step
     tok_ema: float | None = None         # committed tokens per round (EMA)
     time_ema: float | None = None        # seconds per round (EMA)
+    domain: str = ""                     # seeds its rates; its rounds teach the domain's
     rounds_on: int = 0                   # speculative rounds since (re)enabled
     off: bool = False
     off_rounds: int = 0
@@ -165,6 +166,10 @@ class SpeculationController:
         self.alpha_keep, self.alpha_prior, self.alpha_init = alpha_keep, alpha_prior, alpha_init
         self.alpha_global, self.alpha_next_global = alpha_init, alpha_init  # seed new requests
         self._g_rates = _Rates(0.95)
+        # Per domain, the same decayed counts: a new request starts from its domain's rates
+        # (shrunk towards the global ones), so a code request after a German one does not
+        # open with German-length drafts.
+        self._d_rates: dict[str, _Rates] = {}
         self.draft_step_global: float | None = None
         self.plain_tok_s: float | None = None  # EMA of a plain (one-token) target step
         self._verify = VerifyFit(verify_decay)
@@ -177,12 +182,20 @@ class SpeculationController:
                    adaptive=cfg.adaptive, disable_below_ratio=cfg.disable_below_ratio, min_gain=cfg.min_gain,
                    max_verify_tokens=max_verify_tokens, **kw)
 
-    def _state(self, rid: str) -> _ReqState:
+    def _state(self, rid: str, domain: str = "") -> _ReqState:
         st = self._reqs.get(rid)
         if st is None:
-            st = self._reqs[rid] = _ReqState(self.alpha_global, self.alpha_next_global, _Rates(self.alpha_keep),
-                                             draft_step_s=self.draft_step_global)
+            a, an = self.prior(domain)
+            st = self._reqs[rid] = _ReqState(a, an, _Rates(self.alpha_keep), draft_step_s=self.draft_step_global,
+                                             domain=domain)
         return st
+
+    def prior(self, domain: str = "") -> tuple[float, float]:
+        """(alpha, alpha_next) a new request of ``domain`` starts from: the domain's decayed
+        counts shrunk towards the global rates (the global rates for an unseen domain)."""
+        d = self._d_rates.get(domain)
+        glob = (self.alpha_global, self.alpha_next_global)
+        return d.rates(glob, self.alpha_prior) if d is not None else glob
 
     def forget(self, rid: str) -> None:
         self._reqs.pop(rid, None)
@@ -221,10 +234,11 @@ class SpeculationController:
         k = min(self.max_draft_len, max(self.min_draft_len, target))
         return k, min(self.max_tree_width, max(1, width))
 
-    def plan(self, rid: str) -> DraftPlan:
+    def plan(self, rid: str, domain: str = "") -> DraftPlan:
+        """The next round's plan; ``domain`` seeds a request's first plan (see ``prior``)."""
         if not self.adaptive:
             return DraftPlan(True, self.draft_len, self.tree_width)
-        st = self._state(rid)
+        st = self._state(rid, domain)
         if st.off:
             st.off_rounds += 1
             if st.off_rounds < self.probe_every:
@@ -233,7 +247,7 @@ class SpeculationController:
             st.off, st.off_rounds, st.rounds_on = False, 0, 0  # probe: measure speculation afresh
             st.tok_ema = st.time_ema = None
             st.rates = _Rates(self.alpha_keep)
-            st.alpha, st.alpha_next = self.alpha_global, self.alpha_next_global
+            st.alpha, st.alpha_next = self.prior(st.domain)
         k = self.best_draft_len(rid, self.tree_width) if st.tok_ema is not None else self.draft_len
         k, width = self._shape(k)
         st.last_plan = DraftPlan(True, k, width)
@@ -294,8 +308,10 @@ class SpeculationController:
             # failed. accepted/drafted would understate alpha for trees and long drafts.
             st.rates.add(accepted, depth)
             self._g_rates.add(accepted, depth)
+            if st.domain:
+                self._d_rates.setdefault(st.domain, _Rates(0.95)).add(accepted, depth)
             self.alpha_global, self.alpha_next_global = self._g_rates.rates((self.alpha_init,) * 2, self.alpha_prior)
-            st.alpha, st.alpha_next = st.rates.rates((self.alpha_global, self.alpha_next_global), self.alpha_prior)
+            st.alpha, st.alpha_next = st.rates.rates(self.prior(st.domain), self.alpha_prior)
             st.draft_step_s = ewma(st.draft_step_s, draft_s / depth, self.ema)
             self.draft_step_global = ewma(self.draft_step_global, draft_s / depth, self.ema)
         if verify_s > 0:

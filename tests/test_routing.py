@@ -330,3 +330,38 @@ def test_low_window_does_not_explore_a_drafter_the_priors_rule_out():
         r.record_round("a", 0)
         assert r.select("a", available=avail, k=1) == ["coder"]
     assert r.explorations == 0
+
+
+def test_anchor_keeps_the_best_model_drafter_in_every_round():
+    """anchor_model: the best available model drafter drafts every round whatever its score;
+    the scores fill the other slot, and exploration on a hard stretch swaps only that one.
+    Without the anchor, a weight-free drafter that kept its prior (it proposed nothing)
+    and an explored one push the model out."""
+    ds = [DrafterInfo("small", model=True), DrafterInfo("lookup"), DrafterInfo("ngram-a"), DrafterInfo("ngram-b"),
+          DrafterInfo("big", model=True)]
+
+    def run(anchor: bool) -> list[list[str]]:
+        r = Router(ds, classifier=Fixed("german"), window=2, explore_threshold=1.5, anchor_model=anchor)
+        r.start("a")
+        picks = []
+        for i in range(12):  # hard text: the model's score sinks, the lookup never proposes
+            sel = r.select("a", available={"small", "lookup", "ngram-a", "ngram-b"}, k=2)
+            picks.append(sel)
+            for n in sel:
+                if n != "lookup":
+                    r.update("a", n, 0.3, 0 if n.startswith("ngram") else 1, 4)
+            r.record_round("a", 0)
+        return picks
+
+    anchored = run(True)
+    assert all(p[0] == "small" and len(p) == 2 for p in anchored), anchored
+    assert {p[1] for p in anchored} >= {"lookup", "ngram-a"}          # the second slot still explores
+    assert any("small" not in p for p in run(False))                  # the failure the anchor prevents
+    r = Router(ds, classifier=Fixed("code"), anchor_model=True)
+    r.start("b")
+    assert r.select("b", available={"lookup", "ngram-a"}, k=2) == ["lookup", "ngram-a"]  # no model: plain ranking
+    assert r.select("b", available={"big", "small", "lookup"}, k=1) == ["small"]        # k = 1: the anchor alone
+    for _ in range(4):
+        r.update("b", "big", 0.95, 4, 4)
+    assert r.select("b", available={"big", "small", "lookup"}, k=2)[0] == "big"         # best-scoring model
+    assert Router.from_config(ds, RoutingConfig()).anchor_model is True

@@ -112,6 +112,27 @@ def test_short_drafts_do_not_starve_the_later_rate():
     assert sc.best_draft_len("new") >= 3
 
 
+def test_new_request_starts_from_its_domains_rates():
+    """A new request's first plan comes from its domain's acceptance, not from whichever
+    domain ran last: after easy code and hard German rounds, a fresh code request drafts
+    longer than a fresh German one, and an unseen domain starts from the global rates."""
+    sc = SpeculationController(disable_below_ratio=0.0, max_draft_len=8)
+    sc.observe_plain(0.25)
+    for i in range(20):
+        sc.plan(f"c{i % 2}", "code")
+        sc.observe(f"c{i % 2}", drafted=6, accepted=6, draft_s=0.15, verify_s=0.35, depth=6)
+        sc.plan(f"g{i % 2}", "german")
+        sc.observe(f"g{i % 2}", drafted=6, accepted=0, draft_s=0.15, verify_s=0.35, depth=6)
+    code, german = sc.prior("code"), sc.prior("german")
+    assert code[0] > 0.8 > 0.2 > german[0], (code, german)
+    assert sc.prior("math") == (sc.alpha_global, sc.alpha_next_global)
+    for rid, dom, acc in (("new-code", "code", 1), ("new-german", "german", 0)):
+        sc.plan(rid, dom)
+        sc.observe(rid, drafted=1, accepted=acc, draft_s=0.03, verify_s=0.3, depth=1)  # one round: goodput known
+    assert sc.alpha("new-code") > sc.alpha("new-german")
+    assert sc.plan("new-code").draft_len > sc.plan("new-german").draft_len
+
+
 def test_speculation_turns_off_when_slower_than_plain_and_reprobes():
     sc = SpeculationController(probe_every=5, min_rounds=2, disable_below_ratio=0.9)
     sc.observe_plain(0.01)  # plain: 100 tok/s
