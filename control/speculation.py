@@ -248,7 +248,10 @@ class SpeculationController:
             st.tok_ema = st.time_ema = None
             st.rates = _Rates(self.alpha_keep)
             st.alpha, st.alpha_next = self.prior(st.domain)
-        k = self.best_draft_len(rid, self.tree_width) if st.tok_ema is not None else self.draft_len
+        # A request's first round is planned from its domain's rates and the global draft
+        # step and verify line once any request measured them; draft_len before that.
+        measured = st.tok_ema is not None or (st.draft_step_s is not None and self.verify_s(1) > 0)
+        k = self.best_draft_len(rid, self.tree_width) if measured else self.draft_len
         k, width = self._shape(k)
         st.last_plan = DraftPlan(True, k, width)
         return st.last_plan

@@ -126,6 +126,8 @@ def test_new_request_starts_from_its_domains_rates():
     code, german = sc.prior("code"), sc.prior("german")
     assert code[0] > 0.8 > 0.2 > german[0], (code, german)
     assert sc.prior("math") == (sc.alpha_global, sc.alpha_next_global)
+    # first plans, before the new requests' own rounds: from the domain's rates
+    assert sc.plan("first-code", "code").draft_len > sc.plan("first-german", "german").draft_len
     for rid, dom, acc in (("new-code", "code", 1), ("new-german", "german", 0)):
         sc.plan(rid, dom)
         sc.observe(rid, drafted=1, accepted=acc, draft_s=0.03, verify_s=0.3, depth=1)  # one round: goodput known
