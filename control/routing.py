@@ -151,8 +151,11 @@ class Router:
         req.rounds += 1
 
     # -- selection ---------------------------------------------------------------------
-    def select(self, rid: str, available: Collection[str] | None = None, k: int | None = None) -> list[str]:
-        """Up to k drafters, best score first (ties: declaration order), from ``available``.
+    def select(self, rid: str, available: Collection[str] | None = None, k: int | None = None,
+               anchor: bool = True) -> list[str]:
+        """Up to k drafters, best score first (ties: declaration order), from ``available``;
+        with ``anchor_model`` (and ``anchor``: the caller may withhold it) the best model
+        drafter first.
 
         Explores (swaps the last pick for an untried drafter, else a random unpicked one)
         when the mean accepted length over a full window is below explore_threshold (the
@@ -169,7 +172,7 @@ class Router:
         ranked = sorted(names, key=lambda n: (-req.scores[n], self._order[n]))
         top = req.scores[ranked[0]]
         # Anchor: the best available model drafter always drafts; the scores pick the rest.
-        anchor = next((n for n in ranked if n in self._model), None) if self.anchor_model else None
+        anchor = next((n for n in ranked if n in self._model), None) if self.anchor_model and anchor else None
         if anchor is not None:
             ranked = [anchor] + [n for n in ranked if n != anchor]
         picks = ranked[:k]

@@ -365,3 +365,6 @@ def test_anchor_keeps_the_best_model_drafter_in_every_round():
         r.update("b", "big", 0.95, 4, 4)
     assert r.select("b", available={"big", "small", "lookup"}, k=2)[0] == "big"         # best-scoring model
     assert Router.from_config(ds, RoutingConfig()).anchor_model is True
+    r.update("b", "lookup", 0.99, 4, 4)
+    assert r.select("b", available={"small", "lookup"}, k=1) == ["small"]
+    assert r.select("b", available={"small", "lookup"}, k=1, anchor=False) == ["lookup"]  # withheld under load
