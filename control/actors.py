@@ -232,7 +232,7 @@ class ControllerActor(pykka.ThreadingActor):
         # round. The batch gate charges 1/probe_every of it per round (speculation must last
         # about that long to repay it), and never probes a request that never drafted.
         self.prefill_tok_s: float | None = None
-        self.model_drafters = {w.name for w in cfg.drafter_workers() if cfg.model(w.model).kind == "neural"}
+        self.model_drafters = cfg.model_drafters()
         self.engagement = Engagement() if self.cc.routing.engage_by_cost else None
         log.info("cosine mode %s: %s", "pipelines drafting and verification" if self.pipelined else
                  "drafts then verifies in turn", f"[controller] pipeline = {cfg.controller.pipeline!r}"
@@ -839,12 +839,11 @@ class ControllerActor(pykka.ThreadingActor):
                 weights[rid] = {by_name[n].index: s for n, s in sc.items() if n in by_name}
         # A request routed to a single drafter has nothing to fuse: one multi-step draft op
         # gives the same chain as k fused steps, for one round trip instead of k.
-        rid_req = {r.rid: r for r in reqs}
         solo = {r.rid: [by_name[n] for n in sel.get(r.rid, []) if n in by_name] for r in reqs}
         solo = {rid: ds for rid, ds in solo.items() if len(ds) == 1}
         if solo:  # its chain expands the same top-`siblings` leaves as a fused step would
-            flat = {rid: DraftPlan(p.speculate, p.draft_len, self._siblings(rid_req[rid])) for rid, p in plans.items()
-                    if rid in rid_req}
+            flat = {r.rid: DraftPlan(plans[r.rid].speculate, plans[r.rid].draft_len, self._siblings(r))
+                    for r in reqs if r.rid in solo}
             self._draft_chains([r for r in reqs if r.rid in solo], flat, pick=solo)
             reqs = [r for r in reqs if r.rid not in solo]
         state = {}

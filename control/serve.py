@@ -149,7 +149,7 @@ class Server:
             proxy = DrafterProxyActor.start(n, w.endpoint, t, i, curve=keys, context_window=m.draft_context).proxy()
             self.drafters.append(DrafterSlot(n, i, proxy, int(eng.get("max_positions") or 1 << 30), m.domains,
                                              alive=n in health))
-        neural = {w.name for w in cfg.drafter_workers() if cfg.model(w.model).kind == "neural"}
+        neural = cfg.model_drafters()
         infos = [DrafterInfo(d.name, tuple(d.domains), d.name in neural) for d in self.drafters]
         self.router = RouterActor.start(Router.from_config(infos, cc.routing, seed=cc.seed)).proxy()
         self.fuser = FuserActor.start(cc.fusion.rule, cc.fusion.min_confidence, cc.fusion.calibrate).proxy()

@@ -252,6 +252,10 @@ class Config:
     def drafter_workers(self) -> list[WorkerConfig]:
         return [w for w in self.workers if self.model(w.model).role == "drafter"]
 
+    def model_drafters(self) -> set[str]:
+        """Names of the drafter workers that run a neural model (a forward per draft step)."""
+        return {w.name for w in self.drafter_workers() if self.model(w.model).kind == "neural"}
+
     def verifier_workers(self) -> list[WorkerConfig]:
         return self.workers_of(self.target_model().name)
 

@@ -124,3 +124,22 @@ def test_round_without_proposals_is_rescued_by_a_model_drafter(control_engines, 
         st = c.stats()
     assert outs == refs * 2
     assert st["rescued_rounds"] > 0, st
+
+
+def test_siblings_add_runner_up_candidates_and_stay_exact(control_engines, tmp_path) -> None:
+    """[controller.fusion] siblings = 2: every drafter's runner-up per fused step joins the
+    tree (routed solo chains expand the same way), so about twice as many candidates get
+    verified and labelled for calibration; greedy outputs stay token-identical."""
+    trials = {}
+    for sib in (1, 2):
+        cfg = write_cluster_config(tmp_path / f"sib-{sib}.toml", control_engines["target"],
+                                   {"lookup": ("lookup", None), "poor": control_engines["poor"]},
+                                   sections={"speculation": {"adaptive": False, "draft_len": 4},
+                                             "fusion": {"siblings": sib}})
+        with LocalCluster(cfg) as cluster, Client(cluster.endpoint, timeout_s=60) as c:
+            refs = [c.generate(p, max_tokens=20, mode="autoregressive").token_ids for p in PROMPTS]
+            outs = [c.generate(p, max_tokens=20, mode="cosine").token_ids for p in PROMPTS]
+            st = c.stats()
+        assert outs == refs, sib
+        trials[sib] = sum(t for dom in st["calibration"].values() for bins in dom.values() for _, t in bins)
+    assert trials[2] > 1.4 * trials[1] > 0, trials
