@@ -172,9 +172,9 @@ class Router:
         ranked = sorted(names, key=lambda n: (-req.scores[n], self._order[n]))
         top = req.scores[ranked[0]]
         # Anchor: the best available model drafter always drafts; the scores pick the rest.
-        anchor = next((n for n in ranked if n in self._model), None) if self.anchor_model and anchor else None
-        if anchor is not None:
-            ranked = [anchor] + [n for n in ranked if n != anchor]
+        lead = next((n for n in ranked if n in self._model), None) if self.anchor_model and anchor else None
+        if lead is not None:
+            ranked = [lead] + [n for n in ranked if n != lead]
         picks = ranked[:k]
         # A tried drafter far behind the best only costs fusion accepted length (its confident
         # misses win steps): the request runs on the better ones alone.
@@ -188,7 +188,7 @@ class Router:
             return picks
         low = len(req.window) == self.window and float(np.mean(req.window)) < self.explore_threshold
         lucky = self.rng.random() < self.explore_prob  # drawn every call: a stable random stream
-        if (low or lucky) and (anchor is None or k > 1):
+        if (low or lucky) and (lead is None or k > 1):
             untried = [n for n in rest if n not in req.tried]
             choice = untried[0] if untried else rest[int(self.rng.integers(len(rest)))]
             if len(picks) < k:
