@@ -71,8 +71,30 @@ def test_interleaved_run_pairs_every_prompt_across_modes(bench_config: Path, tmp
     assert pr["pairs"] == 8 and pr["min"] <= pr["geomean"] <= pr["max"]
     assert res["identity"]["mismatches"] == [] and res["timelines"]["cosine@1"]
     assert "geometric mean" in (out / "results.md").read_text()
-    with pytest.raises(SystemExit):  # paired turns are defined at concurrency 1 only
-        main(args[:-4] + ["1,2", "--interleave", "--out", str(tmp_path / "bad")])
+
+
+def test_interleaved_waves_pair_modes_under_load(bench_config: Path, tmp_path: Path) -> None:
+    """At concurrency 2 the modes take turns on each wave of two prompts sent at once; each
+    wave's tokens/s pairs cosine with the baseline under the same load, and the greedy
+    outputs stay identical across modes."""
+    from cosine.bench import main
+
+    out = tmp_path / "waves"
+    args = ["run", "--config", str(bench_config), "--modes", "autoregressive,cosine", "--peers", "none",
+            "--domains", "code,prose", "--prompts", str(bench_config.parent / "prompts.json"), "--max-tokens", "8",
+            "--concurrency", "2", "--interleave", "--out", str(out)]
+    assert main(args) == 0
+    res = json.loads((out / "results.json").read_text())
+    recs = sorted((r for r in res["records"] if r.get("mode") in ("autoregressive", "cosine")), key=lambda r: r["turn"])
+    n = len(recs) // 2
+    assert n >= 2 and res["summary"]["cosine@2"]["requests"] == n
+    # turns: wave 0 in both modes, then wave 1, ...; a wave's two requests share its wall time
+    assert [(r["wave"], r["mode"]) for r in recs] == [(w, m) for w in range(n // 2) for m in
+                                                      ("autoregressive", "cosine") for _ in range(2)]
+    assert all(r["concurrency"] == 2 and r["wave_wall_s"] >= r["wall_s"] for r in recs)
+    pr = res["paired_ratios"]["cosine/autoregressive@2"]
+    assert pr["pairs"] == n // 2 and pr["min"] <= pr["geomean"] <= pr["max"]
+    assert res["identity"]["mismatches"] == [] and res["identity"]["checked"] == 2 * n
 
 
 def test_drafters_table_pins_each_drafter(bench_config: Path, tmp_path: Path) -> None:

@@ -31,7 +31,8 @@ def table(result: dict) -> str:
         lines += ["", "| ratio (same run) | value |", "|---|---|"]
         lines += [f"| {k} | {v:.2f}x |" for k, v in result["ratios"].items()]
     if result.get("paired_ratios"):
-        lines += ["", "Per prompt at concurrency 1 (cosine's tokens/s over the baseline's on the same prompt and pass):",
+        lines += ["", "Paired (cosine's tokens/s over the baseline's on the same prompts and pass: per prompt at "
+                      "concurrency 1, per wave of prompts sent at once above it):",
                   "", "| ratio | geometric mean | min | max | cosine faster |", "|---|---|---|---|---|"]
         lines += [f"| {k} | {v['geomean']:.2f}x | {v['min']:.2f}x | {v['max']:.2f}x | "
                   f"{v['cosine_faster']} of {v['pairs']} |" for k, v in result["paired_ratios"].items()]

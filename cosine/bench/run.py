@@ -95,33 +95,47 @@ def closed_loop(endpoint: str, items: list[tuple[str, str]], mode: str, concurre
     return out, time.perf_counter() - t0
 
 
-def interleaved(endpoint: str, items: list[tuple[str, str]], modes: list[str], args
+def interleaved(endpoint: str, items: list[tuple[str, str]], modes: list[str], concurrency: int, args
                 ) -> tuple[dict[str, list], dict[str, float], dict[str, dict], dict[str, list]]:
-    """Concurrency 1 with the modes taking turns on each prompt (prompt 1 in every mode,
-    then prompt 2, ...), so that a drift in machine speed over the run (10-25% on a shared
-    VM) falls on every mode alike instead of on whichever mode ran last. Returns, per mode:
-    records, summed wall time, summed server counters and the rounds' timeline."""
+    """The modes take turns on each wave of `concurrency` prompts (wave 1 in every mode,
+    then wave 2, ...; at concurrency 1 a wave is one prompt), the wave's requests sent at
+    once from their own sockets. A drift in machine speed over the run (10-25% on a shared
+    VM) thus falls on every mode alike instead of on whichever mode ran last. Returns, per
+    mode: records (with the wave's wall time), summed wall time, summed server counters
+    and the rounds' timeline."""
     from cosine.client import Client
 
     recs: dict[str, list] = {m: [] for m in modes}
     wall = {m: 0.0 for m in modes}
     counters: dict[str, dict] = {m: {} for m in modes}
     lines: dict[str, list] = {m: [] for m in modes}
-    with Client(endpoint, timeout_s=args.timeout, curve=args.curve) as c:
-        for i in range(len(items) * max(1, args.repeat)):
-            d, p = items[i % len(items)]
+    waves = [items[j:j + concurrency] for j in range(0, len(items), concurrency)]
+
+    def one(d: str, p: str, mode: str, seed: int) -> dict:
+        with Client(endpoint, timeout_s=args.timeout, curve=args.curve) as c:  # its own socket and thread
+            return _one(c, d, p, mode, args, seed)
+
+    with Client(endpoint, timeout_s=args.timeout, curve=args.curve) as admin, ThreadPoolExecutor(concurrency) as ex:
+        for w in range(len(waves) * max(1, args.repeat)):
+            wave, first = waves[w % len(waves)], (w % len(waves)) * concurrency + (w // len(waves)) * len(items)
             for mode in modes:
-                before = c.stats()
-                rec = _one(c, d, p, mode, args, seed=args.seed + i)
-                after = c.stats(timeline=4096)
-                rec["concurrency"], rec["pass"], rec["turn"] = 1, i // len(items), sum(map(len, recs.values()))
-                recs[mode].append(rec)
-                wall[mode] += rec["wall_s"]
+                before = admin.stats()
+                t0 = time.perf_counter()
+                got = [f.result() for f in [ex.submit(one, d, p, mode, args.seed + first + j)
+                                            for j, (d, p) in enumerate(wave)]]
+                secs = time.perf_counter() - t0
+                after = admin.stats(timeline=4096)
+                for rec in got:
+                    rec.update(concurrency=concurrency, wave=w % len(waves), wave_wall_s=secs,
+                               turn=sum(map(len, recs.values())))
+                    rec["pass"] = w // len(waves)
+                    recs[mode].append(rec)
+                wall[mode] += secs
                 for k, v in _counters(before, after).items():
                     counters[mode][k] = counters[mode].get(k, 0.0) + v
                 lines[mode] += [t for t in after.get("timeline", []) if t[0] >= before["uptime_s"]]
-                log.info("[%s %d/%d] %s: %.2f tok/s", d, i + 1, len(items) * max(1, args.repeat), mode,
-                         rec["tokens"] / max(rec["wall_s"], 1e-9))
+                log.info("[wave %d/%d @%d] %s: %.2f tok/s", w + 1, len(waves) * max(1, args.repeat), concurrency,
+                         mode, sum(r["tokens"] for r in got) / max(secs, 1e-9))
     return recs, wall, counters, lines
 
 
@@ -222,8 +236,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--concurrency", default="1,4,16")
     ap.add_argument("--repeat", type=int, default=1, help="passes over the prompt list per level")
     ap.add_argument("--interleave", action="store_true",
-                    help="concurrency 1: the modes take turns on each prompt (paired comparison; "
-                         "machine-speed drift falls on every mode alike)")
+                    help="the modes take turns on each wave of CONCURRENCY prompts sent at once (paired "
+                         "comparison: machine-speed drift falls on every mode alike)")
     ap.add_argument("--poisson-rate", type=float, default=0.0, help="requests/s for an open-loop run (0 = none)")
     ap.add_argument("--poisson-requests", type=int, default=16)
     ap.add_argument("--seed", type=int, default=0)
@@ -253,16 +267,14 @@ def main(argv: list[str] | None = None) -> int:
     from cosine.client import Client
     from cosine.control.cluster import LocalCluster
 
-    if args.interleave and levels != [1]:
-        ap.error("--interleave runs concurrency 1 only: pass --concurrency 1")
     with LocalCluster(args.config) as cluster:
-        if args.interleave:
-            recs, walls, counters, lines = interleaved(cluster.endpoint, items, modes, args)
+        for c in levels if args.interleave else []:
+            recs, walls, counters, lines = interleaved(cluster.endpoint, items, modes, c, args)
             for mode in modes:
                 records += recs[mode]
-                summary[f"{mode}@1"] = {**summarize(recs[mode], walls[mode]),
-                                        "server_stats_delta": _fractions(counters[mode])}
-                timelines[f"{mode}@1"] = lines[mode]
+                summary[f"{mode}@{c}"] = {**summarize(recs[mode], walls[mode]),
+                                          "server_stats_delta": _fractions(counters[mode])}
+                timelines[f"{mode}@{c}"] = lines[mode]
         for mode in modes if not args.interleave else []:
             for c in levels:
                 log.info("mode %s, concurrency %d, %d prompts", mode, c, len(items))
@@ -343,21 +355,30 @@ def ratios(summary: dict) -> dict:
 
 
 def paired_ratios(records: list[dict]) -> dict:
-    """cosine over each baseline prompt by prompt at concurrency 1: the geometric mean, min
-    and max of per-request tokens/s ratios over the (prompt, pass) pairs both modes ran. A
-    pair shares its prompt and, when interleaved, its minute of machine speed."""
-    rate: dict[tuple[str, str, int], float] = {}
+    """cosine over each baseline wave by wave (``interleaved``; at concurrency 1 a wave is
+    one prompt): the geometric mean, min and max of the waves' tokens/s ratios over the
+    (wave, pass) pairs both modes ran. A pair shares its prompts and, when interleaved, its
+    minute of machine speed. Records without waves pair per prompt at concurrency 1."""
+    acc: dict[tuple, list[float]] = {}  # (mode, level, pass, wave) -> [tokens, seconds]
     for r in records:
-        if r.get("concurrency") == 1 and r.get("mode") in MODES and r.get("wall_s"):
-            rate[(r["mode"], r["prompt"], r.get("pass", 0))] = r["tokens"] / r["wall_s"]
+        if r.get("mode") not in MODES or not r.get("wall_s"):
+            continue
+        if "wave" in r:
+            key = (r["mode"], r["concurrency"], r["pass"], r["wave"])
+            acc.setdefault(key, [0.0, r["wave_wall_s"]])[0] += r["tokens"]
+        elif r.get("concurrency") == 1:
+            acc[(r["mode"], 1, r.get("pass", 0), r["prompt"])] = [r["tokens"], r["wall_s"]]
+    rate = {k: t / s for k, (t, s) in acc.items() if s > 0}
     out = {}
     for base in ("autoregressive", "speculative", "specinfer"):
-        rs = [rate[("cosine", p, k)] / v for (m, p, k), v in rate.items()
-              if m == base and ("cosine", p, k) in rate and v > 0]
-        if rs:
-            out[f"cosine/{base}@1"] = {"geomean": float(np.exp(np.mean(np.log(rs)))), "min": float(min(rs)),
-                                       "max": float(max(rs)), "pairs": len(rs),
-                                       "cosine_faster": int(sum(x > 1.0 for x in rs))}
+        by_level: dict[int, list[float]] = {}
+        for (m, c, k, w), v in rate.items():
+            if m == base and ("cosine", c, k, w) in rate and v > 0:
+                by_level.setdefault(c, []).append(rate[("cosine", c, k, w)] / v)
+        for c, rs in sorted(by_level.items()):
+            out[f"cosine/{base}@{c}"] = {"geomean": float(np.exp(np.mean(np.log(rs)))), "min": float(min(rs)),
+                                         "max": float(max(rs)), "pairs": len(rs),
+                                         "cosine_faster": int(sum(x > 1.0 for x in rs))}
     return out
 
 
