@@ -234,6 +234,11 @@ class ControllerActor(pykka.ThreadingActor):
         self.prefill_tok_s: float | None = None
         self.model_drafters = cfg.model_drafters()
         self.engagement = Engagement() if self.cc.routing.engage_by_cost else None
+        # Did the batch gate's last decision over several requests keep them plain? While it
+        # does, model drafters are not engaged for more requests: their prompt prefill would
+        # take CPU/GPU time from the batch's plain rounds for drafts the gate would not verify
+        # (traced at concurrency 4: the 0.5B prefilled 3 prompts the gate then never drafted for).
+        self.batch_plain = sc.adaptive and sc.gate != "off"
         log.info("cosine mode %s: %s", "pipelines drafting and verification" if self.pipelined else
                  "drafts then verifies in turn", f"[controller] pipeline = {cfg.controller.pipeline!r}"
                  + ("" if cfg.controller.pipeline != "auto" else
@@ -510,8 +515,14 @@ class ControllerActor(pykka.ThreadingActor):
 
     def _engaged(self, r: Request, d: DrafterSlot) -> bool:
         """May model drafter ``d`` draft for cosine request ``r``? Once engaged it stays (its
-        prompt prefill is paid); a pinned drafter is always engaged."""
-        if self.engagement is None or d.name in r.engaged or d.name not in self.model_drafters:
+        prompt prefill is paid); a pinned drafter is always engaged. While the batch gate keeps
+        several requests plain, engaging waits (``batch_plain``)."""
+        if d.name in r.engaged or d.name not in self.model_drafters:
+            return True
+        if self.batch_plain and len(self.requests) > 1 and d.name not in r.params.drafters:
+            return False  # deferred, not declined: decided again once the gate opens or r is alone
+        if self.engagement is None:
+            r.engaged.add(d.name)
             return True
         pf = self.prefill_tok_s * len(r.committed) if self.prefill_tok_s is not None else 0.0
         if d.name in r.params.drafters or self.engagement.decide(
@@ -627,10 +638,12 @@ class ControllerActor(pykka.ThreadingActor):
         speculation would commit fewer tokens per second (under load)."""
         cos = [r.rid for r in reqs if r.params.mode == "cosine" and self.cc.speculation.adaptive
                and plans[r.rid].speculate]
-        if not cos:
-            return plans
         gate = self.cc.speculation.gate
-        if gate == "off" or (gate == "model" and len(plans) == 1):
+        if not cos or gate == "off":
+            if any(r.params.mode == "cosine" for r in reqs):  # none could draft: the gate has nothing
+                self.batch_plain = False                       # to weigh, so engagement must not wait on it
+            return plans
+        if gate == "model" and len(plans) == 1:
             # One request alone has no batch to decode plainly with: its own off-switch
             # (SpeculationController, from its measured rounds) decides. Gating it on the
             # global priors before it ever drafted would keep it plain for good.
@@ -652,11 +665,13 @@ class ControllerActor(pykka.ThreadingActor):
                                     fresh * (self.prefill_tok_s or 0.0) / self.spec.probe_every)
 
         if gate == "measured":  # the measured gate explores by itself: no per-request probes
-            if self.goodput_gate.decide(len(self.requests), model_says):
+            self.batch_plain = not self.goodput_gate.decide(len(self.requests), model_says)
+            if not self.batch_plain:
                 return plans
             self.stats_.gated_rounds += 1
             return {rid: (DraftPlan(False, 0, 1) if rid in cos else p) for rid, p in plans.items()}
-        if model_says():
+        self.batch_plain = not model_says()
+        if not self.batch_plain:
             for rid in cos:
                 self.gated_streak.pop(rid, None)
                 self.probe_gap.pop(rid, None)

@@ -213,6 +213,36 @@ def test_background_prefill_stays_exact(control_engines, tmp_path, reference):
     assert "good" in alone.stats["drafters_used"], alone.stats
 
 
+@pytest.mark.parametrize("gate", ["off", "model"])
+def test_model_drafter_waits_while_the_batch_gate_keeps_requests_plain(control_engines, tmp_path, gate):
+    """Four concurrent cosine requests. With the batch gate off, the model drafter prefills
+    every prompt in the background. With a gate that keeps the batch plain (speculation
+    must beat plain decoding 1000x), engaging it waits: at most a request admitted before
+    the others arrive, alone, is prefilled, and every output stays exact."""
+    from cosine.control.cluster import LocalCluster
+    from tests.conftest import write_cluster_config
+
+    cfg = write_cluster_config(tmp_path / "config.toml", control_engines["target"],
+                               {"lookup": ("lookup", None), "good": control_engines["target"]},
+                               controller={"background_prefill": "on"},
+                               sections={"speculation": {"gate": gate, "disable_below_ratio": 1000.0}})
+
+    async def run_all(endpoint: str) -> list:
+        async with AsyncClient(endpoint, timeout_s=120) as ac:
+            return await asyncio.gather(*(ac.generate(PROMPTS[0], max_tokens=16, mode=m, ignore_eos=True)
+                                          for m in ("autoregressive",) + ("cosine",) * 4))
+
+    with LocalCluster(cfg) as cl:
+        ref, *outs = asyncio.run(run_all(cl.endpoint))
+        with Client(cl.endpoint, timeout_s=60) as c:
+            st = c.stats()
+    assert all(o.token_ids == ref.token_ids for o in outs)
+    if gate == "off":
+        assert st["background_prefills"] == 4, st
+    else:
+        assert st["gated_rounds"] > 0 and st["background_prefills"] <= 1, st
+
+
 def test_cost_engaged_model_drafter_stays_exact(control_engines, tmp_path, reference):
     """engage_by_cost on: a request starts with the weight-free lookup drafter, the model
     drafter is probed once its domain has a weight-free baseline, then engaged or not by
