@@ -181,7 +181,6 @@ class ControllerStats:
     gated_rounds: int = 0            # rounds where plain batched decoding beat speculation
     pruned_nodes: int = 0            # drafted tree nodes dropped as not worth verifying
     background_prefills: int = 0     # request prompts a model drafter prefilled off the critical path
-    prefills_with_target: int = 0    # request prompts a model drafter prefilled while the target did
     guided_steps: int = 0            # model-drafter proposals read off a scored guide (no forward of their own)
     rescued_rounds: int = 0          # routed rounds with no proposal that a spare model drafter drafted
     last_round: dict = field(default_factory=dict)
@@ -290,7 +289,6 @@ class ControllerActor(pykka.ThreadingActor):
             "active_requests": len(self.requests), "queued_requests": len(self.incoming),
             "rounds": s.rounds, "tokens": s.tokens, "requests_done": s.requests_done, "gated_rounds": s.gated_rounds,
             "pruned_nodes": s.pruned_nodes, "background_prefills": s.background_prefills,
-            "prefills_with_target": s.prefills_with_target,
             "guided_steps": s.guided_steps, "rescued_rounds": s.rescued_rounds,
             "requests_failed": s.requests_failed,
             "mean_accepted_length": 1.0 + s.accepted_drafts / s.rounds if s.rounds else 1.0,
@@ -496,50 +494,24 @@ class ControllerActor(pykka.ThreadingActor):
                 except pykka.Timeout:
                     continue
                 d.warm = None
-                self._took_warm(d, res, [self.requests[rid] for rid in rids if rid in self.requests])
+                d.busy_s += res.busy_s
+                if res.error == "dead":
+                    self._mark_dead(d, res.message)
+                    continue
+                if res.error:  # those requests prefill inline in their first draft op instead
+                    log.warning("drafter %s refused a background prefill (%s)", d.name, res.message)
+                elif res.value:
+                    self.stats_.background_prefills += len(rids)
+                    self.prefill_tok_s = ewma(self.prefill_tok_s, res.busy_s / res.value, 0.5)
+                for rid in rids:
+                    if rid in self.requests:
+                        self.requests[rid].warmed.add(d.name)
             if d.warm is None and d.alive and d.probe is None and d.name in self.model_drafters:
                 todo = [r for r in self.requests.values() if r.params.mode == "cosine" and d.name not in r.warmed
                         and (not r.params.drafters or d.name in r.params.drafters)
                         and self._fits(d, len(r.committed), 1) and self._engaged(r, d)]
                 if todo:
                     d.warm = (d.proxy.warm([(r.rid, list(r.committed)) for r in todo]), [r.rid for r in todo])
-
-    def _took_warm(self, d: DrafterSlot, res: Timed, reqs: list[Request], alongside: bool = False) -> None:
-        """The result of a prefill-ahead (``warm``) op of drafter ``d`` for ``reqs``: in the
-        background (``_warm``) or alongside the target's prefill (``_warm_with_target``)."""
-        d.busy_s += res.busy_s
-        if res.error == "dead":
-            self._mark_dead(d, res.message)
-            return
-        if res.error:  # those requests prefill inline in their first draft op instead
-            log.warning("drafter %s refused a prompt prefill ahead of drafting (%s)", d.name, res.message)
-            return
-        if res.value:
-            if alongside:
-                self.stats_.prefills_with_target += len(reqs)
-            else:
-                self.stats_.background_prefills += len(reqs)
-            self.prefill_tok_s = ewma(self.prefill_tok_s, res.busy_s / res.value, 0.5)
-        for r in reqs:
-            r.warmed.add(d.name)
-
-    def _warm_with_target(self, admitted: list[Request]) -> list[tuple[DrafterSlot, Any, list[Request]]]:
-        """Cosine, drafters that prefill inline: the model drafters this controller would
-        engage for a new request now prefill its prompt at the same time as the target does,
-        in their own processes, instead of in its first draft op after that. Measured on
-        the 2-core CPU: a 160-token prompt took the 1.5B 3.7-5.1 s and the 0.5B 1.2-2.4 s
-        one after the other, 4.6-5.4 s at once. Under a plain batch nothing is engaged."""
-        cos = [r for r in admitted if r.params.mode == "cosine"]
-        if self.background_prefill or not cos or (self.batch_plain and len(self.requests) + len(admitted) > 1):
-            return []
-        out = []
-        for d in self.drafters:
-            if d.alive and d.probe is None and d.warm is None and d.name in self.model_drafters:
-                todo = [r for r in cos if (not r.params.drafters or d.name in r.params.drafters)
-                        and self._fits(d, len(r.committed), 1) and self._engaged(r, d)]
-                if todo:
-                    out.append((d, d.proxy.warm([(r.rid, list(r.committed)) for r in todo]), todo))
-        return out
 
     def _engaged(self, r: Request, d: DrafterSlot) -> bool:
         """May model drafter ``d`` draft for cosine request ``r``? Once engaged it stays (its
@@ -629,11 +601,7 @@ class ControllerActor(pykka.ThreadingActor):
             self.verifiers[i].reserved += r.kv_reserved
             by_v[r.verifier].append(r)
             budget -= len(r.prompt)
-        admitted = [r for rs in by_v.values() for r in rs]
-        for r in admitted:  # the domain first: it decides which drafters prefill alongside
-            r.domain = self.router.start_request(r.rid, r.prompt_text).get()
         futs = {i: self.verifiers[i].proxy.prefill([(r.rid, r.prompt[:-1]) for r in rs]) for i, rs in by_v.items()}
-        alongside = self._warm_with_target(admitted)
         for i, rs in by_v.items():
             res: Timed = futs[i].get()
             if res.error == "soft" and len(rs) > 1:  # isolate the bad request: one by one
@@ -644,8 +612,8 @@ class ControllerActor(pykka.ThreadingActor):
                 if res1.error is None:
                     r.prefilled = True
                     self.requests[r.rid] = r
+                    r.domain = self.router.start_request(r.rid, r.prompt_text).get()
                     continue
-                self.router.finish([r.rid])
                 self.verifiers[i].load -= 1
                 self.verifiers[i].reserved -= r.kv_reserved
                 if res1.extra.get("code") == "capacity" and self.verifiers[i].load > 0:
@@ -658,12 +626,6 @@ class ControllerActor(pykka.ThreadingActor):
                 self.by_client.pop(r.client_key, None)
                 self.stats_.requests_failed += 1
                 self._reply_error(r.client, code, f"prefill on verifier {self.verifiers[i].name} failed: {res1.message}")
-        for d, fut, reqs in alongside:
-            res = fut.get()
-            self._took_warm(d, res, [r for r in reqs if r.rid in self.requests], alongside=True)
-            gone = [r.rid for r in reqs if r.rid not in self.requests]
-            if gone and res.error is None:  # its target prefill failed or waits again: free the copy
-                d.proxy.release(gone)
 
     # -- planning and scheduling -------------------------------------------------------
     def _room(self, r: Request) -> int:

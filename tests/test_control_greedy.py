@@ -213,28 +213,6 @@ def test_background_prefill_stays_exact(control_engines, tmp_path, reference):
     assert "good" in alone.stats["drafters_used"], alone.stats
 
 
-def test_model_drafter_prefills_alongside_the_target(control_engines, tmp_path, reference):
-    """Drafters that prefill inline (background_prefill "off"): a cosine request's model
-    drafter prefills its prompt in the same moment as the target does, once per request
-    with a prompt to prefill (a one-token prompt is only the draft op's root);
-    speculative mode keeps the textbook order (the drafter prefills in its first draft op).
-    Outputs stay exact either way."""
-    from cosine.control.cluster import LocalCluster
-    from tests.conftest import write_cluster_config
-
-    cfg = write_cluster_config(tmp_path / "config.toml", control_engines["target"],
-                               {"lookup": ("lookup", None), "good": control_engines["target"]},
-                               controller={"background_prefill": "off"})
-    with LocalCluster(cfg) as cl, Client(cl.endpoint, timeout_s=60) as c:
-        cos = [c.generate(p, max_tokens=24, mode="cosine") for p in PROMPTS]
-        spec = c.generate(PROMPTS[0], max_tokens=24, mode="speculative")
-        st = c.stats()
-    assert [o.token_ids for o in cos] == [reference[i] for i in range(len(PROMPTS))]
-    assert spec.token_ids == reference[0]
-    assert st["prefills_with_target"] == sum(len(p) > 1 for p in PROMPTS) and st["background_prefills"] == 0, st
-    assert all("good" in o.stats["drafters_used"] for o in cos)
-
-
 @pytest.mark.parametrize("gate", ["off", "model"])
 def test_model_drafter_waits_while_the_batch_gate_keeps_requests_plain(control_engines, tmp_path, gate):
     """Four concurrent cosine requests. With the batch gate off, the model drafter prefills
