@@ -71,6 +71,8 @@ def test_interleaved_run_pairs_every_prompt_across_modes(bench_config: Path, tmp
     assert pr["pairs"] == 8 and pr["min"] <= pr["geomean"] <= pr["max"]
     assert res["identity"]["mismatches"] == [] and res["timelines"]["cosine@1"]
     assert "geometric mean" in (out / "results.md").read_text()
+    with pytest.raises(SystemExit):  # an open-loop run has no waves to take turns on
+        main(args[:-2] + ["--poisson-rate", "1", "--out", str(tmp_path / "bad")])
 
 
 def test_interleaved_waves_pair_modes_under_load(bench_config: Path, tmp_path: Path) -> None:

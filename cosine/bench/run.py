@@ -126,9 +126,8 @@ def interleaved(endpoint: str, items: list[tuple[str, str]], modes: list[str], c
                 secs = time.perf_counter() - t0
                 after = admin.stats(timeline=4096)
                 for rec in got:
-                    rec.update(concurrency=concurrency, wave=w % len(waves), wave_wall_s=secs,
-                               turn=sum(map(len, recs.values())))
-                    rec["pass"] = w // len(waves)
+                    rec.update({"concurrency": concurrency, "pass": w // len(waves), "wave": w % len(waves),
+                                "wave_wall_s": secs, "turn": sum(map(len, recs.values()))})
                     recs[mode].append(rec)
                 wall[mode] += secs
                 for k, v in _counters(before, after).items():
@@ -252,6 +251,8 @@ def main(argv: list[str] | None = None) -> int:
     bad = sorted(set(modes) - set(MODES))
     if bad:
         ap.error(f"unknown modes {bad}; known: {', '.join(MODES)}")
+    if args.interleave and args.poisson_rate > 0:
+        ap.error("--interleave pairs closed waves of requests; run --poisson-rate without it")
     levels = [int(c) for c in args.concurrency.split(",") if c]
     items = promptsets.load(args.domains.split(","), args.prompts, args.per_domain)
     out = args.out or Path("docs/benchmarks") / f"{dt.date.today().isoformat()}-{platform.node() or 'host'}"
