@@ -68,7 +68,7 @@ def test_interleaved_run_pairs_every_prompt_across_modes(bench_config: Path, tmp
     for key in ("autoregressive@1", "speculative@1", "cosine@1"):
         assert res["summary"][key]["requests"] == 8 and res["summary"][key]["server_stats_delta"]["rounds"] > 0
     pr = res["paired_ratios"]["cosine/speculative@1"]
-    assert pr["pairs"] == 8 and pr["min"] <= pr["geomean"] <= pr["max"]
+    assert pr["pairs"] == 8 and pr["min"] <= pr["ci95"][0] <= pr["geomean"] <= pr["ci95"][1] <= pr["max"]
     assert res["identity"]["mismatches"] == [] and res["timelines"]["cosine@1"]
     assert "geometric mean" in (out / "results.md").read_text()
     with pytest.raises(SystemExit):  # an open-loop run has no waves to take turns on
@@ -97,6 +97,17 @@ def test_interleaved_waves_pair_modes_under_load(bench_config: Path, tmp_path: P
     pr = res["paired_ratios"]["cosine/autoregressive@2"]
     assert pr["pairs"] == n // 2 and pr["min"] <= pr["geomean"] <= pr["max"]
     assert res["identity"]["mismatches"] == [] and res["identity"]["checked"] == 2 * n
+
+
+def test_geomean_interval_narrows_with_agreeing_pairs_and_holds_one_when_mixed() -> None:
+    from cosine.bench.run import geomean_ci
+
+    assert geomean_ci([1.2] * 8) == pytest.approx([1.2, 1.2])
+    lo, hi = geomean_ci([0.8, 1.25] * 8)  # half slower, half faster: cannot tell apart
+    assert lo < 1.0 < hi
+    lo, hi = geomean_ci([1.1, 1.2, 1.15, 1.3, 1.05, 1.25, 1.1, 1.2])  # all faster
+    assert 1.0 < lo < hi < 1.3
+    assert geomean_ci([1.5]) == pytest.approx([1.5, 1.5])
 
 
 def test_drafters_table_pins_each_drafter(bench_config: Path, tmp_path: Path) -> None:

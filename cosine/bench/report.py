@@ -30,11 +30,16 @@ def table(result: dict) -> str:
     if result.get("ratios"):
         lines += ["", "| ratio (same run) | value |", "|---|---|"]
         lines += [f"| {k} | {v:.2f}x |" for k, v in result["ratios"].items()]
+    if result.get("paired_ratios") and result.get("records") and \
+            any("ci95" not in v for v in result["paired_ratios"].values()):
+        from cosine.bench.run import paired_ratios  # a run from before the intervals: recompute
+        result = {**result, "paired_ratios": paired_ratios(result["records"])}
     if result.get("paired_ratios"):
         lines += ["", "Paired (cosine's tokens/s over the baseline's on the same prompts and pass: per prompt at "
                       "concurrency 1, per wave of prompts sent at once above it):",
-                  "", "| ratio | geometric mean | min | max | cosine faster |", "|---|---|---|---|---|"]
-        lines += [f"| {k} | {v['geomean']:.2f}x | {v['min']:.2f}x | {v['max']:.2f}x | "
+                  "", "| ratio | geometric mean | 95% interval (bootstrap) | min | max | cosine faster |",
+                  "|---|---|---|---|---|---|"]
+        lines += [f"| {k} | {v['geomean']:.2f}x | {_interval(v.get('ci95'))} | {v['min']:.2f}x | {v['max']:.2f}x | "
                   f"{v['cosine_faster']} of {v['pairs']} |" for k, v in result["paired_ratios"].items()]
     per = {k: v["mean_accepted_length_by_drafter"] for k, v in summ.items() if v.get("mean_accepted_length_by_drafter")}
     if per:
@@ -51,6 +56,10 @@ def table(result: dict) -> str:
               f"Greedy identity check: {ident.get('checked', 0)} outputs compared with autoregressive, "
               f"{len(ident.get('mismatches', []))} mismatches."]
     return "\n".join(lines) + "\n"
+
+
+def _interval(ci: list[float] | None) -> str:
+    return f"{ci[0]:.2f}-{ci[1]:.2f}x" if ci else "-"
 
 
 def write_markdown(result: dict, path: Path) -> None:
