@@ -36,13 +36,12 @@ from cosine.control.pool import Request
 from cosine.control.proxies import DraftJob, DraftOut, Timed
 from cosine.control.routing import Router
 from cosine.control.scheduling import CostModel, PendingRequest, select_batch
-from cosine.control.engagement import FREE, PAIRED, SOLO, Engagement
+from cosine.control.engagement import FREE, Engagement
 from cosine.control.guide import pick_guide, still_valid
 from cosine.control.speculation import DraftPlan, GoodputGate, ewma, SpeculationController, VerifyFit, speculation_pays
 from cosine.protocol import VERSION
 
 log = logging.getLogger("cosine.control.actors")
-PAIR_PROBE_EVERY = 8  # a request's rounds between paired rounds kept to measure the paired arm
 
 Emit = Callable[[Any, dict[str, Any]], None]
 
@@ -514,21 +513,6 @@ class ControllerActor(pykka.ThreadingActor):
                 if todo:
                     d.warm = (d.proxy.warm([(r.rid, list(r.committed)) for r in todo]), [r.rid for r in todo])
 
-    def _solo_pays(self, r: Request) -> bool:
-        """Drop the weight-free partner of a routed model drafter for this round? Yes when,
-        in this request's domain, rounds the model drafter drafted alone committed more
-        tokens per second of drafting plus verification than rounds it drafted with a
-        partner (a fused step costs a round trip per step and a wider tree, and on docs
-        the partners' confident misses cost accepted length: pinned alone the 0.5B decoded
-        docs 9% faster than routed). Every ``PAIR_PROBE_EVERY``-th round of a request keeps
-        its partner, so the paired arm stays measured."""
-        if self.engagement is None or len(r.routed) < 2 or r.routed[0] not in self.model_drafters \
-                or any(n in self.model_drafters for n in r.routed[1:]) or r.rounds % PAIR_PROBE_EVERY == 0:
-            return False
-        alone = self.engagement.goodput(r.domain, r.routed[0] + SOLO)
-        paired = self.engagement.goodput(r.domain, r.routed[0] + PAIRED)
-        return alone is not None and paired is not None and alone > paired
-
     def _engaged(self, r: Request, d: DrafterSlot) -> bool:
         """May model drafter ``d`` draft for cosine request ``r``? Once engaged it stays (its
         prompt prefill is paid); a pinned drafter is always engaged. While the batch gate keeps
@@ -864,15 +848,14 @@ class ControllerActor(pykka.ThreadingActor):
         by_name = {d.name: d for d in self.drafters}
         for r in reqs:
             r.routed = [n for n in sel.get(r.rid, []) if n in by_name]
-            if self._solo_pays(r):
-                r.routed = r.routed[:1]
         weights: dict[str, dict[int, float] | None] = {r.rid: None for r in reqs}
         if self.cc.fusion.weight_by_router:
             for rid, sc in self.router.scores([r.rid for r in reqs]).get().items():
                 weights[rid] = {by_name[n].index: s for n, s in sc.items() if n in by_name}
         # A request routed to a single drafter has nothing to fuse: one multi-step draft op
         # gives the same chain as k fused steps, for one round trip instead of k.
-        solo = {r.rid: [by_name[r.routed[0]]] for r in reqs if len(r.routed) == 1}
+        solo = {r.rid: [by_name[n] for n in sel.get(r.rid, []) if n in by_name] for r in reqs}
+        solo = {rid: ds for rid, ds in solo.items() if len(ds) == 1}
         if solo:  # its chain expands the same top-`siblings` leaves as a fused step would
             flat = {r.rid: DraftPlan(plans[r.rid].speculate, plans[r.rid].draft_len, self._siblings(r))
                     for r in reqs if r.rid in solo}
@@ -1128,11 +1111,7 @@ class ControllerActor(pykka.ThreadingActor):
                           {u[1]: f"{u[3]}/{u[4]}@{u[2]:.2f}" for u in upd if u[0] == r.rid})
             verify_share = res.busy_s * r.tree.n / max(n_total, 1)
             if r.params.mode == "cosine" and self.engagement is not None:
-                models = [n for n in r.drafters if n in self.model_drafters]
-                for arm in models or [FREE]:
-                    self.engagement.observe(r.domain, arm, n_acc + 1.0, r.draft_s + verify_share)
-                if len(models) == 1:  # the solo and paired arms of _solo_pays
-                    arm = models[0] + (SOLO if len(r.drafters) == 1 else PAIRED)
+                for arm in [n for n in r.drafters if n in self.model_drafters] or [FREE]:
                     self.engagement.observe(r.domain, arm, n_acc + 1.0, r.draft_s + verify_share)
             if r.params.mode == "cosine" and drafted:
                 # depth: the positions verified (early stop and pruning may end short of the plan)

@@ -20,9 +20,6 @@ Pure and deterministic. Formulas: docs/algorithms.md, "Engaging model drafters".
 from __future__ import annotations
 
 FREE = ""  # the arm of rounds drafted by weight-free drafters only
-# Arm suffixes: rounds a model drafter drafted alone / with weight-free partners (the
-# controller's rule for dropping a partner, ControllerActor._solo_pays).
-SOLO, PAIRED = "|alone", "|paired"
 
 
 class Engagement:

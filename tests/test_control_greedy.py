@@ -258,6 +258,4 @@ def test_cost_engaged_model_drafter_stays_exact(control_engines, tmp_path, refer
         st = c.stats()
     assert [o.token_ids for o in outs] == [reference[i] for _ in range(2) for i in range(len(PROMPTS))]
     arms = {arm for per in st["engagement"].values() for arm in per}
-    # the baseline, then the probe (alone or with the lookup drafter: _solo_pays's arms)
-    assert {a.split("|")[0] for a in arms} == {"free", "good"}, st["engagement"]
-    assert arms - {"free", "good"} <= {"good|alone", "good|paired"}, st["engagement"]
+    assert arms == {"free", "good"}, st["engagement"]  # the baseline, then the probe
