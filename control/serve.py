@@ -36,6 +36,7 @@ from tokenizers import Tokenizer
 from cosine import config as cfgmod
 from cosine.config import MODES, Config
 from cosine.control.actors import ControllerActor, DrafterSlot, FuserActor, RouterActor, VerifierSlot
+from cosine.control.domains import NgramClassifier, make_classifier
 from cosine.control.pool import Detokenizer, GenParams, Request
 from cosine.control.proxies import DrafterProxyActor, DraftJob, VerifierProxyActor
 from cosine.control.routing import DrafterInfo, Router
@@ -151,7 +152,14 @@ class Server:
                                              alive=n in health))
         neural = cfg.model_drafters()
         infos = [DrafterInfo(d.name, tuple(d.domains), d.name in neural) for d in self.drafters]
-        self.router = RouterActor.start(Router.from_config(infos, cc.routing, seed=cc.seed)).proxy()
+        t0, corpora = time.perf_counter(), cfg.domain_corpora()
+        classifier = make_classifier(cc.routing.classifier, corpora)
+        log.info("domain classifier: %s (%.1f s)", f"n-gram naive Bayes over {', '.join(sorted(corpora))} corpora"
+                 if isinstance(classifier, NgramClassifier) else "keywords" + (
+                     " (no n-gram drafter corpus on disk)" if cc.routing.classifier == "ngram" else ""),
+                 time.perf_counter() - t0)
+        self.router = RouterActor.start(Router.from_config(infos, cc.routing, classifier=classifier,
+                                                           seed=cc.seed)).proxy()
         self.fuser = FuserActor.start(cc.fusion.rule, cc.fusion.min_confidence, cc.fusion.calibrate).proxy()
         pull_addr = self.pull_addr
         ctx = self.ctx

@@ -17,6 +17,7 @@ from typing import Any, get_args, get_origin, get_type_hints
 MODES = ("autoregressive", "speculative", "specinfer", "cosine")
 ROLES = ("target", "drafter")
 GATES = ("measured", "model", "off")
+CLASSIFIERS = ("ngram", "keyword")
 PIPELINE = ("auto", "on", "off")
 PROVIDERS = ("cpu", "cuda", "tensorrt")
 MODEL_KINDS = ("neural", "ngram", "lookup")
@@ -135,6 +136,9 @@ class RoutingConfig:
     # router fills the other slots (and explores) among the rest: a weight-free drafter
     # with nothing to propose then never displaces the model's chain.
     anchor_model: bool = True
+    # Prompt -> domain for the per-domain priors: "ngram" (naive Bayes over the corpora the
+    # domain n-gram drafters were counted from; "keyword" when none is on disk) or "keyword".
+    classifier: str = "ngram"
 
 
 @dataclass(frozen=True)
@@ -255,6 +259,19 @@ class Config:
     def model_drafters(self) -> set[str]:
         """Names of the drafter workers that run a neural model (a forward per draft step)."""
         return {w.name for w in self.drafter_workers() if self.model(w.model).kind == "neural"}
+
+    def domain_corpora(self) -> dict[str, list[Path]]:
+        """domain -> the text files its n-gram drafters were counted from (those on disk)."""
+        out: dict[str, list[Path]] = {}
+        for m in self.models:
+            if m.role != "drafter" or m.kind != "ngram" or not m.source:
+                continue
+            p = Path(m.source).expanduser()
+            p = p if p.is_absolute() else (self.path.parent / p).resolve()
+            if p.is_file():
+                for d in m.domains:
+                    out.setdefault(d, []).append(p)
+        return out
 
     def verifier_workers(self) -> list[WorkerConfig]:
         return self.workers_of(self.target_model().name)
@@ -390,6 +407,9 @@ def _check(cfg: Config, text: str, check_engines: bool) -> None:
     for key in ("pipeline", "background_prefill"):
         if getattr(c, key) not in PIPELINE:
             raise ConfigError(f"{where('controller', key)}: {key} {getattr(c, key)!r}; use one of {PIPELINE}")
+    if c.routing.classifier not in CLASSIFIERS:
+        raise ConfigError(f"{where('controller.routing', 'classifier')}: classifier {c.routing.classifier!r}; "
+                          f"use one of {CLASSIFIERS}")
     s = c.speculation
     if s.gate not in GATES:
         raise ConfigError(f"{where('controller.speculation', 'gate')}: gate {s.gate!r}; use one of {GATES}")
