@@ -95,9 +95,14 @@ class Router:
     def initial_score(self, domain: str, drafter: DrafterInfo) -> float:
         """The drafter's learned mean final score in this domain, shrunk towards its mean
         over all domains, itself shrunk towards the declared-domain base score: a drafter
-        that proved itself everywhere starts high in a domain it has not met yet."""
+        that proved itself everywhere starts high in a domain it has not met yet. A
+        weight-free drafter declared for other domains skips the middle level."""
         base = self.base_score + (self.domain_bonus if domain in drafter.domains else 0.0)
-        s, n = self._prior_sums.get(ALL_DOMAINS, {}).get(drafter.name, (0.0, 0))
+        # A weight-free specialist's record elsewhere is its corpus's record on its own
+        # domains: it says nothing about this domain's text (measured: the code n-gram,
+        # high on code, was routed to prose requests ahead of the prose n-gram).
+        foreign = not drafter.model and drafter.domains and domain not in drafter.domains
+        s, n = (0.0, 0) if foreign else self._prior_sums.get(ALL_DOMAINS, {}).get(drafter.name, (0.0, 0))
         overall = (s + self.prior_weight * base) / (n + self.prior_weight)
         s, n = self._prior_sums.get(domain, {}).get(drafter.name, (0.0, 0))
         return (s + self.prior_weight * overall) / (n + self.prior_weight)

@@ -291,6 +291,27 @@ def test_priors_learned_across_requests_change_initial_order():
     assert "german" not in r2.priors
 
 
+def test_weight_free_specialist_does_not_carry_its_home_record_abroad():
+    """A weight-free n-gram's high record on its own domain is its corpus's record: on
+    another domain it starts from the base score, behind that domain's own n-gram. A
+    model drafter's record still carries (it is a general language model)."""
+    ds = [DrafterInfo("ngram-code", ("code",)), DrafterInfo("ngram-prose", ("prose",)),
+          DrafterInfo("small", ("code",), model=True)]
+    r = Router(ds, explore_prob=0.0, classifier=Fixed("code"))
+    for i in range(4):  # on code both the code n-gram and the model do very well
+        r.start(f"c{i}")
+        for _ in range(5):
+            r.update(f"c{i}", "ngram-code", 0.95, 4, 4)
+            r.update(f"c{i}", "small", 0.95, 4, 4)
+        r.finish(f"c{i}")
+    r.classifier = Fixed("prose")
+    r.start("p")
+    s = r.scores("p")
+    assert s["ngram-prose"] > s["ngram-code"] == pytest.approx(r.base_score)
+    assert s["small"] > r.base_score + 0.1                   # the model's record carries over
+    assert r.select("p", k=1) == ["small"] and r.select("p", k=2)[1] == "ngram-prose"
+
+
 def test_prior_is_running_mean_shrunk_to_base():
     r = router(classifier=Fixed("prose"), ema=0.0, prior_weight=1.0)
     for i, acc in enumerate([4, 2]):
