@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from tests.conftest import write_cluster_config
@@ -108,6 +109,39 @@ def test_geomean_interval_narrows_with_agreeing_pairs_and_holds_one_when_mixed()
     lo, hi = geomean_ci([1.1, 1.2, 1.15, 1.3, 1.05, 1.25, 1.1, 1.2])  # all faster
     assert 1.0 < lo < hi < 1.3
     assert geomean_ci([1.5]) == pytest.approx([1.5, 1.5])
+
+
+def _paired_run(ratios: list[float], commit: str = "c0ffee") -> dict:
+    """A results.json with interleaved concurrency-1 records whose cosine/speculative
+    ratios are ``ratios`` (speculative at 4 tok/s)."""
+    recs = []
+    for w, r in enumerate(ratios):
+        for mode, tps in (("speculative", 4.0), ("cosine", 4.0 * r)):
+            recs.append({"mode": mode, "concurrency": 1, "pass": 0, "wave": w, "tokens": 64, "wall_s": 64 / tps,
+                         "wave_wall_s": 64 / tps, "prompt": f"p{w}"})
+    return {"environment": {"git_commit": commit * 5}, "records": recs}
+
+
+def test_pool_adds_pairs_of_runs_and_narrows_the_interval(tmp_path: Path, capsys) -> None:
+    from cosine.bench import main
+    from cosine.bench.report import pool
+
+    a, b = [1.02, 1.08, 0.97, 1.06], [1.05, 0.99, 1.07, 1.04]
+    one, both = pool([_paired_run(a)]), pool([_paired_run(a), _paired_run(b)])
+    k = "cosine/speculative@1"
+    assert one[k]["pairs"] == 4 and both[k]["pairs"] == 8 and both[k]["cosine_faster"] == 6
+    assert both[k]["geomean"] == pytest.approx(float(np.exp(np.mean(np.log(a + b)))))
+    assert both[k]["ci95"][1] - both[k]["ci95"][0] < one[k]["ci95"][1] - one[k]["ci95"][0]
+    for name, res in (("r1", _paired_run(a)), ("r2", _paired_run(b))):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "results.json").write_text(json.dumps(res))
+    assert main(["pool", str(tmp_path / "r1"), str(tmp_path / "r2"), "--md", str(tmp_path / "pool.md")]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("Pooled paired ratios of 2 runs") and out == (tmp_path / "pool.md").read_text()
+    assert "| cosine/speculative@1 | 1.03x | " in out and "6 of 8 |" in out
+    with pytest.raises(SystemExit):  # not a run directory: a clear error, not a traceback
+        main(["pool", str(tmp_path)])
+    assert "no results.json" in capsys.readouterr().err
 
 
 def test_drafters_table_pins_each_drafter(bench_config: Path, tmp_path: Path) -> None:

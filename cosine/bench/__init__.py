@@ -5,6 +5,7 @@ one invocation, so that ratios compare like with like.
     cosine-bench worker ...        per-engine worker numbers (workers/bench.py)
     cosine-bench drafters ...      each drafter alone per domain (cosine/bench/drafters.py)
     cosine-bench report DIR        regenerate docs/benchmarks/README.md from results JSON
+    cosine-bench pool RUN RUN ...  pool the paired ratios of several runs of the same code
     cosine-bench load --config config.toml --clients N --duration T [--up] [--out DIR]
                                    N closed-loop clients for T s: errors, latency, RSS of
                                    every cosine process (cosine/bench/load.py)
@@ -29,6 +30,9 @@ def main(argv: list[str] | None = None) -> int:
         return int(m(argv[1:]) or 0)
     if argv and argv[0] == "report":
         from cosine.bench.report import main as m
+        return int(m(argv[1:]) or 0)
+    if argv and argv[0] == "pool":
+        from cosine.bench.report import pool_main as m
         return int(m(argv[1:]) or 0)
     if argv and argv[0] == "run":
         argv = argv[1:]

@@ -149,3 +149,47 @@ def main(argv: list[str] | None = None) -> int:
     (a.root / "README.md").write_text("\n".join(parts))
     print(f"wrote {a.root / 'README.md'} from {len(runs)} runs")
     return 0
+
+
+def pool(results: list[dict]) -> dict[str, dict]:
+    """Paired ratios of several runs of the same code pooled: each ratio is still taken
+    within its own run (same prompt, same pass, same minute of machine speed); pooling only
+    adds pairs, which narrows the interval of the geometric mean."""
+    from cosine.bench.run import paired_values, summarize_pairs
+    values: dict[str, list[float]] = {}
+    for res in results:
+        for k, rs in paired_values(res.get("records") or []).items():
+            values.setdefault(k, []).extend(rs)
+    return {k: summarize_pairs(rs) for k, rs in values.items()}
+
+
+def pool_main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="cosine-bench pool",
+                                 description="Pool the paired ratios of several runs of the same code.")
+    ap.add_argument("runs", type=Path, nargs="+", help="run directories (each with results.json)")
+    ap.add_argument("--md", type=Path, help="also write the table to this Markdown file")
+    a = ap.parse_args(argv)
+    results, commits = [], []
+    for d in a.runs:
+        p = d / "results.json"
+        if not p.is_file():
+            ap.error(f"{p}: no results.json (is {d} a cosine-bench run directory?)")
+        res = json.loads(p.read_text())
+        if not res.get("records"):
+            ap.error(f"{p}: the run kept no per-request records; nothing to pair")
+        results.append(res)
+        commits.append(f"`{d.name}` (commit `{res['environment']['git_commit'][:12]}`)")
+    pooled = pool(results)
+    if not pooled:
+        ap.error("no paired ratios: the runs need cosine and a baseline mode on the same prompts")
+    lines = [f"Pooled paired ratios of {len(results)} runs: {', '.join(commits)}.", "",
+             "Command: `cosine-bench pool " + " ".join(str(d) for d in a.runs) + "`", "",
+             "| ratio | geometric mean | 95% interval (bootstrap) | min | max | cosine faster |",
+             "|---|---|---|---|---|---|"]
+    lines += [f"| {k} | {v['geomean']:.2f}x | {_interval(v['ci95'])} | {v['min']:.2f}x | {v['max']:.2f}x | "
+              f"{v['cosine_faster']} of {v['pairs']} |" for k, v in pooled.items()]
+    text = "\n".join(lines) + "\n"
+    print(text, end="")
+    if a.md:
+        a.md.write_text(text)
+    return 0

@@ -355,11 +355,12 @@ def ratios(summary: dict) -> dict:
     return out
 
 
-def paired_ratios(records: list[dict]) -> dict:
+def paired_values(records: list[dict]) -> dict[str, list[float]]:
     """cosine over each baseline wave by wave (``interleaved``; at concurrency 1 a wave is
-    one prompt): the geometric mean, min and max of the waves' tokens/s ratios over the
-    (wave, pass) pairs both modes ran. A pair shares its prompts and, when interleaved, its
-    minute of machine speed. Records without waves pair per prompt at concurrency 1."""
+    one prompt): the waves' tokens/s ratios over the (wave, pass) pairs both modes ran,
+    keyed "cosine/<baseline>@<concurrency>". A pair shares its prompts and, when
+    interleaved, its minute of machine speed. Records without waves pair per prompt at
+    concurrency 1."""
     acc: dict[tuple, list[float]] = {}  # (mode, level, pass, wave) -> [tokens, seconds]
     for r in records:
         if r.get("mode") not in MODES or not r.get("wall_s"):
@@ -370,17 +371,26 @@ def paired_ratios(records: list[dict]) -> dict:
         elif r.get("concurrency") == 1:
             acc[(r["mode"], 1, r.get("pass", 0), r["prompt"])] = [r["tokens"], r["wall_s"]]
     rate = {k: t / s for k, (t, s) in acc.items() if s > 0}
-    out = {}
+    out: dict[str, list[float]] = {}
     for base in ("autoregressive", "speculative", "specinfer"):
         by_level: dict[int, list[float]] = {}
         for (m, c, k, w), v in rate.items():
             if m == base and ("cosine", c, k, w) in rate and v > 0:
                 by_level.setdefault(c, []).append(rate[("cosine", c, k, w)] / v)
         for c, rs in sorted(by_level.items()):
-            out[f"cosine/{base}@{c}"] = {"geomean": float(np.exp(np.mean(np.log(rs)))), "min": float(min(rs)),
-                                         "max": float(max(rs)), "pairs": len(rs),
-                                         "cosine_faster": int(sum(x > 1.0 for x in rs)), "ci95": geomean_ci(rs)}
+            out[f"cosine/{base}@{c}"] = rs
     return out
+
+
+def summarize_pairs(rs: list[float]) -> dict:
+    """Geometric mean, bootstrap interval, range and wins of paired ratios."""
+    return {"geomean": float(np.exp(np.mean(np.log(rs)))), "min": float(min(rs)), "max": float(max(rs)),
+            "pairs": len(rs), "cosine_faster": int(sum(x > 1.0 for x in rs)), "ci95": geomean_ci(rs)}
+
+
+def paired_ratios(records: list[dict]) -> dict:
+    """``paired_values`` summarized per baseline and concurrency (``summarize_pairs``)."""
+    return {k: summarize_pairs(rs) for k, rs in paired_values(records).items()}
 
 
 def geomean_ci(ratios: list[float], level: float = 0.95, resamples: int = 4000) -> list[float]:
