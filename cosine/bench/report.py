@@ -37,10 +37,7 @@ def table(result: dict) -> str:
     if result.get("paired_ratios"):
         lines += ["", "Paired (cosine's tokens/s over the baseline's on the same prompts and pass: per prompt at "
                       "concurrency 1, per wave of prompts sent at once above it):",
-                  "", "| ratio | geometric mean | 95% interval (bootstrap) | min | max | cosine faster |",
-                  "|---|---|---|---|---|---|"]
-        lines += [f"| {k} | {v['geomean']:.2f}x | {_interval(v.get('ci95'))} | {v['min']:.2f}x | {v['max']:.2f}x | "
-                  f"{v['cosine_faster']} of {v['pairs']} |" for k, v in result["paired_ratios"].items()]
+                  ""] + paired_rows(result["paired_ratios"])
     per = {k: v["mean_accepted_length_by_drafter"] for k, v in summ.items() if v.get("mean_accepted_length_by_drafter")}
     if per:
         lines += ["", "Mean accepted length of the requests each drafter drafted for (a routed request "
@@ -56,6 +53,14 @@ def table(result: dict) -> str:
               f"Greedy identity check: {ident.get('checked', 0)} outputs compared with autoregressive, "
               f"{len(ident.get('mismatches', []))} mismatches."]
     return "\n".join(lines) + "\n"
+
+
+def paired_rows(paired: dict[str, dict]) -> list[str]:
+    """Markdown table of paired ratios (``summarize_pairs`` per key)."""
+    return ["| ratio | geometric mean | 95% interval (bootstrap) | min | max | cosine faster |",
+            "|---|---|---|---|---|---|"] + [
+        f"| {k} | {v['geomean']:.2f}x | {_interval(v.get('ci95'))} | {v['min']:.2f}x | {v['max']:.2f}x | "
+        f"{v['cosine_faster']} of {v['pairs']} |" for k, v in paired.items()]
 
 
 def _interval(ci: list[float] | None) -> str:
@@ -183,11 +188,7 @@ def pool_main(argv: list[str] | None = None) -> int:
     if not pooled:
         ap.error("no paired ratios: the runs need cosine and a baseline mode on the same prompts")
     lines = [f"Pooled paired ratios of {len(results)} runs: {', '.join(commits)}.", "",
-             "Command: `cosine-bench pool " + " ".join(str(d) for d in a.runs) + "`", "",
-             "| ratio | geometric mean | 95% interval (bootstrap) | min | max | cosine faster |",
-             "|---|---|---|---|---|---|"]
-    lines += [f"| {k} | {v['geomean']:.2f}x | {_interval(v['ci95'])} | {v['min']:.2f}x | {v['max']:.2f}x | "
-              f"{v['cosine_faster']} of {v['pairs']} |" for k, v in pooled.items()]
+             "Command: `cosine-bench pool " + " ".join(str(d) for d in a.runs) + "`", ""] + paired_rows(pooled)
     text = "\n".join(lines) + "\n"
     print(text, end="")
     if a.md:
