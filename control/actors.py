@@ -660,7 +660,7 @@ class ControllerActor(pykka.ThreadingActor):
                       (lambda n: self.cost.verify_s(B, max(1, round(n / B)), seq)))
             draft = (lambda k: step * k) if step is not None else (lambda k: self.cost.draft_s(S, k, seq))
             fresh = sum(len(r.committed) for r in reqs if r.rid in cos and not r.drafted)
-            return speculation_pays(wide, {rid: self.spec.alpha(rid) for rid in cos}, verify, draft,
+            return speculation_pays(wide, {rid: self.spec.rates(rid) for rid in cos}, verify, draft,
                                     self.cc.speculation.disable_below_ratio,
                                     fresh * (self.prefill_tok_s or 0.0) / self.spec.probe_every)
 
@@ -678,8 +678,8 @@ class ControllerActor(pykka.ThreadingActor):
             return plans
         self.stats_.gated_rounds += 1
         if log.isEnabledFor(logging.DEBUG):
-            log.debug("gate: plain round for %s (alphas %s, draft step %s, prefill/token %s, measured line %s)",
-                      cos, {rid: self.spec.alpha(rid) for rid in cos}, step, self.prefill_tok_s, measured)
+            log.debug("gate: plain round for %s (rates %s, draft step %s, prefill/token %s, measured line %s)",
+                      cos, {rid: self.spec.rates(rid) for rid in cos}, step, self.prefill_tok_s, measured)
         # A gated request learns nothing about its acceptance rate, so after probe_every
         # gated rounds it speculates once anyway (else one pessimistic estimate would lock
         # it out). A probe that changes nothing doubles the wait for the next (up to 8x):
@@ -706,6 +706,8 @@ class ControllerActor(pykka.ThreadingActor):
                 plans[r.rid] = DraftPlan(False, 0, 1)
             elif mode == "cosine" and sc.adaptive:
                 plans[r.rid] = self.spec.plan(r.rid, r.domain)
+                if log.isEnabledFor(logging.DEBUG):
+                    log.debug("plan rid=%s %s %s", r.rid, plans[r.rid], self.spec.explain(r.rid))
             else:
                 plans[r.rid] = DraftPlan(True, sc.draft_len, sc.tree_width)
         n_alive = max(1, sum(d.alive for d in self.drafters))
@@ -939,7 +941,8 @@ class ControllerActor(pykka.ThreadingActor):
                     st["prefix"].append(fused)
                     st["left"] -= 1
                     st["reach"] *= conf
-                    if st["reach"] * self.spec.alpha(r.rid)[1] < st["floor"]:
+                    rates = self.spec.rates(r.rid)  # the next position's, given this one is accepted
+                    if st["reach"] * rates[min(len(st["prefix"]), len(rates) - 1)] < st["floor"]:
                         st["left"] = 0
                     got[r.rid] = {i: o for i, o in got[r.rid].items() if still_valid(o.tokens, step, fused)}
                     if st["left"] > 0 and got[r.rid].keys() == asked[r.rid].keys():
@@ -1116,7 +1119,8 @@ class ControllerActor(pykka.ThreadingActor):
             if r.params.mode == "cosine" and drafted:
                 # depth: the positions verified (early stop and pruning may end short of the plan)
                 self.spec.observe(r.rid, drafted, n_acc, r.draft_s, verify_share,
-                                  depth=int(r.tree.depths().max()), overlapped_s=r.draft_overlap_s)
+                                  depth=int(r.tree.depths().max()), overlapped_s=r.draft_overlap_s,
+                                  steps=max((len(t) for t, _ in (r.proposals or {}).values()), default=0))
             elif r.tree.n == 1:
                 self.spec.observe_plain(res.busy_s)
             for name in r.drafters:

@@ -10,7 +10,7 @@ more than it saves. Formulas and defaults: docs/algorithms.md, "Adaptive specula
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Mapping
+from typing import Callable, Mapping, Sequence
 
 from cosine.config import SpeculationConfig
 
@@ -25,22 +25,31 @@ class DraftPlan:
 OFF = DraftPlan(False, 0, 1)
 
 
-def expected_tokens(alpha: float, k: int, alpha_next: float | None = None) -> float:
+def expected_tokens(alpha: float, k: int, alpha_next: float | Sequence[float] | None = None) -> float:
     """Tokens committed per round (accepted drafts plus the bonus token) for a k-token draft.
 
     One rate (``alpha_next`` None): each position is accepted with probability alpha given
     its parent was, E(k) = 1 + alpha + ... + alpha^k = (1 - alpha^(k+1)) / (1 - alpha).
     Two rates: the first position with alpha, every later one with alpha_next given its
-    parent was, E(k) = 1 + alpha * (1 + alpha_next + ... + alpha_next^(k-1)). Acceptance
-    runs in streaks (a drafter that got the first token of an easy stretch usually gets
-    the rest), so the two-rate model asks for the longer drafts that pay on such text.
+    parent was, E(k) = 1 + alpha * (1 + alpha_next + ... + alpha_next^(k-1)).
+    Per position (``alpha_next`` a sequence: positions 2, 3, ...; the last one repeats):
+    E(k) = 1 + sum_i prod_{j <= i} p_j. Acceptance runs in streaks (a drafter that got the
+    first tokens of an easy stretch usually gets the rest), so the deeper positions are
+    likelier than the first ones, and these models ask for the longer drafts that pay.
     """
     if k <= 0:
         return 1.0
     if alpha_next is None:
         return float(k + 1) if alpha >= 1.0 else (1.0 - alpha ** (k + 1)) / (1.0 - alpha)
-    tail = float(k) if alpha_next >= 1.0 else (1.0 - alpha_next ** k) / (1.0 - alpha_next)
-    return 1.0 + alpha * tail
+    if isinstance(alpha_next, (int, float)):
+        tail = float(k) if alpha_next >= 1.0 else (1.0 - alpha_next ** k) / (1.0 - alpha_next)
+        return 1.0 + alpha * tail
+    later = list(alpha_next) or [alpha]
+    e, reach = 1.0, 1.0
+    for i in range(k):
+        reach *= alpha if i == 0 else later[min(i - 1, len(later) - 1)]
+        e += reach
+    return e
 
 
 def ewma(old: float | None, new: float, keep: float) -> float:
@@ -85,36 +94,37 @@ class VerifyFit:
 
 
 class _Rates:
-    """Acceptance of the first draft position and of every later one given its parent was
-    accepted, as decayed counts shrunk towards a prior: (hits + m * prior) / (trials + m)."""
+    """Per draft position i, the chance it is accepted given position i - 1 was, as decayed
+    counts shrunk towards a prior: (hits_i + m * prior_i) / (trials_i + m)."""
 
-    def __init__(self, keep: float):
+    def __init__(self, keep: float, n: int):
         self.keep = keep
-        self.h = [0.0, 0.0]  # first, later
-        self.t = [0.0, 0.0]
+        self.h = [0.0] * n
+        self.t = [0.0] * n
 
     def add(self, accepted: int, depth: int) -> None:
-        """A round of ``depth`` drafted positions (per path) with ``accepted`` accepted."""
-        first_t, first_h = 1.0, float(accepted >= 1)
-        later_t = float(max(0, min(accepted + 1, depth) - 1)) if accepted >= 1 else 0.0
-        later_h = float(max(0, accepted - 1))
-        for i, (hh, tt) in enumerate(((first_h, first_t), (later_h, later_t))):
-            self.h[i] = self.keep * self.h[i] + hh
+        """A round of ``depth`` drafted positions (per path) with ``accepted`` accepted:
+        position i was a trial when i - 1 positions were accepted, a hit when i were."""
+        for i in range(len(self.h)):
+            tt = float(i < depth and accepted >= i)
+            self.h[i] = self.keep * self.h[i] + float(tt > 0 and accepted > i)
             self.t[i] = self.keep * self.t[i] + tt
 
-    def rates(self, prior: tuple[float, float], m: float) -> tuple[float, float]:
-        """The later rate shrinks towards max(its prior, the first rate): a later position is
-        only measured when one is drafted, so after short drafts a low prior would keep the
-        drafts short for good; acceptance runs in streaks, so without evidence a later
-        position is taken to be at least as likely as the first."""
-        first = (self.h[0] + m * prior[0]) / (self.t[0] + m)
-        return first, (self.h[1] + m * max(prior[1], first)) / (self.t[1] + m)
+    def rates(self, prior: Sequence[float], m: float) -> tuple[float, ...]:
+        """Position i shrinks towards max(its prior, position i - 1's rate): a deep position
+        is only measured when drafts reach it, so after short drafts a low prior would keep
+        them short for good; acceptance runs in streaks, so without evidence a deeper
+        position is taken to be at least as likely as the one before."""
+        out: list[float] = []
+        for i, (h, t) in enumerate(zip(self.h, self.t)):
+            p = prior[min(i, len(prior) - 1)]
+            out.append((h + m * (max(p, out[-1]) if out else p)) / (t + m))
+        return tuple(out)
 
 
 @dataclass
 class _ReqState:
-    alpha: float                         # first draft position's acceptance rate
-    alpha_next: float                    # a later position's, given its parent was accepted
+    est: tuple[float, ...]               # per draft position: P(accepted | parent accepted)
     rates: _Rates
     draft_step_s: float | None = None   # non-overlapped draft time per draft step
     tok_ema: float | None = None         # committed tokens per round (EMA)
@@ -160,12 +170,13 @@ class SpeculationController:
         # Pipeline bias in draft steps; beyond the draft-length range it spills into tree width.
         self.bias_limit = float((max_draft_len - min_draft_len) + (max_tree_width - 1))
         self.bias = 0.0
-        # Per request: (alpha, alpha_next) from counts decayed by alpha_keep per round and
-        # shrunk with alpha_prior pseudo-trials towards the global rates (which are shrunk
-        # towards alpha_init): one missed round must not halve the draft length.
+        # Per request and draft position: acceptance rates from counts decayed by alpha_keep
+        # per round and shrunk with alpha_prior pseudo-trials towards the domain's rates
+        # (shrunk towards the global ones, shrunk towards alpha_init): one missed round must
+        # not halve the draft length.
         self.alpha_keep, self.alpha_prior, self.alpha_init = alpha_keep, alpha_prior, alpha_init
-        self.alpha_global, self.alpha_next_global = alpha_init, alpha_init  # seed new requests
-        self._g_rates = _Rates(0.95)
+        self.rates_global: tuple[float, ...] = (alpha_init,) * max_draft_len  # seeds new requests
+        self._g_rates = _Rates(0.95, max_draft_len)
         # Per domain, the same decayed counts: a new request starts from its domain's rates
         # (shrunk towards the global ones), so a code request after a German one does not
         # open with German-length drafts.
@@ -185,17 +196,15 @@ class SpeculationController:
     def _state(self, rid: str, domain: str = "") -> _ReqState:
         st = self._reqs.get(rid)
         if st is None:
-            a, an = self.prior(domain)
-            st = self._reqs[rid] = _ReqState(a, an, _Rates(self.alpha_keep), draft_step_s=self.draft_step_global,
-                                             domain=domain)
+            st = self._reqs[rid] = _ReqState(self.prior(domain), _Rates(self.alpha_keep, self.max_draft_len),
+                                             draft_step_s=self.draft_step_global, domain=domain)
         return st
 
-    def prior(self, domain: str = "") -> tuple[float, float]:
-        """(alpha, alpha_next) a new request of ``domain`` starts from: the domain's decayed
-        counts shrunk towards the global rates (the global rates for an unseen domain)."""
+    def prior(self, domain: str = "") -> tuple[float, ...]:
+        """The per-position rates a new request of ``domain`` starts from: the domain's
+        decayed counts shrunk towards the global rates (the global rates for an unseen domain)."""
         d = self._d_rates.get(domain)
-        glob = (self.alpha_global, self.alpha_next_global)
-        return d.rates(glob, self.alpha_prior) if d is not None else glob
+        return d.rates(self.rates_global, self.alpha_prior) if d is not None else self.rates_global
 
     def forget(self, rid: str) -> None:
         self._reqs.pop(rid, None)
@@ -216,7 +225,7 @@ class SpeculationController:
         best_k, best_g = self.draft_len, -1.0
         for k in range(self.min_draft_len, self.max_draft_len + 1):
             cost = self.verify_s(1 + k * tree_width) + step * k
-            e = expected_tokens(st.alpha, k, st.alpha_next)
+            e = expected_tokens(st.est[0], k, st.est[1:])
             g = e / cost if cost > 0 else e
             if g > best_g * (1.0 + 1e-9):
                 best_k, best_g = k, g
@@ -246,8 +255,8 @@ class SpeculationController:
                 return OFF
             st.off, st.off_rounds, st.rounds_on = False, 0, 0  # probe: measure speculation afresh
             st.tok_ema = st.time_ema = None
-            st.rates = _Rates(self.alpha_keep)
-            st.alpha, st.alpha_next = self.prior(st.domain)
+            st.rates = _Rates(self.alpha_keep, self.max_draft_len)
+            st.est = self.prior(st.domain)
         # A request's first round is planned from its domain's rates and the global draft
         # step and verify line once any request measured them; draft_len before that.
         measured = st.tok_ema is not None or (st.draft_step_s is not None and self.verify_s(1) > 0)
@@ -256,10 +265,21 @@ class SpeculationController:
         st.last_plan = DraftPlan(True, k, width)
         return st.last_plan
 
-    def alpha(self, rid: str) -> tuple[float, float]:
-        """This request's estimated (first, later) position acceptance rates (global if new)."""
+    def explain(self, rid: str) -> str:
+        """The estimates behind a request's plan, for debug logs."""
         st = self._reqs.get(rid)
-        return (st.alpha, st.alpha_next) if st else (self.alpha_global, self.alpha_next_global)
+        if st is None:
+            return "new"
+        step = st.draft_step_s or 0.0
+        return (f"rates={'/'.join(f'{a:.2f}' for a in st.est)} step={step * 1e3:.0f}ms "
+                f"verify={self.verify_s(1) * 1e3:.0f}+{(self.verify_s(2) - self.verify_s(1)) * 1e3:.1f}ms/node "
+                f"goodput={st.goodput() or 0:.1f}")
+
+    def rates(self, rid: str) -> tuple[float, ...]:
+        """This request's estimated acceptance rate per draft position, each given its parent
+        was accepted (the global rates if new)."""
+        st = self._reqs.get(rid)
+        return st.est if st else self.rates_global
 
     def is_off(self, rid: str) -> bool:
         st = self._reqs.get(rid)
@@ -294,11 +314,13 @@ class SpeculationController:
             self._verify.add(1.0, float(verify_s_single_token))
 
     def observe(self, rid: str, drafted: int, accepted: int, draft_s: float, verify_s: float,
-                depth: int | None = None, overlapped_s: float = 0.0) -> None:
+                depth: int | None = None, overlapped_s: float = 0.0, steps: int = 0) -> None:
         """One speculative round of ``rid``: ``drafted`` tree nodes besides the root,
         ``accepted`` of them on the committed path, ``draft_s`` drafting wall time of which
         ``overlapped_s`` ran while the verifier was busy, ``verify_s`` its verify time.
-        ``depth`` is the draft length (tree depth); default: the last plan's, else drafted."""
+        ``depth`` is the draft length (tree depth); default: the last plan's, else drafted.
+        ``steps`` is how many draft steps the drafters ran, when pruning left fewer in the
+        tree (the draft time paid for all of them); default: ``depth``."""
         st = self._state(rid)
         drafted, accepted = max(0, int(drafted)), max(0, int(accepted))
         draft_s = max(0.0, float(draft_s) - max(0.0, float(overlapped_s)))
@@ -312,11 +334,12 @@ class SpeculationController:
             st.rates.add(accepted, depth)
             self._g_rates.add(accepted, depth)
             if st.domain:
-                self._d_rates.setdefault(st.domain, _Rates(0.95)).add(accepted, depth)
-            self.alpha_global, self.alpha_next_global = self._g_rates.rates((self.alpha_init,) * 2, self.alpha_prior)
-            st.alpha, st.alpha_next = st.rates.rates(self.prior(st.domain), self.alpha_prior)
-            st.draft_step_s = ewma(st.draft_step_s, draft_s / depth, self.ema)
-            self.draft_step_global = ewma(self.draft_step_global, draft_s / depth, self.ema)
+                self._d_rates.setdefault(st.domain, _Rates(0.95, self.max_draft_len)).add(accepted, depth)
+            self.rates_global = self._g_rates.rates((self.alpha_init,), self.alpha_prior)
+            st.est = st.rates.rates(self.prior(st.domain), self.alpha_prior)
+            per_step = draft_s / max(depth, int(steps))
+            st.draft_step_s = ewma(st.draft_step_s, per_step, self.ema)
+            self.draft_step_global = ewma(self.draft_step_global, per_step, self.ema)
         if verify_s > 0:
             self._verify.add(1.0 + drafted, verify_s)
         st.tok_ema = ewma(st.tok_ema, accepted + 1.0, self.ema)
@@ -339,7 +362,7 @@ class SpeculationController:
             return None
         width = st.last_plan.tree_width if st.last_plan is not None and st.last_plan.speculate else self.tree_width
         k = self.best_draft_len(rid, width)
-        return expected_tokens(st.alpha, k, st.alpha_next) / (self.verify_s(1 + k * width) + st.draft_step_s * k)
+        return expected_tokens(st.est[0], k, st.est[1:]) / (self.verify_s(1 + k * width) + st.draft_step_s * k)
 
     def observe_pipeline(self, verifier_idle_frac: float, draft_queue_len: int) -> None:
         """Verifier waiting -> draft more; drafts queueing at the verifier -> draft less;
@@ -388,7 +411,7 @@ class SpeculationController:
         return out
 
 
-def speculation_pays(plans: Mapping[str, DraftPlan], alphas: Mapping[str, float | tuple[float, float]],
+def speculation_pays(plans: Mapping[str, DraftPlan], alphas: Mapping[str, float | Sequence[float]],
                      verify_s: Callable[[int], float], draft_s: Callable[[int], float], ratio: float = 1.0,
                      once_s: float = 0.0) -> bool:
     """Whole-round check (CoSine: speculation must never be slower under load).
@@ -413,7 +436,7 @@ def speculation_pays(plans: Mapping[str, DraftPlan], alphas: Mapping[str, float 
     tokens = B + sum(p.draft_len * p.tree_width for p in spec.values())
     def expect(r: str, k: int) -> float:
         a = alphas.get(r, 0.0)
-        return expected_tokens(a[0], k, a[1]) if isinstance(a, tuple) else expected_tokens(a, k)
+        return expected_tokens(a[0], k, a[1:]) if isinstance(a, (tuple, list)) else expected_tokens(a, k)
 
     committed = (B - len(spec)) + sum(expect(r, p.draft_len) for r, p in spec.items())
     t_spec = verify_s(tokens) + max(draft_s(p.draft_len) for p in spec.values()) + max(0.0, once_s)

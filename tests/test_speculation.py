@@ -52,7 +52,7 @@ def test_draft_len_moves_up_with_high_acceptance_and_down_with_low():
     k_hi = np.mean([p.draft_len for p in simulate(hi, "a", alpha=0.95)[-40:]])
     k_lo = np.mean([p.draft_len for p in simulate(lo, "a", alpha=0.2)[-40:]])
     assert k_hi > 5 and k_lo < 3, (k_hi, k_lo)
-    assert hi.alpha_global > 0.7 and lo.alpha_global < 0.4
+    assert hi.rates_global[0] > 0.7 and lo.rates_global[0] < 0.4
 
 
 def test_goodput_not_acceptance_drives_draft_len():
@@ -66,7 +66,7 @@ def test_goodput_not_acceptance_drives_draft_len():
 def test_best_draft_len_is_argmax_of_goodput():
     sc = SpeculationController(min_draft_len=1, max_draft_len=8)
     st_ = sc._state("r")
-    st_.alpha, st_.alpha_next, st_.draft_step_s = 0.7, 0.8, 0.003
+    st_.est, st_.draft_step_s = (0.7, 0.8), 0.003
     sc.observe_plain(0.02)
     sc.observe_plain(0.02)  # one tree size only: per-token slope falls back to verify_token_frac
     g = {k: expected_tokens(0.7, k, 0.8) / (sc.verify_s(1 + k) + 0.003 * k) for k in range(1, 9)}
@@ -91,9 +91,51 @@ def test_streaky_acceptance_asks_for_longer_drafts():
         acc = p.draft_len if i % 2 else 0  # all or nothing
         sc.observe("a", drafted=p.draft_len, accepted=acc, draft_s=0.02 * p.draft_len,
                    verify_s=0.25 + 0.008 * p.draft_len)
-    a1, a2 = sc.alpha("a")
-    assert 0.35 < a1 < 0.65 and a2 > 0.85
+    a1, *later = sc.rates("a")
+    assert 0.35 < a1 < 0.65 and min(later) > 0.85
     assert sc.plan("a").draft_len >= 6
+
+
+@given(st.floats(0, 1), st.floats(0, 1), st.integers(0, 12), st.integers(1, 4))
+def test_per_position_expected_tokens_match_the_closed_forms(alpha, later, k, n):
+    """A constant sequence of later rates is the two-rate model; the last rate repeats."""
+    assert expected_tokens(alpha, k, [later] * n) == pytest.approx(expected_tokens(alpha, k, later))
+    assert expected_tokens(alpha, k, [alpha] * n) == pytest.approx(expected_tokens(alpha, k))
+
+
+def test_deep_positions_are_measured_apart_from_shallow_ones():
+    """Acceptance that rises with depth (a drafter that got the first tokens of an easy
+    stretch gets the rest): each position's rate is learned on its own, so the plan drafts
+    longer than one shared later rate would allow."""
+    rng = np.random.default_rng(1)
+    truth = [0.6, 0.6] + [0.95] * 6
+    sc = SpeculationController(disable_below_ratio=0.0, max_draft_len=8, alpha_keep=0.95)
+    sc.observe_plain(0.25)
+    ks = []
+    for _ in range(200):
+        k = sc.plan("a").draft_len
+        ks.append(k)
+        acc = 0
+        while acc < k and rng.random() < truth[acc]:
+            acc += 1
+        sc.observe("a", drafted=k, accepted=acc, draft_s=0.025 * k, verify_s=0.23 + 0.015 * (1 + k), depth=k)
+    rates = sc.rates("a")
+    assert rates[0] == pytest.approx(0.6, abs=0.15) and rates[1] == pytest.approx(0.6, abs=0.2), rates
+    assert min(rates[2:5]) > 0.8, rates
+    # the two-rate model's view of the same rounds: one later rate of about 0.8
+    two = expected_tokens(rates[0], 8, 0.8) / (0.23 + 0.015 * 9 + 0.025 * 8)
+    assert np.mean(ks[-100:]) >= 5, np.mean(ks[-100:])
+    assert two < expected_tokens(rates[0], 8, rates[1:]) / (0.23 + 0.015 * 9 + 0.025 * 8)
+
+
+def test_pruned_rounds_charge_draft_time_to_every_step_drafted():
+    """Pruning may leave a 1-deep tree from a 4-step draft: the draft time paid for 4
+    steps, and charging it to one would make every later draft look 4x dearer."""
+    pruned, whole = SpeculationController(), SpeculationController()
+    pruned.observe("a", drafted=1, accepted=1, draft_s=0.1, verify_s=0.25, depth=1, steps=4)
+    assert pruned._state("a").draft_step_s == pytest.approx(0.025)
+    whole.observe("a", drafted=1, accepted=1, draft_s=0.1, verify_s=0.25, depth=1)
+    assert whole._state("a").draft_step_s == pytest.approx(0.1)
 
 
 def test_short_drafts_do_not_starve_the_later_rate():
@@ -104,10 +146,10 @@ def test_short_drafts_do_not_starve_the_later_rate():
     sc.observe_plain(0.25)
     for _ in range(30):  # another request: first position in, the second always out
         sc.observe("old", drafted=4, accepted=1, draft_s=0.1, verify_s=0.3, depth=4)
-    assert sc.alpha_next_global < 0.3
+    assert sc.rates_global[1] < 0.3
     for _ in range(12):  # this request: every one-token draft accepted
         sc.observe("new", drafted=1, accepted=1, draft_s=0.03, verify_s=0.26, depth=1)
-    a1, a2 = sc.alpha("new")
+    a1, a2, *_ = sc.rates("new")
     assert a1 > 0.85 and a2 >= a1 - 1e-9, (a1, a2)
     assert sc.best_draft_len("new") >= 3
 
@@ -125,13 +167,13 @@ def test_new_request_starts_from_its_domains_rates():
         sc.observe(f"g{i % 2}", drafted=6, accepted=0, draft_s=0.15, verify_s=0.35, depth=6)
     code, german = sc.prior("code"), sc.prior("german")
     assert code[0] > 0.8 > 0.2 > german[0], (code, german)
-    assert sc.prior("math") == (sc.alpha_global, sc.alpha_next_global)
+    assert sc.prior("math") == sc.rates_global
     # first plans, before the new requests' own rounds: from the domain's rates
     assert sc.plan("first-code", "code").draft_len > sc.plan("first-german", "german").draft_len
     for rid, dom, acc in (("new-code", "code", 1), ("new-german", "german", 0)):
         sc.plan(rid, dom)
         sc.observe(rid, drafted=1, accepted=acc, draft_s=0.03, verify_s=0.3, depth=1)  # one round: goodput known
-    assert sc.alpha("new-code") > sc.alpha("new-german")
+    assert sc.rates("new-code") > sc.rates("new-german")
     assert sc.plan("new-code").draft_len > sc.plan("new-german").draft_len
 
 
