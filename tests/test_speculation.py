@@ -138,6 +138,27 @@ def test_pruned_rounds_charge_draft_time_to_every_step_drafted():
     assert whole._state("a").draft_step_s == pytest.approx(0.1)
 
 
+def test_gain_floors_price_time_at_least_at_plain_decodings_rate():
+    """A node's verify time could earn tokens at the request's goodput, and never at less
+    than plain decoding's: one bad first round (goodput 1.4 tok/s) must not make every
+    node look worth verifying. Before its first round a request is priced by the cost
+    model's prediction from its domain's rates, not left unpruned."""
+    sc = SpeculationController()
+    for n, t in ((1, 0.25), (5, 0.31), (9, 0.37)):
+        sc.observe_plain(t) if n == 1 else sc.observe("warm", drafted=n - 1, accepted=n - 1, draft_s=0.025 * (n - 1),
+                                                     verify_s=t, depth=n - 1)
+    node_s = sc.verify_s(2) - sc.verify_s(1)
+    sc.plan("new", "code")
+    node, step = sc.gain_floors("new")
+    assert node == pytest.approx(sc.predicted_goodput("new") * node_s) and node > 0
+    sc.observe("new", drafted=15, accepted=0, draft_s=0.22, verify_s=0.48, depth=8)  # goodput 1.4 tok/s
+    assert sc.goodput("new") < sc.plain_rate
+    node_s = sc.verify_s(2) - sc.verify_s(1)  # the round refitted the verify line
+    node, step = sc.gain_floors("new")
+    assert node == pytest.approx(sc.plain_rate * node_s)
+    assert step == pytest.approx(sc.plain_rate * (node_s + sc._state("new").draft_step_s))
+
+
 def test_short_drafts_do_not_starve_the_later_rate():
     """A later position is measured only when one is drafted. A request whose rounds all
     draft one token and accept it must not stay at one token because earlier requests
