@@ -54,6 +54,7 @@ class DraftJob:
     return_probs: bool = False
     seed: int | None = None
     forced: list[int] | None = None  # per step: the token to continue from, -1 = own choice
+    min_reach: list[float] | None = None  # greedy: end the chain after step j once reach < min_reach[j]
 
 
 @dataclass
@@ -179,20 +180,24 @@ class DrafterProxyActor(_WorkerProxy):
                 keep, f = plan_feed(self.cached[j.rid], j.context[self.start.get(j.rid, 0):])
                 reqs.append({"rid": j.rid, "keep": keep, "n_feed": len(f), "k": j.k, "topk": j.topk,
                              "temperature": j.temperature, "return_probs": j.return_probs, "seed": j.seed,
-                             **({"forced": j.forced} if j.forced is not None else {})})
+                             **({"forced": j.forced} if j.forced is not None else {}),
+                             **({"min_reach": j.min_reach} if j.min_reach is not None else {})})
                 feed.extend(f)
             h, a = self.call("draft", {"requests": reqs}, {"feed": np.asarray(feed, dtype=np.int32)})
         except (WorkerError, TimeoutError, OSError) as e:
             return self._failed(e, [j.rid for j in jobs], t0)
         out: dict[str, DraftOut] = {}
         off = 0
-        for j in jobs:
+        for j, rep in zip(jobs, h["requests"]):
             k = j.k
             toks = [int(t) for t in a["tokens"][off:off + k]]
             # A weight-free drafter (prompt lookup) marks "nothing to propose" with -1: the
-            # draft ends there, and its worker appended only the tokens before it.
+            # draft ends there, and its worker appended only the tokens before it. A model
+            # drafter whose chain stopped early (min_reach) pads with -1 too and reports the
+            # steps it drafted as "k": it fed all but the last of them.
             n = toks.index(-1) if -1 in toks else k
-            self.cached[j.rid] = list(j.context[self.start.get(j.rid, 0):]) + toks[:min(n, k - 1)]
+            fed = min(n, int(rep.get("k", k)) - 1)
+            self.cached[j.rid] = list(j.context[self.start.get(j.rid, 0):]) + toks[:fed]
             if n:
                 sl = slice(off, off + n)
                 out[j.rid] = DraftOut(tokens=toks[:n], probs=[float(p) for p in a["token_probs"][sl]],

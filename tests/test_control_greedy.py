@@ -184,6 +184,31 @@ def test_pruned_trees_stay_exact(control_engines, tmp_path, reference):
     assert st["mean_accepted_length"] > 1.5, st
 
 
+def test_solo_chains_stopped_by_the_drafter_stay_exact(control_engines, tmp_path, reference):
+    """A cosine request routed to one model drafter drafts its chain in one op; with
+    min_gain = 0.6 the drafter ends the chain itself once its tokens' probability product
+    falls below the step floor (workers: min_reach). Outputs stay exact, chains did stop
+    early, and the drafter's cache stays in step (the next rounds still accept drafts)."""
+    from cosine.control.cluster import LocalCluster
+    from tests.conftest import write_cluster_config
+
+    cfg = write_cluster_config(tmp_path / "config.toml", control_engines["target"],
+                               {"good": control_engines["target"], "poor": control_engines["poor"]},
+                               sections={"speculation": {"min_gain": 0.6}})
+    lengths = []
+    with LocalCluster(cfg) as cl, Client(cl.endpoint, timeout_s=60) as c:
+        for drafter in ("poor", "good"):
+            for i, p in enumerate(PROMPTS):
+                r = c.generate(p, max_tokens=24, mode="cosine", drafters=[drafter])
+                assert r.token_ids == reference[i], (drafter, i)
+                if drafter == "good":
+                    lengths.append(r.stats["mean_accepted_length"])
+        st = c.stats()
+    assert st["stopped_chains"] > 0 and st["refused_drafts"] == 0, st
+    # "good" is the target itself: with its cache in step every drafted token is accepted
+    assert min(lengths) >= 2.0, lengths
+
+
 def test_background_prefill_stays_exact(control_engines, tmp_path, reference):
     """background_prefill = "on": a model drafter prefills each new cosine prompt in a
     background op while the first rounds verify with the prompt-lookup drafter's drafts.

@@ -257,6 +257,61 @@ def test_forced_runs_match_step_by_step(client: WorkerClient, engine: Engine, V:
     release(client, "g0", "g1")
 
 
+def test_chains_stop_early_below_min_reach(client: WorkerClient, engine: Engine, V: int) -> None:
+    """A greedy chain ends after the step where the product of its tokens' probabilities
+    falls below min_reach: the tokens up to there are the full chain's, the rest are -1,
+    the reply's k is the steps drafted, and the cache holds all but the last (the caller's
+    convention), so the next op continues exactly."""
+    rng = np.random.default_rng(11)
+    p = prompt(rng, 8, V)
+    prefill(client, {"m0": p, "m1": p})
+    full = ref_greedy(engine, p, 6)
+    probs, seq = [], list(p)
+    for t in full:
+        probs.append(float(np.exp(log_softmax(ref_logits(engine, seq)[-1]))[t]))
+        seq.append(t)
+    reach = np.cumprod(probs)
+    stop = 2  # end after the third step: its reach is below the threshold, earlier ones are not
+    mins = [0.0] * 6
+    mins[stop] = float(reach[stop]) * 1.0001
+    reqs = [{"rid": "m0", "n_feed": 1, "k": 6, "topk": 1, "min_reach": mins},
+            {"rid": "m1", "n_feed": 1, "k": 6, "topk": 1, "min_reach": [0.0] * 6}]
+    h, a = client.call("draft", {"requests": reqs}, {"feed": i32([p[-1], p[-1]])})
+    assert a["tokens"][:6].tolist() == full[:stop + 1] + [-1] * (5 - stop)
+    assert a["tokens"][6:].tolist() == full  # never below: the whole chain
+    ks = {r["rid"]: (r["k"], r["length"]) for r in h["requests"]}
+    assert ks == {"m0": (stop + 1, len(p) + stop), "m1": (6, len(p) + 5)}
+    _, b = client.call("draft", {"requests": [{"rid": "m0", "n_feed": 1, "k": 2}]}, {"feed": i32([full[stop]])})
+    assert b["tokens"].tolist() == full[stop + 1:stop + 3]
+    with pytest.raises(WorkerError, match="min_reach must be a list of 3 numbers in"):
+        client.call("draft", {"requests": [{"rid": "m1", "n_feed": 1, "k": 3, "min_reach": [0.5, 2.0, 0.1]}]},
+                    {"feed": i32([full[-1]])})
+    release(client, "m0", "m1")
+
+
+def test_drafter_proxy_mirror_follows_chains_that_stopped_early(client: WorkerClient, engine: Engine,
+                                                                V: int) -> None:
+    """The control plane's drafter proxy keeps a mirror of the worker's cache: after a chain
+    that stopped early it must record all drafted tokens but the last, so that the next op,
+    on the accepted tokens plus a bonus, feeds exactly what the worker lacks."""
+    from cosine.control.proxies import DrafterProxyActor, DraftJob
+
+    rng = np.random.default_rng(12)
+    p = prompt(rng, 8, V)
+    full = ref_greedy(engine, p, 6)
+    proxy = DrafterProxyActor.start("d", client.endpoint, 30.0, 0).proxy()
+    try:
+        out = proxy.draft([DraftJob("x0", p, 6, min_reach=[1.0] * 6)]).get()
+        assert out.error is None and out.value["x0"].tokens == full[:1]  # no probability is 1: stop at once
+        assert proxy.cached.get().get("x0") == p  # the stopped step's token was not fed
+        ctx = p + full[:2]  # its token accepted, then the target's bonus
+        out = proxy.draft([DraftJob("x0", ctx, 3)]).get()
+        assert out.error is None and out.value["x0"].tokens == full[2:5]
+    finally:
+        proxy.release(["x0"]).get()
+        proxy.stop()
+
+
 def test_sampling_is_reproducible_per_seed(client: WorkerClient, V: int) -> None:
     rng = np.random.default_rng(5)
     p = prompt(rng, 5, V)

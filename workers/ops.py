@@ -203,6 +203,11 @@ class Ops(WorkerOps):
         rngs = [np.random.default_rng(p.seed) if p.seed is not None else p.entry.rng for p in plans]
         chosen: list[list[tuple[int, np.ndarray]]] = [[] for _ in plans]  # per request: (token, probs)
         inputs = [p.feed for p in plans]
+        # Early stop (greedy, own choices): reach is the product of the chosen tokens'
+        # probabilities; a request ends its chain after step j once reach < min_reach[j],
+        # so steps the caller would prune are never computed.
+        reach = [1.0] * len(plans)
+        stopped: set[int] = set()
         active = list(range(len(plans)))
         while active:
             # A run of forced steps needs no choice in between: their tokens ride along in
@@ -226,16 +231,20 @@ class Ops(WorkerOps):
                     if p.forced is not None and p.forced[step] >= 0:
                         tok = p.forced[step]
                     chosen[i].append((tok, probs))
+                    if p.min_reach is not None and p.temperature <= 0 and p.forced is None:
+                        reach[i] *= float(probs[tok])
+                        if reach[i] < p.min_reach[step]:
+                            stopped.add(i)
                 inputs[i] = np.array([chosen[i][-1][0]], np.int64)
             # The last chosen token is not fed (the caller's convention, docs/design.md).
-            active = [i for i in active if len(chosen[i]) < plans[i].k]
+            active = [i for i in active if len(chosen[i]) < plans[i].k and i not in stopped]
 
         return self._draft_reply(plans, chosen)
 
     def _draft_reply(self, plans: list[DraftRequest], chosen: list[list[tuple[int, np.ndarray]]]) -> Reply:
         R = sum(p.k for p in plans)
         width = max((p.topk for p in plans), default=0)
-        tokens = np.zeros(R, np.int32)
+        tokens = np.full(R, -1, np.int32)  # -1: a chain that stopped early ends there
         token_probs = np.zeros(R, np.float32)
         topk_ids = np.full((R, width), -1, np.int32)
         topk_probs = np.zeros((R, width), np.float32)
@@ -243,6 +252,7 @@ class Ops(WorkerOps):
         probs_out = np.zeros((R, self.V), np.float32) if want_probs else None
         row = 0
         for p, steps in zip(plans, chosen):
+            end = row + p.k
             for tok, probs in steps:
                 tokens[row] = tok
                 token_probs[row] = probs[tok]
@@ -254,10 +264,12 @@ class Ops(WorkerOps):
                 if probs_out is not None and p.return_probs:
                     probs_out[row] = probs
                 row += 1
+            row = end
         out = {"tokens": tokens, "token_probs": token_probs, "topk_ids": topk_ids, "topk_probs": topk_probs}
         if probs_out is not None:
             out["probs"] = probs_out
-        reqs = [{"rid": p.entry.rid, "length": p.entry.length, "k": p.k} for p in plans]
+        # "k": the steps drafted (fewer than asked when a chain stopped early)
+        reqs = [{"rid": p.entry.rid, "length": p.entry.length, "k": len(steps)} for p, steps in zip(plans, chosen)]
         return {"requests": reqs}, out
 
     def verify(self, h: dict[str, Any], arrs: dict[str, np.ndarray]) -> Reply:

@@ -94,6 +94,17 @@ def int_list(r: Mapping[str, Any], key: str, length: int | None = None) -> list[
     return v
 
 
+def prob_list(r: Mapping[str, Any], key: str, length: int) -> list[float] | None:
+    """An optional list of ``length`` numbers in [0, 1]."""
+    v = r.get(key)
+    if v is None:
+        return None
+    if (not isinstance(v, list) or len(v) != length
+            or not all((is_int(x) or isinstance(x, float)) and 0.0 <= x <= 1.0 for x in v)):
+        raise bad(f"request {r.get('rid')!r}: {key} must be a list of {length} numbers in [0, 1], got {v!r}")
+    return [float(x) for x in v]
+
+
 def arrays(arrs: Mapping[str, np.ndarray], spec: dict[str, tuple[str, int]]) -> dict[str, np.ndarray]:
     """Check that exactly the arrays in ``spec`` = {name: (dtype, length)} came, 1-D."""
     extra = sorted(set(arrs) - set(spec))
@@ -141,12 +152,14 @@ class DraftRequest:
     return_probs: bool
     seed: int | None
     forced: list[int] | None
+    min_reach: list[float] | None = None  # greedy: stop after step j once reach < min_reach[j]
 
 
 def draft_plans(header: Mapping[str, Any], arrs: Mapping[str, np.ndarray], vocab: int,
                 held: Callable[[str], Any], length: Callable[[Any], int]) -> list[DraftRequest]:
     """Parse and check a `draft` op for any worker kind; nothing is changed here."""
-    reqs = requests(header, {"keep", "n_feed", "k", "topk", "temperature", "return_probs", "seed", "forced"})
+    reqs = requests(header, {"keep", "n_feed", "k", "topk", "temperature", "return_probs", "seed", "forced",
+                             "min_reach"})
     n_feeds = [int_field(r, "n_feed", 1) for r in reqs]
     a = arrays(arrs, {"feed": ("int32", sum(n_feeds))})
     token_range("feed", a["feed"], vocab)
@@ -160,5 +173,6 @@ def draft_plans(header: Mapping[str, Any], arrs: Mapping[str, np.ndarray], vocab
             raise bad(f"request {r['rid']!r}: forced tokens must be -1 or in [0, {vocab}), got {forced}")
         plans.append(DraftRequest(e, keep, feed, k, int_field(r, "topk", 0, vocab, default=0),
                                temperature_field(r), bool_field(r, "return_probs", False),
-                               int_field(r, "seed", 0, 2**64 - 1, default=None), forced))
+                               int_field(r, "seed", 0, 2**64 - 1, default=None), forced,
+                               prob_list(r, "min_reach", k)))
     return plans
