@@ -795,8 +795,7 @@ class ControllerActor(pykka.ThreadingActor):
         floor = self._step_floor(r) if self._prunes(r) else 0.0
         if floor <= 0.0:
             return None
-        rates = self.spec.rates(r.rid)
-        return [min(1.0, floor / max(rates[min(j + 1, len(rates) - 1)], 1e-6)) for j in range(k)]
+        return [min(1.0, floor / max(self.spec.rate_at(r.rid, j + 2), 1e-6)) for j in range(k)]
 
     def _run_drafts(self, jobs: dict[int, list[DraftJob]]) -> dict[int, dict[str, DraftOut]]:
         """One draft op per drafter, all in flight at once; failed drafters are marked dead."""
@@ -964,8 +963,8 @@ class ControllerActor(pykka.ThreadingActor):
                     st["prefix"].append(fused)
                     st["left"] -= 1
                     st["reach"] *= conf
-                    rates = self.spec.rates(r.rid)  # the next position's, given this one is accepted
-                    if st["reach"] * rates[min(len(st["prefix"]), len(rates) - 1)] < st["floor"]:
+                    # the next position's acceptance, given this one is accepted
+                    if st["reach"] * self.spec.rate_at(r.rid, len(st["prefix"]) + 1) < st["floor"]:
                         st["left"] = 0
                     got[r.rid] = {i: o for i, o in got[r.rid].items() if still_valid(o.tokens, step, fused)}
                     if st["left"] > 0 and got[r.rid].keys() == asked[r.rid].keys():

@@ -281,6 +281,12 @@ class SpeculationController:
         st = self._reqs.get(rid)
         return st.est if st else self.rates_global
 
+    def rate_at(self, rid: str, position: int) -> float:
+        """P(draft position ``position`` (1-based) is accepted | the one before it was), for
+        this request; positions past the last estimated one take its rate."""
+        rates = self.rates(rid)
+        return rates[min(max(position, 1), len(rates)) - 1]
+
     def is_off(self, rid: str) -> bool:
         st = self._reqs.get(rid)
         return bool(st and st.off)

@@ -172,6 +172,7 @@ def test_short_drafts_do_not_starve_the_later_rate():
         sc.observe("new", drafted=1, accepted=1, draft_s=0.03, verify_s=0.26, depth=1)
     a1, a2, *_ = sc.rates("new")
     assert a1 > 0.85 and a2 >= a1 - 1e-9, (a1, a2)
+    assert (sc.rate_at("new", 1), sc.rate_at("new", 2), sc.rate_at("new", 99)) == (a1, a2, sc.rates("new")[-1])
     assert sc.best_draft_len("new") >= 3
 
 
