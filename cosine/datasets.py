@@ -279,7 +279,6 @@ def build(out_dir: str | Path, tokenizer, domains: tuple[str, ...] = DOMAINS, pr
     tok = load_tokenizer(tokenizer)
     pkgs = sorted({p for d in domains for s in sources[d] for p in s.packages})
     pkg_info = ensure_packages(pkgs, install) if pkgs else {}
-    rng = np.random.default_rng(seed)
     prompts: dict[str, list[str]] = {}
     heldout: dict[str, list[str]] = {}
     manifest_domains = {}
@@ -317,6 +316,10 @@ def build(out_dir: str | Path, tokenizer, domains: tuple[str, ...] = DOMAINS, pr
             log.info("%s/%s: documents %s, bytes %s", d, s.name, counts, used)
         train_text = "\n\n".join(texts["train"])
         (out / "train" / f"{d}.txt").write_text(train_text + "\n", encoding="utf-8")
+        # One generator per domain, from the seed and the domain's name: a domain's prompts
+        # must not depend on which domains were built before it (one shared generator gave
+        # other prose and German prompts when the domain list changed).
+        rng = np.random.default_rng([seed, int.from_bytes(hashlib.sha256(d.encode()).digest()[:4], "big")])
         prompts[d] = cut_prompts(texts["bench"], tok, n_prompts, prompt_tokens, rng, train_text)
         heldout[d] = cut_prompts(texts["heldout"], tok, n_heldout, prompt_tokens, rng, train_text)
         if len(prompts[d]) < n_prompts or len(heldout[d]) < n_heldout:

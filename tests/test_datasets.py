@@ -62,6 +62,12 @@ def test_synthetic_build(tmp_path: Path) -> None:
     for f in files:
         sp = split_of(f"fake:{f.relative_to(root)}")
         assert (f.read_text() in train) == (sp == "train")
+    # a domain's prompts do not depend on the other domains built with it, nor their order
+    alone = tmp_path / "alone"
+    build(alone, word_tokenizer(), domains=("prose", "code"), prompt_tokens=32, n_prompts=5, n_heldout=4,
+          install=False, sources=sources)
+    assert json.loads((alone / "prompts.json").read_text()) == prompts
+    assert json.loads((alone / "heldout.json").read_text()) == heldout
 
 
 def test_strip_roff() -> None:
