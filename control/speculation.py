@@ -313,7 +313,8 @@ class SpeculationController:
         if not g:
             return self.min_gain, self.min_gain
         node_s = max(0.0, self.verify_s(2) - self.verify_s(1))
-        return max(self.min_gain, g * node_s), max(self.min_gain, g * (node_s + (st.draft_step_s or 0.0)))
+        step_s = (st.draft_step_s if st is not None else self.draft_step_global) or 0.0
+        return max(self.min_gain, g * node_s), max(self.min_gain, g * (node_s + step_s))
 
     @property
     def plain_rate(self) -> float | None:

@@ -157,6 +157,11 @@ def test_gain_floors_price_time_at_least_at_plain_decodings_rate():
     node, step = sc.gain_floors("new")
     assert node == pytest.approx(sc.plain_rate * node_s)
     assert step == pytest.approx(sc.plain_rate * (node_s + sc._state("new").draft_step_s))
+    # a request never planned (e.g. kept plain by the batch gate) is priced at plain's rate
+    # and the global draft step (this raised inside the controller round at concurrency 4)
+    node, step = sc.gain_floors("never-planned")
+    assert node == pytest.approx(sc.plain_rate * node_s)
+    assert step == pytest.approx(sc.plain_rate * (node_s + sc.draft_step_global))
 
 
 def test_short_drafts_do_not_starve_the_later_rate():
