@@ -4,6 +4,7 @@ real processes over ZeroMQ on loopback, and run prompts from several domains."""
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 import time
@@ -12,6 +13,7 @@ from pathlib import Path
 from cosine import config as cfgmod
 from cosine import models
 from cosine.log import setup
+from cosine.workers.engine import FORMAT_VERSION
 
 log = logging.getLogger("cosine.demo")
 
@@ -23,9 +25,24 @@ PROMPTS = [
 ]
 
 
+def _current(engine_dir: Path) -> bool:
+    """An engine directory with a manifest in today's format (an older ONNX engine still
+    runs, but slower: it computes logits for every prompt token)."""
+    man = engine_dir / "manifest.json"
+    if not man.is_file():
+        return False
+    m = json.loads(man.read_text())
+    if not (engine_dir / "model.onnx").is_file() or m.get("format_version", 1) >= FORMAT_VERSION:
+        return True  # (n-gram tables have a format of their own)
+    log.info("engine %s has format_version %s < %d; exporting it again", engine_dir, m.get("format_version"),
+             FORMAT_VERSION)
+    return False
+
+
 def ensure_engines(cfg: cfgmod.Config) -> None:
-    """Export every engine the config names but lacks, from its `source` model."""
-    missing = [m for m in cfg.models if m.kind != "lookup" and not (cfg.engine_dir(m) / "manifest.json").is_file()]
+    """Export every engine the config names but lacks (or has in an older format), from
+    its `source` model."""
+    missing = [m for m in cfg.models if m.kind != "lookup" and not _current(cfg.engine_dir(m))]
     # n-gram drafters are counted with the target's tokenizer: the target goes first
     for m in sorted(missing, key=lambda m: m.kind == "ngram"):
         if m.kind == "ngram":
@@ -47,7 +64,7 @@ def ensure_engines(cfg: cfgmod.Config) -> None:
             from cosine.export.quantize import quantize_engine
 
             float_dir = out.with_name(out.name + "-float")
-            if not (float_dir / "manifest.json").is_file():
+            if not _current(float_dir):
                 export_engine(src, float_dir, dtype=m.dtype, name=m.name)
             quantize_engine(float_dir, out, m.quantize)
         else:

@@ -615,8 +615,8 @@ def engine_predictions(engine_dir: Path, prompts: list[np.ndarray], conts: list[
         ids = np.concatenate([p, c[:-1]]).astype(np.int64)[None]
         L = ids.shape[1]
         logits, _, _ = eng.forward(ids, np.arange(L, dtype=np.int64)[None], np.tril(np.ones((L, L), bool))[None, None],
-                                   eng.empty_past())
-        out.append(logits[0, -len(c):].argmax(-1))
+                                   eng.empty_past(), np.arange(L - len(c), L, dtype=np.int64)[None])
+        out.append(logits[0].argmax(-1))
     return out
 
 

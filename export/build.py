@@ -26,6 +26,7 @@ from .errors import ExportError, ParityError, UnsupportedArchitecture
 from .graph import DATA_FILE, OPSET, GraphBuilder
 from .layers import ModelSpec, io_description
 from .runtime import PROVIDERS, check_provider
+from cosine.workers.engine import FORMAT_VERSION
 
 log = logging.getLogger("cosine.export")
 
@@ -290,7 +291,7 @@ def export_engine(model: str | Path, out_dir: str | Path, dtype: str = "float32"
                 session(out, provider)
 
     manifest = {
-        "format": "cosine-engine", "format_version": 1, "exporter_version": EXPORTER_VERSION,
+        "format": "cosine-engine", "format_version": FORMAT_VERSION, "exporter_version": EXPORTER_VERSION,
         "name": name or (src.path.stem if src.gguf else src.path.name),
         "architecture": spec.architecture, "model_type": spec.model_type,
         "source": str(src.path), "source_sha256": source_sha,

@@ -69,6 +69,7 @@ def build(g: GraphBuilder, config: Any, tensor: Callable[[str], np.ndarray], nam
         h = Lyr.layer_norm(g, x, w(p + "ln_2.weight"), w(p + "ln_2.bias"), eps)
         h = _gelu(g, g.linear(h, w(p + "mlp.c_fc.weight"), w(p + "mlp.c_fc.bias")), config.activation_function)
         x = g.op("Add", [x, g.linear(h, w(p + "mlp.c_proj.weight"), w(p + "mlp.c_proj.bias"))])
+    x = Lyr.logit_rows(g, x, io["logits_index"])
     x = Lyr.layer_norm(g, x, w("transformer.ln_f.weight"), w("transformer.ln_f.bias"), eps)
     tied = bool(getattr(config, "tie_word_embeddings", True)) or "lm_head.weight" not in names
     Lyr.lm_head(g, x, wte if tied else w("lm_head.weight"), spec)

@@ -101,6 +101,7 @@ def build(g: GraphBuilder, config: Any, tensor: Callable[[str], np.ndarray], nam
                         opt(mp + "down_proj.bias"))
         x = g.op("Add", [x, down])
 
+    x = Lyr.logit_rows(g, x, io["logits_index"])
     x = Lyr.rms_norm(g, x, g.weight("model.norm.weight", tensor("model.norm.weight")), eps)
     tied = bool(getattr(config, "tie_word_embeddings", False)) or "lm_head.weight" not in names
     head = embed if tied else g.weight("lm_head.weight", tensor("lm_head.weight"))

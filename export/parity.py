@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from cosine.tree import ancestor_mask, path_to, position_ids, validate_parents
+from cosine.workers.engine import all_rows
 
 from .runtime import session
 
@@ -97,7 +98,8 @@ def _run_rows(sess: Any, case: ParityCase, rows: list[int], num_layers: int, kv_
     mask = causal[None] & valid[:, None, :]
     mask |= np.eye(P, dtype=bool)[None]  # padding rows see themselves: no all-masked row
     empty = np.zeros((B, 0, kv_heads, head_dim), dtype)
-    feeds: dict[str, np.ndarray] = {"input_ids": ids, "position_ids": pos, "attention_mask": mask[:, None]}
+    feeds: dict[str, np.ndarray] = {"input_ids": ids, "position_ids": pos, "attention_mask": mask[:, None],
+                                    "logits_index": all_rows(B, P)}
     for i in range(num_layers):
         feeds[f"past_key.{i}"] = empty
         feeds[f"past_value.{i}"] = empty
@@ -110,7 +112,7 @@ def _run_rows(sess: Any, case: ParityCase, rows: list[int], num_layers: int, kv_
     tmask[:, :, P:] = ancestor_mask(case.parents)[None]
     feeds = {"input_ids": np.tile(case.tree_tokens, (B, 1)),
              "position_ids": np.stack([position_ids(case.parents, p.size) for p in pre]),
-             "attention_mask": tmask[:, None]}
+             "attention_mask": tmask[:, None], "logits_index": all_rows(B, N)}
     for i in range(num_layers):
         feeds[f"past_key.{i}"] = outs[1 + i]
         feeds[f"past_value.{i}"] = outs[1 + num_layers + i]

@@ -123,12 +123,14 @@ def _agreement(float_dir: Path, quant_dir: Path, manifest: dict, n: int = 48, se
     random causal sequence (cheap: one forward each)."""
     import onnxruntime as ort
 
+    from cosine.workers.engine import all_rows
+
     V, L, Hkv, D = (manifest[k] for k in ("vocab_size", "num_layers", "num_kv_heads", "head_dim"))
     dt = np.float16 if manifest["dtype"] == "float16" else np.float32
     ids = _sample_ids(float_dir, V, n, seed)
     n = ids.shape[1]
     feeds = {"input_ids": ids, "position_ids": np.arange(n, dtype=np.int64)[None],
-             "attention_mask": np.tril(np.ones((n, n), bool))[None, None]}
+             "attention_mask": np.tril(np.ones((n, n), bool))[None, None], "logits_index": all_rows(1, n)}
     for i in range(L):
         feeds[f"past_key.{i}"] = feeds[f"past_value.{i}"] = np.zeros((1, 0, Hkv, D), dt)
     outs = []

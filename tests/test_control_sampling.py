@@ -30,13 +30,14 @@ def _logits(engine: Path, ids: list[int]) -> np.ndarray:
     sess = ort.InferenceSession(str(engine / "model.onnx"), providers=["CPUExecutionProvider"])
     t = len(ids)
     feeds = {"input_ids": np.asarray([ids], np.int64), "position_ids": np.arange(t, dtype=np.int64)[None],
-             "attention_mask": np.tril(np.ones((t, t), bool))[None, None]}
+             "attention_mask": np.tril(np.ones((t, t), bool))[None, None],
+             "logits_index": np.array([[t - 1]], np.int64)}
     dt = np.float16 if m["dtype"] == "float16" else np.float32
     for i in range(m["num_layers"]):
         for kind in ("key", "value"):
             feeds[f"past_{kind}.{i}"] = np.zeros((1, 0, m["num_kv_heads"], m["head_dim"]), dt)
     names = [o.name for o in sess.get_outputs()]
-    return sess.run(["logits"], feeds)[0][0, -1].astype(np.float64) if "logits" in names else None
+    return sess.run(["logits"], feeds)[0][0, 0].astype(np.float64) if "logits" in names else None
 
 
 def _softmax(z: np.ndarray) -> np.ndarray:

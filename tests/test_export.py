@@ -45,15 +45,17 @@ def _manifest(engine: Path) -> dict:
     return json.loads((engine / "manifest.json").read_text())
 
 
-def _run(sess, manifest: dict, ids: np.ndarray, pos: np.ndarray, mask: np.ndarray, past=None):
-    """One engine call; returns (logits, [new K], [new V])."""
+def _run(sess, manifest: dict, ids: np.ndarray, pos: np.ndarray, mask: np.ndarray, past=None, rows=None):
+    """One engine call (logits of ``rows`` [B, K], default every new token); returns
+    (logits, [new K], [new V])."""
     L, Hkv, D = manifest["num_layers"], manifest["num_kv_heads"], manifest["head_dim"]
     B = ids.shape[0]
     if past is None:
         z = np.zeros((B, 0, Hkv, D), np.dtype(manifest["dtype"]))
         past = [(z, z)] * L
     feeds = {"input_ids": ids.astype(np.int64), "position_ids": pos.astype(np.int64),
-             "attention_mask": mask.astype(bool)}
+             "attention_mask": mask.astype(bool),
+             "logits_index": np.tile(np.arange(ids.shape[1]), (B, 1)) if rows is None else rows.astype(np.int64)}
     for i, (k, v) in enumerate(past):
         feeds[f"past_key.{i}"], feeds[f"past_value.{i}"] = k, v
     outs = sess.run(None, feeds)
@@ -80,14 +82,15 @@ def test_parity_passes_fp32(engines: dict[str, Path], arch: str) -> None:
 def test_manifest_fields(engines: dict[str, Path], tiny_models: dict[str, Path], arch: str) -> None:
     m = _manifest(engines[arch])
     assert set(MANIFEST_FIELDS) <= set(m)
-    assert m["format"] == "cosine-engine" and m["opset"] == 17 and m["dtype"] == "float32"
+    assert m["format"] == "cosine-engine" and m["format_version"] == 2
+    assert m["opset"] == 17 and m["dtype"] == "float32"
     assert m["architecture"] == ("gpt2" if arch == "gpt2" else "llama") and m["model_type"] == arch
     assert (m["num_layers"], m["vocab_size"], m["hidden_size"], m["max_positions"]) == (2, 64, 64, 256)
     assert m["num_kv_heads"] == (4 if arch == "gpt2" else 2) and m["head_dim"] == 16
     assert m["eos_token_ids"] == [0] and m["bos_token_id"] == 1
     import hashlib
     assert m["source_sha256"] == hashlib.sha256((tiny_models[arch] / "model.safetensors").read_bytes()).hexdigest()
-    assert [i["name"] for i in m["inputs"]][:3] == ["input_ids", "position_ids", "attention_mask"]
+    assert [i["name"] for i in m["inputs"]][:4] == ["input_ids", "position_ids", "attention_mask", "logits_index"]
     assert len(m["outputs"]) == 1 + 2 * m["num_layers"]
     for f in ("model.onnx", "model.onnx.data", "tokenizer.json"):
         assert (engines[arch] / f).is_file()
@@ -100,6 +103,7 @@ def test_graph_interface_matches_design(engines: dict[str, Path]) -> None:
     outs = {o.name: o for o in model.graph.output}
     assert ins["input_ids"].type.tensor_type.elem_type == onnx.TensorProto.INT64
     assert ins["attention_mask"].type.tensor_type.elem_type == onnx.TensorProto.BOOL
+    assert ins["logits_index"].type.tensor_type.elem_type == onnx.TensorProto.INT64
     dims = [d.dim_value or d.dim_param for d in ins["past_key.1"].type.tensor_type.shape.dim]
     assert dims == ["batch", "past", 2, 16]  # sequence-major cache
     assert outs["logits"].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
@@ -107,6 +111,33 @@ def test_graph_interface_matches_design(engines: dict[str, Path]) -> None:
     # every weight lives in the external data file
     big = [t for t in model.graph.initializer if np.prod(t.dims) >= 256]
     assert big and all(t.data_location == onnx.TensorProto.EXTERNAL for t in big)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_logits_index_computes_only_the_asked_rows(engines: dict[str, Path], arch: str) -> None:
+    """logits_index picks, per batch row, which new tokens get logits: a right-padded batch
+    asking for each request's last rows gets exactly those rows of the full run, and the
+    new K/V (every token) are unchanged."""
+    from cosine.export.runtime import session
+
+    m = _manifest(engines[arch])
+    sess = session(engines[arch], "cpu")
+    rng = np.random.default_rng(3)
+    T, lens = 6, (6, 4)
+    ids = rng.integers(2, m["vocab_size"], (2, T))
+    mask = np.zeros((2, 1, T, T), bool)
+    for b, t in enumerate(lens):
+        mask[b, 0, :t, :t] = np.tril(np.ones((t, t), bool))
+        mask[b, 0, np.arange(t, T), np.arange(t, T)] = True  # padding rows see themselves
+    pos = np.tile(np.arange(T), (2, 1))
+    full, k_full, v_full = _run(sess, m, ids, pos, mask)
+    rows = np.array([[4, 5], [2, 3]])  # the last two real tokens of each request
+    some, k_some, v_some = _run(sess, m, ids, pos, mask, rows=rows)
+    assert some.shape == (2, 2, m["vocab_size"])
+    np.testing.assert_allclose(some[0], full[0, 4:6], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(some[1], full[1, 2:4], rtol=1e-5, atol=1e-5)
+    for a, b in zip(k_full + v_full, k_some + v_some):
+        np.testing.assert_array_equal(a, b)
 
 
 def test_tokenizer_copied(engines: dict[str, Path], tiny_models: dict[str, Path]) -> None:

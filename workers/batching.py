@@ -25,18 +25,25 @@ class Feed:
     tokens: np.ndarray  # int [t]
     positions: np.ndarray  # int64 [t]
     mask: np.ndarray | None = None  # bool [t, t] among the new tokens; None = causal
+    last_logits: int | None = None  # logits only for the last n tokens (None = all t)
+
+    @property
+    def n_logits(self) -> int:
+        t = self.tokens.size
+        return t if self.last_logits is None else max(1, min(t, self.last_logits))
 
 
 @dataclass
 class FeedResult:
-    logits: np.ndarray  # float32 [t, V]
+    logits: np.ndarray  # float32 [n_logits, V]: the feed's last n_logits rows
     k: list[np.ndarray]  # per layer [t, Hkv, D]
     v: list[np.ndarray]
 
 
-def chain(entry: Entry, tokens: np.ndarray) -> Feed:
+def chain(entry: Entry, tokens: np.ndarray, last_logits: int | None = None) -> Feed:
     """Feed for tokens appended after the cache (positions continue the sequence)."""
-    return Feed(entry, tokens, np.arange(entry.length, entry.length + tokens.size, dtype=np.int64))
+    return Feed(entry, tokens, np.arange(entry.length, entry.length + tokens.size, dtype=np.int64),
+                last_logits=last_logits)
 
 
 def run_batched(engine: Engine, feeds: list[Feed], max_batch: int) -> list[FeedResult]:
@@ -63,6 +70,8 @@ def _forward(engine: Engine, feeds: list[Feed]) -> list[FeedResult]:
     ids = np.zeros((B, T), np.int64)
     pos = np.zeros((B, T), np.int64)
     mask = np.zeros((B, 1, T, P + T), np.bool_)
+    K = max(f.n_logits for f in feeds)
+    rows = np.zeros((B, K), np.int64)  # padded with each feed's last row (computed, then dropped)
     for b, f in enumerate(feeds):
         t, p = f.tokens.size, f.entry.length
         ids[b, :t] = f.tokens
@@ -71,6 +80,8 @@ def _forward(engine: Engine, feeds: list[Feed]) -> list[FeedResult]:
         mask[b, 0, :t, P:P + t] = _causal(t) if f.mask is None else f.mask
         pad = np.arange(t, T)
         mask[b, 0, pad, P + pad] = True
+        rows[b] = t - 1
+        rows[b, :f.n_logits] = np.arange(t - f.n_logits, t)
 
     if B == 1:
         # The slab prefix is already contiguous [P, Hkv, D]: a view, no copy.
@@ -87,9 +98,9 @@ def _forward(engine: Engine, feeds: list[Feed]) -> list[FeedResult]:
                 v[b, :pv.shape[0]] = pv
             past.append((k, v))
 
-    logits, new_k, new_v = engine.forward(ids, pos, mask, past)
+    logits, new_k, new_v = engine.forward(ids, pos, mask, past, rows)
     res = []
     for b, f in enumerate(feeds):
         t = f.tokens.size
-        res.append(FeedResult(logits[b, :t], [k[b, :t] for k in new_k], [v[b, :t] for v in new_v]))
+        res.append(FeedResult(logits[b, :f.n_logits], [k[b, :t] for k in new_k], [v[b, :t] for v in new_v]))
     return res

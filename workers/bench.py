@@ -287,8 +287,8 @@ def engine_side(engine_dir: Path, s: Settings, progress: Callable[[str], None]) 
         ids = np.ones((1, L), np.int64)
         pos = np.arange(L, dtype=np.int64)[None]
         mask = np.tril(np.ones((L, L), bool))[None, None]
-        pv = past(1, 0)
-        return lambda: engine.forward(ids, pos, mask, pv)
+        pv = past(1, 0)  # as the prefill op: the last token's logits only
+        return lambda: engine.forward(ids, pos, mask, pv, np.array([[L - 1]], np.int64))
 
     def timed(fn: Callable[[], Any]) -> list[float]:
         return _timed(fn, s.iters, s.warmup)[0]

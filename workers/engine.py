@@ -19,6 +19,10 @@ import onnxruntime as ort
 
 log = logging.getLogger("cosine.worker.engine")
 
+# Engine manifest format. 2: the graph takes ``logits_index`` and computes logits only for
+# those rows. Format-1 engines still load (their logits are sliced after the run).
+FORMAT_VERSION = 2
+
 _PROVIDER_NAMES = {
     "cpu": "CPUExecutionProvider",
     "cuda": "CUDAExecutionProvider",
@@ -49,6 +53,11 @@ def _providers(provider: str, device: str, engine_dir: Path) -> list[Any]:
         trt = {**dev, "trt_engine_cache_enable": True, "trt_engine_cache_path": str(cache)}
         return [("TensorrtExecutionProvider", trt), ("CUDAExecutionProvider", dev)]
     raise EngineError(f"unknown provider {provider!r}; use one of {sorted(_PROVIDER_NAMES)}")
+
+
+def all_rows(batch: int, seq: int) -> np.ndarray:
+    """``logits_index`` asking for every one of ``seq`` new tokens' logits: int64 [batch, seq]."""
+    return np.broadcast_to(np.arange(seq, dtype=np.int64), (batch, seq)).copy()
 
 
 class Engine:
@@ -111,6 +120,11 @@ class Engine:
         missing = {"input_ids", "position_ids", "attention_mask", *sum(self._past_names, ())} - inputs
         if missing:
             raise EngineError(f"{model_path} lacks graph inputs {sorted(missing)} (see docs/design.md)")
+        self.selects_logits = "logits_index" in inputs
+        if not self.selects_logits:
+            log.warning("engine %s predates logits_index (format_version %s < %d): every forward computes "
+                        "logits for all its tokens, which slows prompt prefill; re-export it with cosine-export",
+                        self.dir, m.get("format_version"), FORMAT_VERSION)
         log.info("engine %s loaded: %s, L=%d Hkv=%d D=%d V=%d max_positions=%d dtype=%s on %s",
                  self.dir, m.get("name", "?"), self.num_layers, self.num_kv_heads, self.head_dim,
                  self.vocab_size, self.max_positions, self.dtype, got)
@@ -125,14 +139,20 @@ class Engine:
         return [(z, z)] * self.num_layers
 
     def forward(self, input_ids: np.ndarray, position_ids: np.ndarray, attention_mask: np.ndarray,
-                past: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, list[np.ndarray], list[np.ndarray]]:
+                past: list[tuple[np.ndarray, np.ndarray]], logits_index: np.ndarray | None = None
+                ) -> tuple[np.ndarray, list[np.ndarray], list[np.ndarray]]:
         """One graph run. Shapes as in docs/design.md; ``past[i] = (K, V)`` of layer i,
-        each [B, P, Hkv, D]. Returns (logits [B,T,V], new K per layer, new V per layer)."""
+        each [B, P, Hkv, D]. ``logits_index`` [B, K]: the new-token rows whose logits to
+        compute (None = all T). Returns (logits [B,K,V], new K per layer, new V per layer)."""
+        B, T = np.shape(input_ids)
+        rows = all_rows(B, T) if logits_index is None else np.ascontiguousarray(logits_index, np.int64)
         feeds: dict[str, np.ndarray] = {
             "input_ids": np.ascontiguousarray(input_ids, np.int64),
             "position_ids": np.ascontiguousarray(position_ids, np.int64),
             "attention_mask": np.ascontiguousarray(attention_mask, np.bool_),
         }
+        if self.selects_logits:
+            feeds["logits_index"] = rows
         for (kn, vn), (k, v) in zip(self._past_names, past):
             feeds[kn] = k
             feeds[vn] = v
@@ -141,7 +161,9 @@ class Engine:
         else:
             outs = self._run_bound(feeds)
         n = self.num_layers
-        return outs[0], outs[1:1 + n], outs[1 + n:]
+        logits = outs[0] if self.selects_logits or logits_index is None else \
+            np.take_along_axis(outs[0], rows[:, :, None], axis=1)
+        return logits, outs[1:1 + n], outs[1 + n:]
 
     def _run_bound(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         """GPU path with I/O binding. UNTESTED here (no GPU on the dev machine).

@@ -130,9 +130,12 @@ class Ops(WorkerOps):
         for e in entries:
             e.last_used = now
 
-    def _append_chains(self, entries: list[Entry], tokens: list[np.ndarray]) -> list[np.ndarray]:
-        """Feed each request its tokens (t >= 1) in one batched pass; returns logits per request."""
-        feeds = [chain(e, t) for e, t in zip(entries, tokens)]
+    def _append_chains(self, entries: list[Entry], tokens: list[np.ndarray],
+                       last_logits: list[int] | None = None) -> list[np.ndarray]:
+        """Feed each request its tokens (t >= 1) in one batched pass; returns the logits of
+        each request's last ``last_logits[i]`` tokens (at least one row; all when None)."""
+        lasts = last_logits or [None] * len(entries)
+        feeds = [chain(e, t, n) for e, t, n in zip(entries, tokens, lasts)]
         results = run_batched(self.engine, feeds, self.worker.max_batch)
         for e, r in zip(entries, results):
             self.cache.append(e, r.k, r.v)
@@ -153,8 +156,8 @@ class Ops(WorkerOps):
         entries = [self.cache.create(r["rid"], reserve=n) for r, n in zip(reqs, ns)]
         try:
             work = [(e, t) for e, t in zip(entries, val.split(a["tokens"], ns)) if t.size]
-            if work:
-                self._append_chains([e for e, _ in work], [t for _, t in work])
+            if work:  # no logits wanted: the engine computes one row each
+                self._append_chains([e for e, _ in work], [t for _, t in work], [1] * len(work))
         except BaseException:
             for e in entries:  # all or nothing: no half-prefilled requests
                 self.cache.release(e.rid)
@@ -174,7 +177,7 @@ class Ops(WorkerOps):
         self._touch(entries)
         work = [(e, t) for e, t in zip(entries, val.split(a["tokens"], ns)) if t.size]
         if work:
-            self._append_chains([e for e, _ in work], [t for _, t in work])
+            self._append_chains([e for e, _ in work], [t for _, t in work], [1] * len(work))
         return {"requests": self._lengths(entries)}, {}
 
     def rollback(self, h: dict[str, Any], arrs: dict[str, np.ndarray]) -> Reply:
@@ -217,10 +220,11 @@ class Ops(WorkerOps):
             feeds = [np.concatenate([inputs[i], np.asarray(plans[i].forced[len(chosen[i]):len(chosen[i]) + m],
                                                            np.int64)]) if m else inputs[i]
                      for i, m in zip(active, runs)]
-            logits = self._append_chains([plans[i].entry for i in active], feeds)
+            # logits for the forced steps and the free one after them: not for catch-up tokens
+            logits = self._append_chains([plans[i].entry for i in active], feeds, [m + 1 for m in runs])
             for i, m, lg in zip(active, runs, logits):
                 p = plans[i]
-                for row in lg[lg.shape[0] - m - 1:]:
+                for row in lg:
                     step = len(chosen[i])
                     probs = softmax(row, p.temperature)
                     if p.temperature > 0:
