@@ -397,7 +397,13 @@ class ControllerActor(pykka.ThreadingActor):
         tokens_before = self.stats_.tokens
         self._probe_drafters()
         self._expire()
-        self._admit()
+        if self._admit():
+            # Requests that arrived during this admission prefill wait in the actor's inbox.
+            # End the tick so that the next one admits them before anyone's round is planned:
+            # else the first of a burst, seemingly alone, engaged the model drafter (its
+            # prefill made the others wait 1 s more) and then ran plain in the batch.
+            self.stats_.wall_s += time.perf_counter() - t_start
+            return
         self._warm()
         if not self.requests:
             return
@@ -577,13 +583,13 @@ class ControllerActor(pykka.ThreadingActor):
                 best, free_best = i, free
         return best
 
-    def _admit(self) -> None:
+    def _admit(self) -> int:
         """Admission control (backpressure): a request is prefilled only once a verifier has
         KV room for its worst case, so admitted requests never run out of cache mid-way.
         The rest wait in FIFO order in ``incoming`` (bounded by max_pending_requests,
-        timed out by request_timeout_s)."""
+        timed out by request_timeout_s). Returns how many requests were prefilled."""
         if not self.incoming:
-            return
+            return 0
         by_v: dict[int, list[Request]] = defaultdict(list)
         # One prefill op per tick holds at most max_prefill_tokens prompt tokens (at least one
         # request): a burst of long prompts must not become one forward that outlasts
@@ -605,6 +611,7 @@ class ControllerActor(pykka.ThreadingActor):
             by_v[r.verifier].append(r)
             budget -= len(r.prompt)
         futs = {i: self.verifiers[i].proxy.prefill([(r.rid, r.prompt[:-1]) for r in rs]) for i, rs in by_v.items()}
+        admitted = 0
         for i, rs in by_v.items():
             res: Timed = futs[i].get()
             if res.error == "soft" and len(rs) > 1:  # isolate the bad request: one by one
@@ -616,6 +623,7 @@ class ControllerActor(pykka.ThreadingActor):
                     r.prefilled = True
                     self.requests[r.rid] = r
                     r.domain = self.router.start_request(r.rid, r.prompt_text).get()
+                    admitted += 1
                     continue
                 self.verifiers[i].load -= 1
                 self.verifiers[i].reserved -= r.kv_reserved
@@ -629,6 +637,7 @@ class ControllerActor(pykka.ThreadingActor):
                 self.by_client.pop(r.client_key, None)
                 self.stats_.requests_failed += 1
                 self._reply_error(r.client, code, f"prefill on verifier {self.verifiers[i].name} failed: {res1.message}")
+        return admitted
 
     # -- planning and scheduling -------------------------------------------------------
     def _room(self, r: Request) -> int:
