@@ -268,6 +268,46 @@ def test_model_drafter_waits_while_the_batch_gate_keeps_requests_plain(control_e
         assert st["gated_rounds"] > 0 and st["background_prefills"] <= 1, st
 
 
+def test_a_burst_is_admitted_before_any_round(control_engines, tmp_path):
+    """Three cosine requests arrive while the first one's admission prefill runs (the
+    verifier held with SIGSTOP). The tick that admitted the first ends there, so the next
+    admits the other three before any round is planned: no request ever runs alone, and
+    with a gate that keeps batches plain the model drafter prefills nothing. (The first
+    request used to run its first round alone and engage the model drafter.)"""
+    import signal
+
+    from cosine.control.cluster import LocalCluster
+    from tests.conftest import write_cluster_config
+
+    cfg = write_cluster_config(tmp_path / "config.toml", control_engines["target"],
+                               {"lookup": ("lookup", None), "good": control_engines["target"]},
+                               controller={"background_prefill": "on", "worker_timeout_s": 15.0},
+                               sections={"speculation": {"gate": "model", "disable_below_ratio": 1000.0}})
+
+    async def burst(endpoint: str, verifier) -> list:
+        async with AsyncClient(endpoint, timeout_s=60) as ac:
+            run = lambda i: asyncio.ensure_future(  # noqa: E731
+                ac.generate(PROMPTS[i % 3], max_tokens=16, mode="cosine", ignore_eos=True))
+            verifier.send_signal(signal.SIGSTOP)
+            try:
+                first = run(0)
+                await asyncio.sleep(0.5)  # its admission prefill now waits on the verifier
+                rest = [run(i) for i in (1, 2, 3)]
+                await asyncio.sleep(0.5)  # they wait in the controller's inbox
+            finally:
+                verifier.send_signal(signal.SIGCONT)
+            return await asyncio.gather(first, *rest)
+
+    with LocalCluster(cfg) as cl:
+        outs = asyncio.run(burst(cl.endpoint, cl.workers["verifier-0"].proc))
+        with Client(cl.endpoint, timeout_s=60) as c:
+            refs = [c.generate(PROMPTS[i % 3], max_tokens=16, mode="autoregressive", ignore_eos=True)
+                    for i in range(4)]
+            st = c.stats()
+    assert [o.token_ids for o in outs] == [r.token_ids for r in refs]
+    assert st["gated_rounds"] > 0 and st["background_prefills"] == 0, st
+
+
 def test_cost_engaged_model_drafter_stays_exact(control_engines, tmp_path, reference):
     """engage_by_cost on: a request starts with the weight-free lookup drafter, the model
     drafter is probed once its domain has a weight-free baseline, then engaged or not by
