@@ -20,6 +20,7 @@ from transformers import AutoModelForCausalLM  # noqa: E402
 
 from cosine.export import ExportError, ParityError, UnsupportedArchitecture  # noqa: E402
 from cosine.export.build import export_engine  # noqa: E402
+from cosine.workers.engine import all_rows  # noqa: E402
 from cosine.export.cli import main as cli_main  # noqa: E402
 from cosine.export.parity import check_parity  # noqa: E402
 from cosine.export.runtime import session  # noqa: E402
@@ -55,7 +56,7 @@ def _run(sess, manifest: dict, ids: np.ndarray, pos: np.ndarray, mask: np.ndarra
         past = [(z, z)] * L
     feeds = {"input_ids": ids.astype(np.int64), "position_ids": pos.astype(np.int64),
              "attention_mask": mask.astype(bool),
-             "logits_index": np.tile(np.arange(ids.shape[1]), (B, 1)) if rows is None else rows.astype(np.int64)}
+             "logits_index": all_rows(B, ids.shape[1]) if rows is None else rows.astype(np.int64)}
     for i, (k, v) in enumerate(past):
         feeds[f"past_key.{i}"], feeds[f"past_value.{i}"] = k, v
     outs = sess.run(None, feeds)
