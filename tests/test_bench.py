@@ -4,6 +4,10 @@ identity, round timeline, plots) and the per-drafter table, through a real local
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -142,6 +146,29 @@ def test_pool_adds_pairs_of_runs_and_narrows_the_interval(tmp_path: Path, capsys
     with pytest.raises(SystemExit):  # not a run directory: a clear error, not a traceback
         main(["pool", str(tmp_path)])
     assert "no results.json" in capsys.readouterr().err
+
+
+def test_sigterm_stops_a_run_and_its_cluster(bench_config: Path, tmp_path: Path) -> None:
+    """`kill` of a running cosine-bench exits through its cluster's shutdown: no worker is
+    left behind (it used to die in place and leave them running)."""
+    proc = subprocess.Popen([sys.executable, "-m", "cosine.bench", "load", "--config", str(bench_config), "--up",
+                             "--clients", "2", "--duration", "300", "--max-tokens", "12"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline, children = time.monotonic() + 120, []
+        while len(children) < 5 and time.monotonic() < deadline:  # 4 workers and cosine-serve
+            time.sleep(0.5)
+            children = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+        assert len(children) >= 5, f"the cluster did not start: children {children}"
+        time.sleep(3)  # clients are generating
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 128 + signal.SIGTERM, proc.stdout.read()  # interrupted, not finished
+        left = [c for c in children if Path(f"/proc/{c}").exists()
+                and Path(f"/proc/{c}/stat").read_text().split(")")[-1].split()[0] != "Z"]
+        assert not left, f"processes left running: {left}"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
 
 
 def test_drafters_table_pins_each_drafter(bench_config: Path, tmp_path: Path) -> None:

@@ -14,11 +14,18 @@ one invocation, so that ratios compare like with like.
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 
 
 def main(argv: list[str] | None = None) -> int:
+    cli = argv is None  # the command line, not a test calling main()
     argv = list(sys.argv[1:] if argv is None else argv)
+    if cli:
+        # SIGTERM (a batch scheduler, `kill`) must stop the local cluster a run started as
+        # Ctrl-C does: exit through the `with LocalCluster` blocks instead of dying in place
+        # and leaving the worker processes behind.
+        signal.signal(signal.SIGTERM, _exit_on_signal)
     if argv and argv[0] == "worker":
         from cosine.workers.bench import main as m
         return int(m(argv[1:]) or 0)
@@ -40,6 +47,11 @@ def main(argv: list[str] | None = None) -> int:
         print(__doc__.strip())
     from cosine.bench.run import main as m
     return int(m(argv) or 0)
+
+
+
+def _exit_on_signal(signum: int, _frame: object) -> None:
+    raise SystemExit(128 + signum)
 
 
 __all__ = ["main", "argparse"]
