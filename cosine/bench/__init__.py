@@ -49,7 +49,6 @@ def main(argv: list[str] | None = None) -> int:
     return int(m(argv) or 0)
 
 
-
 def _exit_on_signal(signum: int, _frame: object) -> None:
     raise SystemExit(128 + signum)
 
