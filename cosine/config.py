@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, get_args, get_origin, get_type_hints
 
 MODES = ("autoregressive", "speculative", "specinfer", "cosine")
+QUANTIZE = ("gguf", "int4", "int8")  # cosine-export --quantize (export/weights.py), without "none"
 ROLES = ("target", "drafter")
 GATES = ("measured", "model", "off")
 CLASSIFIERS = ("ngram", "keyword")
@@ -65,7 +66,10 @@ class ModelConfig:
     source: str = ""  # `cosine models fetch` name or a path; used by `make demo` to export
     domains: tuple[str, ...] = ()
     dtype: str = "float32"
-    quantize: str = ""  # drafters only: "int4" or "int8" (how `make demo` builds the engine)
+    # How `make demo` builds the engine (cosine-export --quantize): "gguf" (the GGUF file's own
+    # blocks, exactly), "int4"/"int8" (symmetric blocks from the float weights), "" = float.
+    # Any role: every mode's output is the target *engine's* autoregressive output.
+    quantize: str = ""
     # Drafters only: prefill at most this many of the prompt's last tokens (0 = all). The
     # drafter's prompt prefill is paid before a request's first speculative round; a
     # window caps it, and a small model drafts from the recent context about as well.
@@ -349,9 +353,9 @@ def _check(cfg: Config, text: str, check_engines: bool) -> None:
             raise ConfigError(f"{where('models', 'kind')}: model {m.name!r} has kind {m.kind!r}; use one of {MODEL_KINDS}")
         if m.kind != "lookup" and not m.engine:
             raise ConfigError(f"{where('models', 'name')}: model {m.name!r} (kind {m.kind}) needs `engine = \"DIR\"`")
-        if m.quantize and (m.role == "target" or m.quantize not in ("int4", "int8")):
-            raise ConfigError(f"{where('models', 'quantize')}: model {m.name!r}: quantize must be \"int4\" or "
-                              f"\"int8\" and only on drafters (a quantized target would change the output)")
+        if m.quantize and m.quantize not in QUANTIZE:
+            raise ConfigError(f"{where('models', 'quantize')}: model {m.name!r}: quantize must be one of "
+                              f"{', '.join(QUANTIZE)} (or left out for float weights), got {m.quantize!r}")
         if m.draft_context and (m.role == "target" or m.draft_context < 8):
             raise ConfigError(f"{where('models', 'draft_context')}: model {m.name!r}: draft_context is 0 (the whole "
                               f"prompt) or >= 8 tokens, and only on drafters")

@@ -25,24 +25,31 @@ PROMPTS = [
 ]
 
 
-def _current(engine_dir: Path) -> bool:
-    """An engine directory with a manifest in today's format (an older ONNX engine still
-    runs, but slower: it computes logits for every prompt token)."""
+def _current(engine_dir: Path, quantize: str = "") -> bool:
+    """An engine directory with a manifest in today's format and the configured
+    quantization (workers refuse older formats: their cache layout differs)."""
     man = engine_dir / "manifest.json"
     if not man.is_file():
         return False
     m = json.loads(man.read_text())
-    if not (engine_dir / "model.onnx").is_file() or m.get("format_version", 1) >= FORMAT_VERSION:
-        return True  # (n-gram tables have a format of their own)
-    log.info("engine %s has format_version %s < %d; exporting it again", engine_dir, m.get("format_version"),
-             FORMAT_VERSION)
-    return False
+    if not (engine_dir / "model.onnx").is_file():
+        return True  # n-gram tables have a format of their own
+    if m.get("format_version", 1) < FORMAT_VERSION:
+        log.info("engine %s has format_version %s < %d; exporting it again", engine_dir, m.get("format_version"),
+                 FORMAT_VERSION)
+        return False
+    have = (m.get("quantization") or {}).get("mode", "none")
+    if have != (quantize or "none"):
+        log.info("engine %s is quantized %r, config.toml asks for %r; exporting it again", engine_dir, have,
+                 quantize or "none")
+        return False
+    return True
 
 
 def ensure_engines(cfg: cfgmod.Config) -> None:
     """Export every engine the config names but lacks (or has in an older format), from
     its `source` model."""
-    missing = [m for m in cfg.models if m.kind != "lookup" and not _current(cfg.engine_dir(m))]
+    missing = [m for m in cfg.models if m.kind != "lookup" and not _current(cfg.engine_dir(m), m.quantize)]
     # n-gram drafters are counted with the target's tokenizer: the target goes first
     for m in sorted(missing, key=lambda m: m.kind == "ngram"):
         if m.kind == "ngram":
@@ -58,17 +65,9 @@ def ensure_engines(cfg: cfgmod.Config) -> None:
 
         t0 = time.time()
         out = cfg.engine_dir(m)
-        log.info("exporting %s from %s to %s (%s%s), once; later runs reuse it", m.name, src, out, m.dtype,
-                 f", then {m.quantize}" if m.quantize else "")
-        if m.quantize:
-            from cosine.export.quantize import quantize_engine
-
-            float_dir = out.with_name(out.name + "-float")
-            if not _current(float_dir):
-                export_engine(src, float_dir, dtype=m.dtype, name=m.name)
-            quantize_engine(float_dir, out, m.quantize)
-        else:
-            export_engine(src, out, dtype=m.dtype, name=m.name)
+        log.info("exporting %s from %s to %s (%s, quantize %s), once; later runs reuse it", m.name, src, out,
+                 m.dtype, m.quantize or "none")
+        export_engine(src, out, dtype=m.dtype, name=m.name, quantize=m.quantize or "none")
         log.info("exported %s in %.0f s", m.name, time.time() - t0)
 
 

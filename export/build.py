@@ -23,15 +23,17 @@ from typing import Any, Iterator
 
 from . import gpt2, llama
 from .errors import ExportError, ParityError, UnsupportedArchitecture
-from .graph import DATA_FILE, OPSET, GraphBuilder
+from .graph import DATA_FILE, FUSED_OPSET, OPSET, GraphBuilder
 from .layers import ModelSpec, io_description
 from .runtime import PROVIDERS, check_provider
+from .weights import QUANTIZE, Weights
 from cosine.workers.engine import FORMAT_VERSION
 
 log = logging.getLogger("cosine.export")
 
 EXPORTER_VERSION = "0.1.0"
 DTYPES = ("float32", "float16")
+GRAPHS = llama.GRAPHS
 _BUILDERS = {**{t: llama for t in llama.MODEL_TYPES}, **{t: gpt2 for t in gpt2.MODEL_TYPES}}
 SUPPORTED = tuple(_BUILDERS) + ("smollm (llama architecture)",)
 _WEIGHT_GLOBS = ("*.safetensors", "pytorch_model*.bin")
@@ -211,16 +213,28 @@ def _rope(model: Any) -> tuple[Any, float]:
 
 def export_engine(model: str | Path, out_dir: str | Path, dtype: str = "float32", provider: str = "cpu",
                   name: str | None = None, check_parity: bool = True, progress: bool = True,
-                  parity_tolerance: float | None = None, parity_seed: int = 0) -> dict[str, Any]:
+                  parity_tolerance: float | None = None, parity_seed: int = 0, graph: str | None = None,
+                  quantize: str = "none") -> dict[str, Any]:
     """Export ``model`` (HF directory or .gguf file) to an engine in ``out_dir``; returns
-    the manifest. Raises ExportError (UnsupportedArchitecture, ParityError) with a hint."""
+    the manifest. ``graph``: "fused" kernels (the default where the architecture has
+    them) or the "plain" reference graph; ``quantize``: weights.py. Raises ExportError (UnsupportedArchitecture, ParityError) with a hint."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach a model hub from here
     t_all = time.perf_counter()
     if dtype not in DTYPES:
         raise ExportError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     if provider not in PROVIDERS:
         raise ExportError(f"provider must be one of {', '.join(PROVIDERS)}, got {provider!r}")
+    if graph is not None and graph not in GRAPHS:
+        raise ExportError(f"graph must be one of {', '.join(GRAPHS)}, got {graph!r}")
+    if quantize not in QUANTIZE:
+        raise ExportError(f"quantize must be one of {', '.join(QUANTIZE)}, got {quantize!r}")
+    if quantize != "none" and dtype != "float32":
+        raise ExportError(f"--quantize {quantize} computes around float32 activations; use --dtype float32 "
+                          f"(the CUDA float16 path takes float weights)")
     src = _Source(model)
+    if quantize == "gguf" and not src.gguf:
+        raise ExportError(f"--quantize gguf carries a GGUF file's blocks over, but {src.path} is not a .gguf file; "
+                          f"use --quantize int4 or int8 for other sources")
     out = Path(out_dir).expanduser()
     _check_out_dir(out)
     check_provider(provider)
@@ -228,6 +242,10 @@ def export_engine(model: str | Path, out_dir: str | Path, dtype: str = "float32"
         config = src.load_config()
         arch = _arch_module(config)
         arch.spec_for(config)  # shape/feature checks before the (slow) weight load
+        graph = graph or ("plain" if arch is gpt2 else "fused")
+        if arch is gpt2 and (graph, quantize) != ("plain", "none"):
+            raise ExportError("gpt2 engines are built as the plain float graph only: no --graph fused, "
+                              "no --quantize")
     for stale in ("manifest.json", "parity_failed.json"):  # an interrupted export is not an engine
         (out / stale).unlink(missing_ok=True)
 
@@ -238,12 +256,18 @@ def export_engine(model: str | Path, out_dir: str | Path, dtype: str = "float32"
     with _phase("source sha256"):
         source_sha = _sha256(src.files)
 
-    with _phase(f"graph + weights ({dtype})"):
-        g = GraphBuilder(out, dtype)
+    with _phase(f"graph + weights ({graph} graph, {dtype}, quantize {quantize})"):
+        g = GraphBuilder(out, dtype, opset=FUSED_OPSET if graph == "fused" else OPSET)
         try:
             tensor, names = _tensor_reader(torch_model)
+            blocks = None
+            if quantize == "gguf":
+                from .gguf_weights import GGUFMatrices
+
+                blocks = GGUFMatrices(src.path, torch_model, config)
+            weights = Weights(tensor, names, quantize, blocks)
             inv_freq, rope_scale = _rope(torch_model)
-            spec: ModelSpec = arch.build(g, config, tensor, names, inv_freq=inv_freq, rope_scale=rope_scale,
+            spec: ModelSpec = arch.build(g, config, weights, inv_freq=inv_freq, rope_scale=rope_scale, graph=graph,
                                          progress=progress)
         finally:
             g.close()
@@ -259,30 +283,23 @@ def export_engine(model: str | Path, out_dir: str | Path, dtype: str = "float32"
     inputs, outputs = io_description(spec, dtype)
     facts = {**{k: v for k, v in spec.as_dict().items()}, "dtype": dtype}
     parity: dict[str, Any] = {"passed": None, "skipped": "disabled with --no-parity"}
+    quantization: dict[str, Any] | None = None
     if check_parity:
         from . import parity as par
 
         with _phase("parity reference (PyTorch)"):
             ref, case = par.reference_case(torch_model, facts, seed=parity_seed)
-        del torch_model, tensor
+            text = par.reference_text(torch_model, out, spec.vocab_size) if quantize != "none" else None
+        del torch_model, tensor, weights, blocks
         gc.collect()  # the ONNX session below should not coexist with the PyTorch weights
         if dtype == "float16" and provider == "cpu" and not _cpu_runs_fp16(out):
             parity = {"passed": None, "skipped": "onnxruntime's CPU provider cannot run this float16 graph; "
                       "run cosine-export --provider cuda on a GPU machine to check float16 parity"}
             log.warning("parity skipped: %s", parity["skipped"])
         else:
-            with _phase(f"parity run (onnxruntime {provider})"):
-                parity = par.finish_parity(out, case, ref, facts, provider, parity_tolerance)
-            if not parity["passed"]:
-                (out / "parity_failed.json").write_text(json.dumps(parity, indent=2) + "\n")
-                raise ParityError(
-                    f"parity FAILED for {src.path}: max |delta log-prob| {parity['max_abs_logprob_diff']:.3g} "
-                    f"(tolerance {parity['tolerance']:g}, worst diff/allowed "
-                    f"{parity['worst_diff_over_allowed']:.3g}, argmax match {parity['argmax_match']}); "
-                    f"the engine in {out} is not valid (no manifest.json written). Details: "
-                    f"{out / 'parity_failed.json'}")
+            parity, quantization = _parity(out, src, case, ref, text, facts, provider, parity_tolerance, quantize)
     else:
-        del torch_model, tensor
+        del torch_model, tensor, weights, blocks
         gc.collect()
         if provider == "tensorrt":
             from .runtime import session
@@ -296,13 +313,14 @@ def export_engine(model: str | Path, out_dir: str | Path, dtype: str = "float32"
         "architecture": spec.architecture, "model_type": spec.model_type,
         "source": str(src.path), "source_sha256": source_sha,
         "source_files": [f.name for f in src.files],
-        "dtype": dtype, "opset": OPSET,
+        "dtype": dtype, "opset": g.opset, "graph": graph, "kv_layout": "heads-major",
         "num_layers": spec.num_layers, "num_heads": spec.num_heads, "num_kv_heads": spec.num_kv_heads,
         "head_dim": spec.head_dim, "hidden_size": spec.hidden_size, "vocab_size": spec.vocab_size,
         "max_positions": spec.max_positions, "eos_token_ids": eos_ids,
         "bos_token_id": None if bos is None else int(bos),
         "inputs": inputs, "outputs": outputs, "parity": parity,
         "providers_built": [provider],
+        "quantization": quantization or ({"mode": quantize} if quantize != "none" else None),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
     sw = getattr(config, "sliding_window", None)
@@ -315,6 +333,45 @@ def export_engine(model: str | Path, out_dir: str | Path, dtype: str = "float32"
     log.info("engine %s ready in %.1fs (parity %s)", out, time.perf_counter() - t_all,
              {True: "passed", False: "FAILED", None: "skipped"}[parity["passed"]])
     return manifest
+
+
+def _parity(out: Path, src: _Source, case: Any, ref: Any, text: Any, facts: dict[str, Any], provider: str,
+            tolerance: float | None, quantize: str) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """(manifest "parity", manifest "quantization"); raises ParityError when it fails.
+
+    A float engine must match PyTorch within the float tolerance. An engine with the GGUF
+    file's own blocks must too, computed in float (MatMulNBits accuracy level 0): that
+    proves its weights are the file's; what it ships computes with int8 activations, whose
+    top-1 agreement with PyTorch on real text goes into "quantization", as it does for the
+    requantized int4/int8 engines, whose weights differ from the float model by design.
+    """
+    from . import parity as par
+
+    quantization = None
+    parity: dict[str, Any] = {"passed": None, "skipped": f"{quantize} weights differ from the float model by "
+                              "design; see quantization.top1_agreement"}
+    if quantize in ("none", "gguf"):
+        if quantize == "gguf" and tolerance is None:
+            tolerance = par.BLOCKS_TOLERANCE
+        with _phase(f"parity run (onnxruntime {provider})"), par.float_compute(out) as model_file:
+            parity = par.finish_parity(out, case, ref, facts, provider, tolerance, model_file=model_file)
+        if quantize == "gguf":
+            parity["note"] = ("checked with MatMulNBits computing in float32 (accuracy level 0): the file's "
+                              "weights as scale * (q - z) plus a block-sum term for the minimums")
+        if not parity["passed"]:
+            (out / "parity_failed.json").write_text(json.dumps(parity, indent=2) + "\n")
+            raise ParityError(
+                f"parity FAILED for {src.path}: max |delta log-prob| {parity['max_abs_logprob_diff']:.3g} "
+                f"(tolerance {parity['tolerance']:g}, worst diff/allowed "
+                f"{parity['worst_diff_over_allowed']:.3g}, argmax match {parity['argmax_match']}); "
+                f"the engine in {out} is not valid (no manifest.json written). Details: "
+                f"{out / 'parity_failed.json'}")
+    if quantize != "none":
+        with _phase("top-1 agreement of the quantized engine with PyTorch on real text"):
+            quantization = {"mode": quantize, **par.text_agreement(out, text, facts, provider)}
+        log.info("%s engine: top-1 agreement with the float model %.3f over %d positions", quantize,
+                 quantization["top1_agreement"], quantization["positions"])
+    return parity, quantization
 
 
 def _cpu_runs_fp16(out: Path) -> bool:

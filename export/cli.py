@@ -9,14 +9,13 @@ import argparse
 import json
 import logging
 import sys
-from pathlib import Path
 from typing import Sequence
 
-from .build import DTYPES, export_engine
+from .build import DTYPES, GRAPHS, export_engine
 from .errors import ExportError
 from .ngram import add_ngram_args, run_ngram
-from .quantize import MODES as QUANT_MODES, quantize_engine
 from .runtime import PROVIDERS
+from .weights import QUANTIZE
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -30,9 +29,12 @@ def _parser() -> argparse.ArgumentParser:
                    help="execution provider to check parity on (tensorrt also builds and caches its engine)")
     p.add_argument("--name", default=None, help="engine name in the manifest (default: model file/dir name)")
     p.add_argument("--no-parity", action="store_true", help="skip the parity check against PyTorch")
-    p.add_argument("--quantize", choices=QUANT_MODES, default=None,
-                   help="DRAFTERS ONLY: int8 (dynamic, per-channel) or int4 (weight-only blocks) MatMuls. "
-                        "--model may be an exported float engine; otherwise the float engine is exported to OUT-float first")
+    p.add_argument("--graph", choices=GRAPHS, default=None,
+                   help="fused: ONNX Runtime's fused kernels (default where the architecture has them); "
+                        "plain: elementary ops, the reference graph")
+    p.add_argument("--quantize", choices=QUANTIZE, default="none",
+                   help="gguf: compute with the GGUF file's own quantized blocks, exactly (MatMulNBits); "
+                        "int4 / int8: symmetric blocks of 32 from the float weights; none: float weights")
     p.add_argument("--quiet", action="store_true", help="no progress bar, warnings only")
     add_ngram_args(p)
     return p
@@ -48,25 +50,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.model:
         parser.error("--model is required for --kind neural")
     try:
-        if args.quantize:
-            src = Path(args.model)
-            if not (src / "manifest.json").is_file():
-                src = Path(f"{str(args.out).rstrip('/')}-float")
-                export_engine(args.model, src, dtype=args.dtype, provider=args.provider, name=args.name,
-                              check_parity=not args.no_parity, progress=not args.quiet)
-            manifest = quantize_engine(src, args.out, args.quantize)
-            print(json.dumps({"engine": str(args.out), "name": manifest["name"], **manifest["quantization"]}))
-            return 0
         manifest = export_engine(args.model, args.out, dtype=args.dtype, provider=args.provider, name=args.name,
-                                 check_parity=not args.no_parity, progress=not args.quiet)
+                                 check_parity=not args.no_parity, progress=not args.quiet, graph=args.graph,
+                                 quantize=args.quantize)
     except ExportError as e:
         print(f"cosine-export: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("cosine-export: interrupted", file=sys.stderr)
         return 130
-    summary = {k: manifest[k] for k in ("name", "architecture", "dtype", "num_layers", "vocab_size")}
+    summary = {k: manifest[k] for k in ("name", "architecture", "graph", "dtype", "num_layers", "vocab_size")}
     summary["parity_passed"] = manifest["parity"]["passed"]
+    if manifest.get("quantization"):
+        summary["quantization"] = manifest["quantization"]
     print(json.dumps({"engine": str(args.out), **summary}))
     return 0
 

@@ -6,14 +6,14 @@ GPT-2's Conv1D weights are stored [in, out], which is already MatMul's layout.
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from typing import Any
 
-import numpy as np
 from tqdm import tqdm
 
 from . import layers as Lyr
 from .errors import UnsupportedArchitecture
 from .graph import GraphBuilder
+from .weights import Weights
 
 MODEL_TYPES = ("gpt2",)
 _ACTS = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast", "gelu")
@@ -39,15 +39,15 @@ def _gelu(g: GraphBuilder, x: str, kind: str) -> str:
     return g.op("Mul", [half_x, g.op("Add", [inner, g.scalar(1.0)])])
 
 
-def build(g: GraphBuilder, config: Any, tensor: Callable[[str], np.ndarray], names: set[str],
-          progress: bool = True, **_: Any) -> Lyr.ModelSpec:
+def build(g: GraphBuilder, config: Any, weights: Weights, progress: bool = True, **_: Any) -> Lyr.ModelSpec:
+    """The plain float graph (build.py refuses --graph fused and --quantize for gpt2)."""
     spec = spec_for(config)
     H, D, E = spec.num_heads, spec.head_dim, spec.hidden_size
     eps = float(config.layer_norm_epsilon)
     io = Lyr.interface(g, spec)
 
     def w(name: str) -> str:
-        return g.weight(name, tensor(name))
+        return g.weight(name, weights.vector(name))
 
     wte = w("transformer.wte.weight")
     x = g.op("Add", [g.op("Gather", [wte, io["input_ids"]]),
@@ -59,8 +59,8 @@ def build(g: GraphBuilder, config: Any, tensor: Callable[[str], np.ndarray], nam
         qkv = g.linear(h, w(p + "attn.c_attn.weight"), w(p + "attn.c_attn.bias"))
         q, k, v = g.op("Split", [qkv, g.i64([E, E, E])], outputs=3, axis=-1)
         q = Lyr.split_heads(g, q, H, D)
-        k = g.op("Reshape", [k, g.i64([0, 0, H, D])], name=f"new_key.{i}")
-        v = g.op("Reshape", [v, g.i64([0, 0, H, D])], name=f"new_value.{i}")
+        k = Lyr.heads_major(g, Lyr.split_heads(g, k, H, D), name=f"new_key.{i}")
+        v = Lyr.heads_major(g, Lyr.split_heads(g, v, H, D), name=f"new_value.{i}")
         scale = (D ** -0.5 if config.scale_attn_weights else 1.0)
         if getattr(config, "scale_attn_by_inverse_layer_idx", False):
             scale /= float(i + 1)
@@ -71,6 +71,6 @@ def build(g: GraphBuilder, config: Any, tensor: Callable[[str], np.ndarray], nam
         x = g.op("Add", [x, g.linear(h, w(p + "mlp.c_proj.weight"), w(p + "mlp.c_proj.bias"))])
     x = Lyr.logit_rows(g, x, io["logits_index"])
     x = Lyr.layer_norm(g, x, w("transformer.ln_f.weight"), w("transformer.ln_f.bias"), eps)
-    tied = bool(getattr(config, "tie_word_embeddings", True)) or "lm_head.weight" not in names
+    tied = bool(getattr(config, "tie_word_embeddings", True)) or not weights.has("lm_head.weight")
     Lyr.lm_head(g, x, wte if tied else w("lm_head.weight"), spec)
     return spec

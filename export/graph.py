@@ -15,12 +15,15 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-OPSET = 17
+OPSET = 17  # the plain graph's opset
+FUSED_OPSET = 23  # Attention, RotaryEmbedding (standard ops since opset 23)
+MS_DOMAIN = "com.microsoft"  # ONNX Runtime's contrib ops (MatMulNBits, SkipSimplifiedLayerNormalization)
 DATA_FILE = "model.onnx.data"
 _ALIGN = 4096  # page-aligned offsets let ONNX Runtime memory-map the weights
 
 _NP_TO_ONNX = {np.dtype(np.float32): TensorProto.FLOAT, np.dtype(np.float16): TensorProto.FLOAT16,
-               np.dtype(np.int64): TensorProto.INT64, np.dtype(np.bool_): TensorProto.BOOL}
+               np.dtype(np.int64): TensorProto.INT64, np.dtype(np.bool_): TensorProto.BOOL,
+               np.dtype(np.uint8): TensorProto.UINT8}
 
 
 def onnx_dtype(dtype: Any) -> int:
@@ -34,9 +37,11 @@ class GraphBuilder:
     softmax, logits) are made explicit with ``to_float`` / ``to_model``.
     """
 
-    def __init__(self, out_dir: Path, dtype: str = "float32") -> None:
+    def __init__(self, out_dir: Path, dtype: str = "float32", opset: int = OPSET) -> None:
         self.out_dir = Path(out_dir)
         self.dtype = np.dtype(dtype)
+        self.opset = opset
+        self.memo: dict[tuple, str] = {}  # values computed once per graph (block sums of an input)
         self.nodes: list[onnx.NodeProto] = []
         self.initializers: list[TensorProto] = []
         self.inputs: list[onnx.ValueInfoProto] = []
@@ -102,14 +107,16 @@ class GraphBuilder:
     # --- nodes ------------------------------------------------------------------------------
 
     def op(self, op_type: str, inputs: Sequence[str], name: str | None = None, outputs: int = 1,
-           **attrs: Any) -> Any:
-        """Append a node; returns its output name (or a list when ``outputs > 1``)."""
+           domain: str = "", **attrs: Any) -> Any:
+        """Append a node; returns its output name (or a list when ``outputs > 1``). An
+        empty input name is an omitted optional input."""
         if name is not None and outputs == 1:
             outs = [name]
         else:
             outs = [self._fresh(f"{name or op_type.lower()}{'' if outputs == 1 else f'_o{i}'}")
                     for i in range(outputs)]
-        self.nodes.append(helper.make_node(op_type, list(inputs), outs, name=self._fresh(op_type), **attrs))
+        self.nodes.append(helper.make_node(op_type, list(inputs), outs, name=self._fresh(op_type), domain=domain,
+                                           **attrs))
         return outs[0] if outputs == 1 else outs
 
     def to_float(self, x: str) -> str:
@@ -145,9 +152,12 @@ class GraphBuilder:
         """Write model.onnx next to the (already written) data file and check it."""
         self.close()
         graph = helper.make_graph(self.nodes, graph_name, self.inputs, self.outputs, self.initializers)
-        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)],
-                                  producer_name="cosine-export")
-        model.ir_version = 8  # opset 17 era; accepted by every onnxruntime >= 1.14
+        opsets = [helper.make_opsetid("", self.opset)]
+        if any(n.domain == MS_DOMAIN for n in self.nodes):
+            opsets.append(helper.make_opsetid(MS_DOMAIN, 1))
+        model = helper.make_model(graph, opset_imports=opsets, producer_name="cosine-export")
+        # opset 17: IR 8, read by every onnxruntime >= 1.14; opset 23: IR 10 (onnxruntime >= 1.22)
+        model.ir_version = 8 if self.opset <= 17 else 10
         for k, v in (metadata or {}).items():
             p = model.metadata_props.add()
             p.key, p.value = k, str(v)

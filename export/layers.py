@@ -1,8 +1,9 @@
 """Building blocks shared by the architecture graphs: the engine interface, norms,
-rotary embedding, tree attention over a sequence-major KV cache, and the LM head.
+rotary embedding, tree attention over a heads-major KV cache, and the LM head.
 
 Tensor layout inside the graph: hidden states [B, T, hidden]; per-head tensors
-[B, T, H, D] until attention, matching the cache layout [B, P, Hkv, D] of docs/design.md.
+[B, T, H, D] until attention; the cache and the new tokens' K/V are heads-major,
+[B, Hkv, P, D] (docs/design.md), the layout of the standard ``Attention`` op's past.
 """
 
 from __future__ import annotations
@@ -48,20 +49,20 @@ def interface(g: GraphBuilder, spec: ModelSpec) -> dict[str, Any]:
         "past": [],
     }
     for i in range(L):
-        names["past"].append((g.add_input(f"past_key.{i}", g.dtype, ["batch", "past", Hkv, D]),
-                              g.add_input(f"past_value.{i}", g.dtype, ["batch", "past", Hkv, D])))
+        names["past"].append((g.add_input(f"past_key.{i}", g.dtype, ["batch", Hkv, "past", D]),
+                              g.add_input(f"past_value.{i}", g.dtype, ["batch", Hkv, "past", D])))
     g.add_output("logits", np.float32, ["batch", "keep", V])
     for i in range(L):
-        g.add_output(f"new_key.{i}", g.dtype, ["batch", "seq", Hkv, D])
+        g.add_output(f"new_key.{i}", g.dtype, ["batch", Hkv, "seq", D])
     for i in range(L):
-        g.add_output(f"new_value.{i}", g.dtype, ["batch", "seq", Hkv, D])
+        g.add_output(f"new_value.{i}", g.dtype, ["batch", Hkv, "seq", D])
     return names
 
 
 def io_description(spec: ModelSpec, dtype: str) -> tuple[list[dict], list[dict]]:
     """The manifest's "inputs"/"outputs" lists (same facts as ``interface``)."""
-    kv = ["batch", "past", spec.num_kv_heads, spec.head_dim]
-    new = ["batch", "seq", spec.num_kv_heads, spec.head_dim]
+    kv = ["batch", spec.num_kv_heads, "past", spec.head_dim]
+    new = ["batch", spec.num_kv_heads, "seq", spec.head_dim]
     ins = [{"name": "input_ids", "dtype": "int64", "shape": ["batch", "seq"]},
            {"name": "position_ids", "dtype": "int64", "shape": ["batch", "seq"]},
            {"name": "attention_mask", "dtype": "bool", "shape": ["batch", 1, "seq", "past+seq"]},
@@ -124,9 +125,14 @@ def apply_rope(g: GraphBuilder, x: str, cos: str, sin: str, head_dim: int, name:
     return g.op("Add", [g.op("Mul", [x, cos]), g.op("Mul", [rot, sin])], name=name)
 
 
+def heads_major(g: GraphBuilder, x: str, name: str | None = None) -> str:
+    """[B, T, H, D] -> [B, H, T, D]."""
+    return g.op("Transpose", [x], perm=[0, 2, 1, 3], name=name)
+
+
 def attention(g: GraphBuilder, q: str, k_new: str, v_new: str, past_k: str, past_v: str, mask5: str,
               spec: ModelSpec, scale: float) -> str:
-    """Tree attention. q [B,T,H,D]; k_new/v_new [B,T,Hkv,D]; past [B,P,Hkv,D];
+    """Tree attention. q [B,T,H,D]; k_new/v_new [B,Hkv,T,D]; past [B,Hkv,P,D];
     mask5 = attention_mask as [B,1,1,T,P+T]. Returns [B, T, H*D].
 
     GQA without repeating K/V: Q is viewed as [B,Hkv,n_rep,T,D] and K/V as
@@ -134,11 +140,11 @@ def attention(g: GraphBuilder, q: str, k_new: str, v_new: str, past_k: str, past
     """
     Hkv, D = spec.num_kv_heads, spec.head_dim
     n_rep = spec.num_heads // Hkv
-    k_all = g.op("Concat", [past_k, k_new], axis=1)  # [B,S,Hkv,D]
-    v_all = g.op("Concat", [past_v, v_new], axis=1)
+    k_all = g.op("Concat", [past_k, k_new], axis=2)  # [B,Hkv,S,D]
+    v_all = g.op("Concat", [past_v, v_new], axis=2)
     ax2 = g.i64([2])
-    k_t = g.op("Unsqueeze", [g.op("Transpose", [k_all], perm=[0, 2, 3, 1]), ax2])  # [B,Hkv,1,D,S]
-    v_h = g.op("Unsqueeze", [g.op("Transpose", [v_all], perm=[0, 2, 1, 3]), ax2])  # [B,Hkv,1,S,D]
+    k_t = g.op("Unsqueeze", [g.op("Transpose", [k_all], perm=[0, 1, 3, 2]), ax2])  # [B,Hkv,1,D,S]
+    v_h = g.op("Unsqueeze", [v_all, ax2])  # [B,Hkv,1,S,D]
     q5 = g.op("Reshape", [q, g.i64([0, 0, Hkv, n_rep, D])])
     q5 = g.op("Transpose", [q5], perm=[0, 2, 3, 1, 4])  # [B,Hkv,n_rep,T,D]
     scores = g.op("MatMul", [q5, k_t])  # [B,Hkv,n_rep,T,S]

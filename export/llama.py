@@ -6,16 +6,20 @@ q/k/v biases), so one builder covers the family.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 from tqdm import tqdm
 
+from . import fused as F
 from . import layers as Lyr
 from .errors import UnsupportedArchitecture
 from .graph import GraphBuilder
+from .nbits import NBits
+from .weights import Weights
 
 MODEL_TYPES = ("llama", "mistral", "qwen2")
+GRAPHS = ("fused", "plain")
 
 
 def rope_parameters(config: Any) -> tuple[float, str]:
@@ -46,64 +50,102 @@ def spec_for(config: Any) -> Lyr.ModelSpec:
                          int(config.hidden_size), int(config.vocab_size), int(config.max_position_embeddings))
 
 
-def build(g: GraphBuilder, config: Any, tensor: Callable[[str], np.ndarray], names: set[str],
-          inv_freq: np.ndarray, rope_scale: float = 1.0, progress: bool = True) -> Lyr.ModelSpec:
-    """Emit the whole graph into ``g``. ``tensor(name)`` returns one float32 weight."""
+def project(g: GraphBuilder, x: str, weights: Weights, names: list[str]) -> list[str]:
+    """x through several [out, in] matrices that share it (q, k, v or gate, up), as few
+    products as their formats allow; returns one output per name, in order."""
+    out: dict[str, str] = {}
+    for members, widths, matrix in weights.groups([n + ".weight" for n in names]):
+        stems = [m[:-len(".weight")] for m in members]
+        bias = None
+        if any(weights.has(s + ".bias") for s in stems):
+            bias = np.concatenate([weights.vector(s + ".bias") if weights.has(s + ".bias")
+                                   else np.zeros(w, np.float32) for s, w in zip(stems, widths)])
+        name = stems[0] + "".join("+" + s.rsplit(".", 1)[-1] for s in stems[1:])
+        y = F.linear(g, x, matrix, name, bias)
+        parts = [y] if len(stems) == 1 else g.op("Split", [y, g.i64(widths)], outputs=len(stems), axis=-1)
+        out.update(zip(stems, parts))
+    return [out[n] for n in names]
+
+
+def swiglu(g: GraphBuilder, x: str, weights: Weights, mlp: str) -> str:
+    gate, up = project(g, x, weights, [mlp + "gate_proj", mlp + "up_proj"])
+    act = g.op("Mul", [g.op("Mul", [gate, g.op("Sigmoid", [gate])]), up])  # SiLU(gate) * up
+    return project(g, act, weights, [mlp + "down_proj"])[0]
+
+
+def build(g: GraphBuilder, config: Any, weights: Weights, inv_freq: np.ndarray, rope_scale: float = 1.0,
+          graph: str = "fused", progress: bool = True) -> Lyr.ModelSpec:
+    """Emit the whole graph into ``g`` (fused kernels or the plain reference graph)."""
+    if graph not in GRAPHS:
+        raise ValueError(f"graph must be one of {GRAPHS}, got {graph!r}")
     spec = spec_for(config)
-    H, Hkv, D = spec.num_heads, spec.num_kv_heads, spec.head_dim
     eps = float(config.rms_norm_eps)
     io = Lyr.interface(g, spec)
-
-    def opt(name: str) -> str | None:
-        return g.weight(name, tensor(name)) if name in names else None
-
-    embed = g.weight("model.embed_tokens.weight", tensor("model.embed_tokens.weight"))
+    embed = g.weight("model.embed_tokens.weight", weights.vector("model.embed_tokens.weight"))
     x = g.op("Gather", [embed, io["input_ids"]])
-    cos, sin = Lyr.rope_gather(g, Lyr.rope_tables(g, inv_freq, spec.max_positions, rope_scale), io["position_ids"])
-    m5 = Lyr.mask5(g, io["attention_mask"])
+    layer = _fused_layers if graph == "fused" else _plain_layers
+    x = layer(g, spec, weights, io, x, inv_freq, rope_scale, eps, progress)
+    x = Lyr.logit_rows(g, x, io["logits_index"])
+    if graph == "plain":
+        x = Lyr.rms_norm(g, x, g.weight("model.norm.weight", weights.vector("model.norm.weight")), eps)
+    tied = bool(getattr(config, "tie_word_embeddings", False)) or not weights.has("lm_head.weight")
+    head = weights.matrix("model.embed_tokens.weight" if tied else "lm_head.weight")
+    if isinstance(head, NBits):
+        y = F.linear(g, x, head, "lm_head")
+        g.op("Identity", [y], name="logits")
+    else:  # float: Gemm over the [V, hidden] table, so a tied embedding is reused, not copied
+        Lyr.lm_head(g, x, embed if tied else g.weight("lm_head.weight", head), spec)
+    return spec
 
+
+def _fused_layers(g: GraphBuilder, spec: Lyr.ModelSpec, weights: Weights, io: dict[str, Any], x: str,
+                  inv_freq: np.ndarray, rope_scale: float, eps: float, progress: bool) -> str:
+    """All decoder layers with fused kernels; returns the final-normed hidden states. The
+    residual adds ride in the next norm (SkipSimplifiedLayerNormalization)."""
+    H, Hkv, D = spec.num_heads, spec.num_kv_heads, spec.head_dim
+    caches = F.rope_caches(g, inv_freq, spec.max_positions, rope_scale)
+    pending = None  # the last block's output, not yet added to the residual stream x
     for i in tqdm(range(spec.num_layers), desc="layers", unit="layer", disable=not progress, leave=False):
         p = f"model.layers.{i}."
         a = p + "self_attn."
-        h = Lyr.rms_norm(g, x, g.weight(p + "input_layernorm.weight", tensor(p + "input_layernorm.weight")), eps)
-        # fused QKV: one MatMul instead of three (matters for small tree batches on CPU)
-        w_qkv = np.concatenate([tensor(a + f"{n}_proj.weight") for n in "qkv"], axis=0).T
-        b_names = [a + f"{n}_proj.bias" for n in "qkv"]
-        b_qkv = None
-        if any(n in names for n in b_names):
-            sizes = (H * D, Hkv * D, Hkv * D)
-            b_qkv = g.weight(a + "qkv_proj.bias", np.concatenate(
-                [tensor(n) if n in names else np.zeros(s, np.float32) for n, s in zip(b_names, sizes)]))
-        qkv = g.linear(h, g.weight(a + "qkv_proj.weight", w_qkv), b_qkv)
-        del w_qkv
-        q, k, v = g.op("Split", [qkv, g.i64([H * D, Hkv * D, Hkv * D])], outputs=3, axis=-1)
+        norm = p + "input_layernorm.weight"
+        if pending is None:
+            h = F.rms_norm(g, x, weights.vector(norm), eps, norm)
+        else:
+            h, x = F.skip_rms_norm(g, pending, x, weights.vector(norm), eps, norm)
+        q, k, v = project(g, h, weights, [a + "q_proj", a + "k_proj", a + "v_proj"])
+        q = F.rotary(g, q, caches, io["position_ids"], H)
+        k = F.rotary(g, k, caches, io["position_ids"], Hkv)
+        F.heads_major(g, k, Hkv, D, name=f"new_key.{i}")
+        F.heads_major(g, v, Hkv, D, name=f"new_value.{i}")
+        ctx = F.attention(g, q, k, v, io["attention_mask"], io["past"][i], H, Hkv, scale=D ** -0.5)
+        attn_out = project(g, ctx, weights, [a + "o_proj"])[0]
+        norm = p + "post_attention_layernorm.weight"
+        h, x = F.skip_rms_norm(g, attn_out, x, weights.vector(norm), eps, norm)
+        pending = swiglu(g, h, weights, p + "mlp.")
+    h, _ = F.skip_rms_norm(g, pending, x, weights.vector("model.norm.weight"), eps, "model.norm.weight")
+    return h
+
+
+def _plain_layers(g: GraphBuilder, spec: Lyr.ModelSpec, weights: Weights, io: dict[str, Any], x: str,
+                  inv_freq: np.ndarray, rope_scale: float, eps: float, progress: bool) -> str:
+    """All decoder layers as elementary ONNX ops (the reference graph); returns the
+    residual stream before the final norm."""
+    H, Hkv, D = spec.num_heads, spec.num_kv_heads, spec.head_dim
+    cos, sin = Lyr.rope_gather(g, Lyr.rope_tables(g, inv_freq, spec.max_positions, rope_scale), io["position_ids"])
+    m5 = Lyr.mask5(g, io["attention_mask"])
+    for i in tqdm(range(spec.num_layers), desc="layers", unit="layer", disable=not progress, leave=False):
+        p = f"model.layers.{i}."
+        a = p + "self_attn."
+        norm = p + "input_layernorm.weight"
+        h = Lyr.rms_norm(g, x, g.weight(norm, weights.vector(norm)), eps)
+        q, k, v = project(g, h, weights, [a + "q_proj", a + "k_proj", a + "v_proj"])
         q = Lyr.apply_rope(g, Lyr.split_heads(g, q, H, D), cos, sin, D)
-        k = Lyr.apply_rope(g, Lyr.split_heads(g, k, Hkv, D), cos, sin, D, name=f"new_key.{i}")
-        v = g.op("Reshape", [v, g.i64([0, 0, Hkv, D])], name=f"new_value.{i}")
+        k = Lyr.heads_major(g, Lyr.apply_rope(g, Lyr.split_heads(g, k, Hkv, D), cos, sin, D), name=f"new_key.{i}")
+        v = Lyr.heads_major(g, Lyr.split_heads(g, v, Hkv, D), name=f"new_value.{i}")
         ctx = Lyr.attention(g, q, k, v, *io["past"][i], m5, spec, scale=D ** -0.5)
-        o = g.linear(ctx, g.weight(a + "o_proj.weight", tensor(a + "o_proj.weight").T), opt(a + "o_proj.bias"))
-        x = g.op("Add", [x, o])
-
-        h = Lyr.rms_norm(g, x, g.weight(p + "post_attention_layernorm.weight",
-                                        tensor(p + "post_attention_layernorm.weight")), eps)
-        mp = p + "mlp."
-        w_gu = np.concatenate([tensor(mp + "gate_proj.weight"), tensor(mp + "up_proj.weight")], axis=0).T
-        inter = w_gu.shape[1] // 2
-        b_gu = None
-        if mp + "gate_proj.bias" in names:
-            b_gu = g.weight(mp + "gate_up_proj.bias",
-                            np.concatenate([tensor(mp + "gate_proj.bias"), tensor(mp + "up_proj.bias")]))
-        gu = g.linear(h, g.weight(mp + "gate_up_proj.weight", w_gu), b_gu)
-        del w_gu
-        gate, up = g.op("Split", [gu, g.i64([inter, inter])], outputs=2, axis=-1)
-        act = g.op("Mul", [g.op("Mul", [gate, g.op("Sigmoid", [gate])]), up])  # SiLU(gate) * up
-        down = g.linear(act, g.weight(mp + "down_proj.weight", tensor(mp + "down_proj.weight").T),
-                        opt(mp + "down_proj.bias"))
-        x = g.op("Add", [x, down])
-
-    x = Lyr.logit_rows(g, x, io["logits_index"])
-    x = Lyr.rms_norm(g, x, g.weight("model.norm.weight", tensor("model.norm.weight")), eps)
-    tied = bool(getattr(config, "tie_word_embeddings", False)) or "lm_head.weight" not in names
-    head = embed if tied else g.weight("lm_head.weight", tensor("lm_head.weight"))
-    Lyr.lm_head(g, x, head, spec)
-    return spec
+        x = g.op("Add", [x, project(g, ctx, weights, [a + "o_proj"])[0]])
+        norm = p + "post_attention_layernorm.weight"
+        h = Lyr.rms_norm(g, x, g.weight(norm, weights.vector(norm)), eps)
+        x = g.op("Add", [x, swiglu(g, h, weights, p + "mlp.")])
+    return x

@@ -18,11 +18,12 @@ log-probs are within atol of each other (a tie at this precision).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 
@@ -34,6 +35,11 @@ from .runtime import session
 log = logging.getLogger("cosine.export")
 
 TOLERANCE = {"float32": 1e-4, "float16": 1e-2}
+# An engine holding a GGUF file's blocks, computed in float32, against PyTorch's dense
+# float32 copy of the same weights: the weights are identical, but written as
+# scale * (q - z) plus a block-sum product for the per-block minimums they round
+# differently (Qwen2.5-Coder-1.5B Q4_K_M: max |d logprob| 7.2e-4, argmax all equal).
+BLOCKS_TOLERANCE = 1e-3
 
 
 @dataclass(frozen=True)
@@ -97,7 +103,7 @@ def _run_rows(sess: Any, case: ParityCase, rows: list[int], num_layers: int, kv_
     causal = np.tril(np.ones((P, P), bool))
     mask = causal[None] & valid[:, None, :]
     mask |= np.eye(P, dtype=bool)[None]  # padding rows see themselves: no all-masked row
-    empty = np.zeros((B, 0, kv_heads, head_dim), dtype)
+    empty = np.zeros((B, kv_heads, 0, head_dim), dtype)
     feeds: dict[str, np.ndarray] = {"input_ids": ids, "position_ids": pos, "attention_mask": mask[:, None],
                                     "logits_index": all_rows(B, P)}
     for i in range(num_layers):
@@ -121,9 +127,9 @@ def _run_rows(sess: Any, case: ParityCase, rows: list[int], num_layers: int, kv_
 
 
 def engine_logprobs(engine_dir: Path, case: ParityCase, manifest_facts: dict[str, Any],
-                    provider: str = "cpu") -> dict[str, list[dict[str, np.ndarray]]]:
+                    provider: str = "cpu", model_file: str = "model.onnx") -> dict[str, list[dict[str, np.ndarray]]]:
     """{"single": rows run one at a time (B=1), "batched": all rows together (B=2, padded)}."""
-    sess = session(engine_dir, provider)
+    sess = session(engine_dir, provider, model_file=model_file)
     args = (int(manifest_facts["num_layers"]), int(manifest_facts["num_kv_heads"]),
             int(manifest_facts["head_dim"]), np.dtype(manifest_facts["dtype"]))
     single = [_run_rows(sess, case, [r], *args)[0] for r in range(len(case.prefixes))]
@@ -176,10 +182,10 @@ def reference_case(model: Any, manifest_facts: dict[str, Any], seed: int = 0, pr
 
 def finish_parity(engine_dir: str | Path, case: ParityCase, ref: list[dict[str, np.ndarray]],
                   manifest_facts: dict[str, Any], provider: str = "cpu",
-                  tolerance: float | None = None) -> dict[str, Any]:
+                  tolerance: float | None = None, model_file: str = "model.onnx") -> dict[str, Any]:
     t0 = time.perf_counter()
     tol = TOLERANCE[manifest_facts["dtype"]] if tolerance is None else float(tolerance)
-    eng = engine_logprobs(Path(engine_dir), case, manifest_facts, provider)
+    eng = engine_logprobs(Path(engine_dir), case, manifest_facts, provider, model_file)
     result = compare(ref, eng, tol)
     result.update(prefix_len=int(case.prefixes[0].size), tree_nodes=int(case.parents.size),
                   batch_prefix_lens=[int(p.size) for p in case.prefixes], provider=provider)
@@ -188,3 +194,75 @@ def finish_parity(engine_dir: str | Path, case: ParityCase, ref: list[dict[str, 
              result["max_abs_logprob_diff"], result["worst_diff_over_allowed"],
              "match" if result["argmax_match"] else "MISMATCH")
     return result
+
+
+@contextlib.contextmanager
+def float_compute(engine_dir: Path) -> Iterator[str]:
+    """The engine's graph with every MatMulNBits computing in float32 (accuracy level 0),
+    as a second model file beside model.onnx over the same weights file; yields its name
+    (model.onnx itself when the graph has no MatMulNBits) and removes it afterwards."""
+    import onnx
+
+    model = onnx.load(str(engine_dir / "model.onnx"), load_external_data=False)
+    nodes = [n for n in model.graph.node if n.op_type == "MatMulNBits"]
+    if not nodes:
+        yield "model.onnx"
+        return
+    for n in nodes:
+        for a in n.attribute:
+            if a.name == "accuracy_level":
+                a.i = 0
+    name = "model.float-compute.onnx"
+    onnx.save(model, str(engine_dir / name))
+    try:
+        yield name
+    finally:
+        (engine_dir / name).unlink(missing_ok=True)
+
+
+SAMPLE_TEXT = ("def mean(xs):\n    \"\"\"Return the arithmetic mean of a non-empty list.\"\"\"\n"
+               "    return sum(xs) / len(xs)\n\nThe quick brown fox jumps over the lazy dog, and the dog "
+               "sleeps on in the warm afternoon sun while the river runs by. Die Katze schläft auf dem Sofa.")
+
+
+def _sample_ids(engine_dir: Path, vocab: int, n: int = 64, seed: int = 0) -> np.ndarray:
+    """Real text through the engine's tokenizer (random ids give flat, fragile argmaxes)."""
+    try:
+        from tokenizers import Tokenizer
+
+        ids = Tokenizer.from_file(str(engine_dir / "tokenizer.json")).encode(SAMPLE_TEXT).ids[:n]
+        if len(ids) >= 8 and max(ids) < vocab:
+            return np.asarray(ids, np.int64)
+    except Exception:  # tiny test tokenizers may not cover the text: fall back to random ids
+        pass
+    return np.random.default_rng(seed).integers(0, vocab, size=n, dtype=np.int64)
+
+
+def reference_text(model: Any, engine_dir: Path, vocab: int) -> dict[str, np.ndarray]:
+    """PyTorch log-probs over a short real text (for a quantized engine's agreement)."""
+    import torch
+
+    ids = _sample_ids(engine_dir, vocab)
+    with torch.no_grad():
+        logits = model(input_ids=torch.as_tensor(ids)[None]).logits[0].float().numpy()
+    return {"ids": ids, "logprobs": _log_softmax(logits)}
+
+
+def text_agreement(engine_dir: Path, text: dict[str, np.ndarray], manifest_facts: dict[str, Any],
+                   provider: str = "cpu") -> dict[str, Any]:
+    """Top-1 agreement of the engine with the PyTorch reference over the text, and the mean
+    |log-prob difference| at the reference's top token."""
+    sess = session(engine_dir, provider)
+    ids = text["ids"][None]
+    n, L = ids.shape[1], int(manifest_facts["num_layers"])
+    empty = np.zeros((1, int(manifest_facts["num_kv_heads"]), 0, int(manifest_facts["head_dim"])),
+                     np.dtype(manifest_facts["dtype"]))
+    feeds = {"input_ids": ids, "position_ids": np.arange(n, dtype=np.int64)[None],
+             "attention_mask": np.tril(np.ones((n, n), bool))[None, None], "logits_index": all_rows(1, n),
+             **{f"past_{kv}.{i}": empty for i in range(L) for kv in ("key", "value")}}
+    lp = _log_softmax(sess.run(["logits"], feeds)[0][0])
+    ref = text["logprobs"]
+    top = ref.argmax(-1)
+    return {"top1_agreement": float((lp.argmax(-1) == top).mean()),
+            "mean_abs_logprob_diff_at_reference_top1": float(np.abs(np.take_along_axis(lp - ref, top[:, None], -1)).mean()),
+            "positions": int(n)}

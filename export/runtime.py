@@ -38,7 +38,7 @@ def check_provider(provider: str) -> None:
                       f"(pip install 'cosine[gpu]') or use --provider cpu")
 
 
-def session(engine_dir: Path, provider: str = "cpu", threads: int = 0) -> Any:
+def session(engine_dir: Path, provider: str = "cpu", threads: int = 0, model_file: str = "model.onnx") -> Any:
     """An InferenceSession over ``engine_dir/model.onnx`` exactly as a worker builds it.
 
     For TensorRT, creating the session builds the TensorRT engine and caches it in
@@ -64,9 +64,9 @@ def session(engine_dir: Path, provider: str = "cpu", threads: int = 0) -> Any:
                                                     "trt_engine_cache_path": str(cache)}),
                      ("CUDAExecutionProvider", {"device_id": 0})]
     try:
-        sess = ort.InferenceSession(str(Path(engine_dir) / "model.onnx"), sess_options=opts, providers=providers)
+        sess = ort.InferenceSession(str(Path(engine_dir) / model_file), sess_options=opts, providers=providers)
     except Exception as e:
-        raise ExportError(f"onnxruntime could not load {engine_dir}/model.onnx with {PROVIDERS[provider]}: {e}") from e
+        raise ExportError(f"onnxruntime could not load {engine_dir}/{model_file} with {PROVIDERS[provider]}: {e}") from e
     got = sess.get_providers()[0]
     if got != PROVIDERS[provider]:
         raise ExportError(f"requested {PROVIDERS[provider]} but the session runs on {got}")

@@ -35,7 +35,7 @@ def _logits(engine: Path, ids: list[int]) -> np.ndarray:
     dt = np.float16 if m["dtype"] == "float16" else np.float32
     for i in range(m["num_layers"]):
         for kind in ("key", "value"):
-            feeds[f"past_{kind}.{i}"] = np.zeros((1, 0, m["num_kv_heads"], m["head_dim"]), dt)
+            feeds[f"past_{kind}.{i}"] = np.zeros((1, m["num_kv_heads"], 0, m["head_dim"]), dt)
     names = [o.name for o in sess.get_outputs()]
     return sess.run(["logits"], feeds)[0][0, 0].astype(np.float64) if "logits" in names else None
 

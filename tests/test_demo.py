@@ -1,5 +1,6 @@
 """`make demo`'s first step on a fresh machine: every engine the config names but lacks
-is exported from its `source` (and quantized when the drafter asks for it)."""
+is exported from its `source` (quantized when the config asks for it), and an engine of
+an older format or another quantization is exported again."""
 
 from __future__ import annotations
 
@@ -49,10 +50,18 @@ port = 5901
     cfg = config.load(tmp_path / "config.toml", check_engines=False)
     ensure_engines(cfg)
     config.load(tmp_path / "config.toml")  # every engine now exists
-    assert json.loads((tmp_path / "engines/d-int4/manifest.json").read_text())["quantization"]["mode"] == "int4"
-    assert (tmp_path / "engines/d-int4-float/manifest.json").is_file()
+    d_manifest = tmp_path / "engines/d-int4/manifest.json"
+    assert json.loads(d_manifest.read_text())["quantization"]["mode"] == "int4"
     ng = json.loads((tmp_path / "engines/ngram-code/manifest.json").read_text())
     assert ng["kind"] == "ngram" and ng["tokens"] > 100
+    # an engine of an older format is exported again (workers refuse it); a current one is kept
+    t_manifest = tmp_path / "engines/t/manifest.json"
+    old = json.loads(t_manifest.read_text())
+    t_manifest.write_text(json.dumps({**old, "format_version": 2}))
+    before = d_manifest.stat().st_mtime_ns
+    ensure_engines(cfg)
+    assert json.loads(t_manifest.read_text())["format_version"] == old["format_version"]
+    assert d_manifest.stat().st_mtime_ns == before
 
 
 def test_missing_ngram_corpus_builds_its_dataset_domain(monkeypatch, tmp_path: Path) -> None:

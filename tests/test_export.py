@@ -52,7 +52,7 @@ def _run(sess, manifest: dict, ids: np.ndarray, pos: np.ndarray, mask: np.ndarra
     L, Hkv, D = manifest["num_layers"], manifest["num_kv_heads"], manifest["head_dim"]
     B = ids.shape[0]
     if past is None:
-        z = np.zeros((B, 0, Hkv, D), np.dtype(manifest["dtype"]))
+        z = np.zeros((B, Hkv, 0, D), np.dtype(manifest["dtype"]))
         past = [(z, z)] * L
     feeds = {"input_ids": ids.astype(np.int64), "position_ids": pos.astype(np.int64),
              "attention_mask": mask.astype(bool),
@@ -83,8 +83,9 @@ def test_parity_passes_fp32(engines: dict[str, Path], arch: str) -> None:
 def test_manifest_fields(engines: dict[str, Path], tiny_models: dict[str, Path], arch: str) -> None:
     m = _manifest(engines[arch])
     assert set(MANIFEST_FIELDS) <= set(m)
-    assert m["format"] == "cosine-engine" and m["format_version"] == 2
-    assert m["opset"] == 17 and m["dtype"] == "float32"
+    assert m["format"] == "cosine-engine" and m["format_version"] == 3 and m["kv_layout"] == "heads-major"
+    assert (m["graph"], m["opset"]) == (("plain", 17) if arch == "gpt2" else ("fused", 23))
+    assert m["dtype"] == "float32" and m["quantization"] is None
     assert m["architecture"] == ("gpt2" if arch == "gpt2" else "llama") and m["model_type"] == arch
     assert (m["num_layers"], m["vocab_size"], m["hidden_size"], m["max_positions"]) == (2, 64, 64, 256)
     assert m["num_kv_heads"] == (4 if arch == "gpt2" else 2) and m["head_dim"] == 16
@@ -106,7 +107,7 @@ def test_graph_interface_matches_design(engines: dict[str, Path]) -> None:
     assert ins["attention_mask"].type.tensor_type.elem_type == onnx.TensorProto.BOOL
     assert ins["logits_index"].type.tensor_type.elem_type == onnx.TensorProto.INT64
     dims = [d.dim_value or d.dim_param for d in ins["past_key.1"].type.tensor_type.shape.dim]
-    assert dims == ["batch", "past", 2, 16]  # sequence-major cache
+    assert dims == ["batch", 2, "past", 16]  # heads-major cache
     assert outs["logits"].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
     assert set(outs) == {"logits", "new_key.0", "new_key.1", "new_value.0", "new_value.1"}
     # every weight lives in the external data file
@@ -207,7 +208,7 @@ def test_batch_with_left_padding_equals_single_rows(engines: dict[str, Path]) ->
     lb, kb, _ = _run(sess, m, b[None], np.arange(b.size)[None], _causal(b.size))
     np.testing.assert_allclose(logits[0], la[0], atol=1e-5)
     np.testing.assert_allclose(logits[1, P - b.size:], lb[0], atol=1e-5)
-    np.testing.assert_allclose(ks[1][1, P - b.size:], kb[1][0], atol=1e-5)
+    np.testing.assert_allclose(ks[1][1, :, P - b.size:], kb[1][0], atol=1e-5)
     # one decode step for both rows over the padded cache
     nxt = np.array([[5], [7]])
     mask2 = np.concatenate([valid, np.ones((2, 1), bool)], axis=1)[:, None, None]
@@ -226,8 +227,8 @@ def test_new_key_is_hf_key_after_rope(engines: dict[str, Path], tiny_models: dic
     with torch.no_grad():
         cache = hf(input_ids=torch.as_tensor(ids), use_cache=True).past_key_values
     for i in range(m["num_layers"]):
-        k_ref = cache.layers[i].keys[0].transpose(0, 1).numpy()  # [Hkv,T,D] -> [T,Hkv,D]
-        v_ref = cache.layers[i].values[0].transpose(0, 1).numpy()
+        k_ref = cache.layers[i].keys[0].numpy()  # [Hkv, T, D], as the engine's heads-major new K
+        v_ref = cache.layers[i].values[0].numpy()
         np.testing.assert_allclose(ks[i][0], k_ref, atol=1e-5)
         np.testing.assert_allclose(vs[i][0], v_ref, atol=1e-5)
 

@@ -14,9 +14,10 @@ L, H, D = 2, 2, 4
 
 
 def rows(start: int, n: int) -> list[np.ndarray]:
-    """Per-layer rows whose values encode (layer, token index) so copies can be traced."""
-    return [np.broadcast_to((layer * 1000 + np.arange(start, start + n, dtype=np.float32))[:, None, None],
-                            (n, H, D)).copy() for layer in range(L)]
+    """Per-layer heads-major rows [H, n, D] whose values encode (layer, token index) so
+    copies can be traced."""
+    return [np.broadcast_to((layer * 1000 + np.arange(start, start + n, dtype=np.float32))[None, :, None],
+                            (H, n, D)).copy() for layer in range(L)]
 
 
 def test_append_grows_in_chunks_and_keeps_rows() -> None:
@@ -26,8 +27,10 @@ def test_append_grows_in_chunks_and_keeps_rows() -> None:
         c.append(e, rows(i, 1), rows(i, 1))
     assert e.length == 11 and e.capacity >= 11 and e.capacity % 4 == 0
     k, v = e.past(1)
-    assert k.flags.c_contiguous and k.shape == (11, H, D)
-    np.testing.assert_array_equal(k[:, 0, 0], 1000 + np.arange(11))
+    assert k.shape == (H, 11, D)
+    np.testing.assert_array_equal(k[0, :, 0], 1000 + np.arange(11))
+    # the slab beyond the rows is zero, so an engine may attend over it under a mask
+    assert e.k[1].flags.c_contiguous and not e.k[1][:, 11:].any()
     c.truncate(e, 5)
     assert e.length == 5 and c.used == 5
     with pytest.raises(ProtocolError, match="bad_request"):
@@ -44,8 +47,8 @@ def test_commit_copies_accepted_rows_in_order() -> None:
     c.commit(e, [0, 1, 5])
     assert e.length == 6 and e.pending is None and c.used == 6
     k, v = e.past(0)
-    np.testing.assert_array_equal(k[:, 0, 0], [0, 1, 2, 100, 101, 105])
-    np.testing.assert_array_equal(v[:, 1, 3], [0, 1, 2, 200, 201, 205])
+    np.testing.assert_array_equal(k[0, :, 0], [0, 1, 2, 100, 101, 105])
+    np.testing.assert_array_equal(v[1, :, 3], [0, 1, 2, 200, 201, 205])
     with pytest.raises(ProtocolError, match="without a pending"):
         c.commit(e, [0])
     c.set_pending(e, parents, rows(100, 6), rows(200, 6))

@@ -1,9 +1,11 @@
 """Run many requests' new tokens through one engine forward.
 
 Each request brings its own past length p_b and t_b new tokens (a chain or a tree). The
-batch is padded to P = max p_b and T = max t_b; the attention mask carries all of it:
+batch is padded to P past columns and T = max t_b; the attention mask carries all of it:
 past columns >= p_b are False, padded query rows attend only to themselves (a row with
-no True column would be a softmax over nothing -> NaN).
+no True column would be a softmax over nothing -> NaN). A batch of one passes its
+request's whole cache slab (P = its capacity, no copy); a larger batch copies each
+request's rows into one [B, Hkv, max p_b, D] buffer.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ class Feed:
 @dataclass
 class FeedResult:
     logits: np.ndarray  # float32 [n_logits, V]: the feed's last n_logits rows
-    k: list[np.ndarray]  # per layer [t, Hkv, D]
+    k: list[np.ndarray]  # per layer [Hkv, t, D]
     v: list[np.ndarray]
 
 
@@ -66,7 +68,7 @@ def _causal(t: int) -> np.ndarray:
 def _forward(engine: Engine, feeds: list[Feed]) -> list[FeedResult]:
     B = len(feeds)
     T = max(f.tokens.size for f in feeds)
-    P = max(f.entry.length for f in feeds)
+    P = feeds[0].entry.capacity if B == 1 else max(f.entry.length for f in feeds)
     ids = np.zeros((B, T), np.int64)
     pos = np.zeros((B, T), np.int64)
     mask = np.zeros((B, 1, T, P + T), np.bool_)
@@ -83,24 +85,24 @@ def _forward(engine: Engine, feeds: list[Feed]) -> list[FeedResult]:
         rows[b] = t - 1
         rows[b, :f.n_logits] = np.arange(t - f.n_logits, t)
 
-    if B == 1:
-        # The slab prefix is already contiguous [P, Hkv, D]: a view, no copy.
-        past = [tuple(a[None] for a in feeds[0].entry.past(layer)) for layer in range(engine.num_layers)]
+    if B == 1:  # the whole zero-filled slab [Hkv, cap, D]: a view, no copy; the mask hides cap - length
+        e = feeds[0].entry
+        past = [(e.k[layer][None], e.v[layer][None]) for layer in range(engine.num_layers)]
     else:
         past = []
-        shape = (B, P, engine.num_kv_heads, engine.head_dim)
+        shape = (B, engine.num_kv_heads, P, engine.head_dim)
         for layer in range(engine.num_layers):
             k = np.zeros(shape, engine.dtype)
             v = np.zeros(shape, engine.dtype)
             for b, f in enumerate(feeds):
                 pk, pv = f.entry.past(layer)
-                k[b, :pk.shape[0]] = pk
-                v[b, :pv.shape[0]] = pv
+                k[b, :, :pk.shape[1]] = pk
+                v[b, :, :pv.shape[1]] = pv
             past.append((k, v))
 
     logits, new_k, new_v = engine.forward(ids, pos, mask, past, rows)
     res = []
     for b, f in enumerate(feeds):
         t = f.tokens.size
-        res.append(FeedResult(logits[b, :f.n_logits], [k[b, :t] for k in new_k], [v[b, :t] for v in new_v]))
+        res.append(FeedResult(logits[b, :f.n_logits], [k[b, :, :t] for k in new_k], [v[b, :, :t] for v in new_v]))
     return res

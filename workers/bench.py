@@ -270,7 +270,7 @@ def engine_side(engine_dir: Path, s: Settings, progress: Callable[[str], None]) 
 
     def past(B: int, p: int) -> list:
         if (B, p) not in pasts:
-            z = np.zeros((B, p, engine.num_kv_heads, engine.head_dim), engine.dtype)
+            z = np.zeros((B, engine.num_kv_heads, p, engine.head_dim), engine.dtype)
             pasts[(B, p)] = [(z, z)] * engine.num_layers
         return pasts[(B, p)]
 

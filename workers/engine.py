@@ -20,8 +20,9 @@ import onnxruntime as ort
 log = logging.getLogger("cosine.worker.engine")
 
 # Engine manifest format. 2: the graph takes ``logits_index`` and computes logits only for
-# those rows. Format-1 engines still load (their logits are sliced after the run).
-FORMAT_VERSION = 2
+# those rows. 3: the cache and the new K/V are heads-major [B, Hkv, P, D] (the standard
+# Attention op's layout); engines of formats 1-2 (sequence-major) must be exported again.
+FORMAT_VERSION = 3
 
 _PROVIDER_NAMES = {
     "cpu": "CPUExecutionProvider",
@@ -73,6 +74,10 @@ class Engine:
                               f"build it with cosine-export")
         self.manifest: dict[str, Any] = json.loads(manifest_path.read_text())
         m = self.manifest
+        if int(m.get("format_version", 1)) < FORMAT_VERSION:
+            raise EngineError(f"{self.dir} is an engine of format {m.get('format_version', 1)}, older than this "
+                              f"worker's {FORMAT_VERSION} (its cache layout changed); export it again with "
+                              f"cosine-export (`make demo` does it for the engines config.toml names)")
         self.num_layers = int(m["num_layers"])
         self.num_kv_heads = int(m["num_kv_heads"])
         self.head_dim = int(m["head_dim"])
@@ -117,14 +122,9 @@ class Engine:
         self._out_names = ["logits"] + [f"new_key.{i}" for i in range(self.num_layers)] \
             + [f"new_value.{i}" for i in range(self.num_layers)]
         inputs = {i.name for i in self.session.get_inputs()}
-        missing = {"input_ids", "position_ids", "attention_mask", *sum(self._past_names, ())} - inputs
+        missing = {"input_ids", "position_ids", "attention_mask", "logits_index", *sum(self._past_names, ())} - inputs
         if missing:
             raise EngineError(f"{model_path} lacks graph inputs {sorted(missing)} (see docs/design.md)")
-        self.selects_logits = "logits_index" in inputs
-        if not self.selects_logits:
-            log.warning("engine %s predates logits_index (format_version %s < %d): every forward computes "
-                        "logits for all its tokens, which slows prompt prefill; re-export it with cosine-export",
-                        self.dir, m.get("format_version"), FORMAT_VERSION)
         log.info("engine %s loaded: %s, L=%d Hkv=%d D=%d V=%d max_positions=%d dtype=%s on %s",
                  self.dir, m.get("name", "?"), self.num_layers, self.num_kv_heads, self.head_dim,
                  self.vocab_size, self.max_positions, self.dtype, got)
@@ -135,24 +135,24 @@ class Engine:
                 "max_positions": self.max_positions}
 
     def empty_past(self, batch: int = 1) -> list[tuple[np.ndarray, np.ndarray]]:
-        z = np.zeros((batch, 0, self.num_kv_heads, self.head_dim), self.dtype)
+        z = np.zeros((batch, self.num_kv_heads, 0, self.head_dim), self.dtype)
         return [(z, z)] * self.num_layers
 
     def forward(self, input_ids: np.ndarray, position_ids: np.ndarray, attention_mask: np.ndarray,
                 past: list[tuple[np.ndarray, np.ndarray]], logits_index: np.ndarray | None = None
                 ) -> tuple[np.ndarray, list[np.ndarray], list[np.ndarray]]:
         """One graph run. Shapes as in docs/design.md; ``past[i] = (K, V)`` of layer i,
-        each [B, P, Hkv, D]. ``logits_index`` [B, K]: the new-token rows whose logits to
-        compute (None = all T). Returns (logits [B,K,V], new K per layer, new V per layer)."""
+        each [B, Hkv, P, D]. ``logits_index`` [B, K]: the new-token rows whose logits to
+        compute (None = all T). Returns (logits [B,K,V], new K per layer, new V per layer),
+        the new K/V [B, Hkv, T, D]."""
         B, T = np.shape(input_ids)
         rows = all_rows(B, T) if logits_index is None else np.ascontiguousarray(logits_index, np.int64)
         feeds: dict[str, np.ndarray] = {
             "input_ids": np.ascontiguousarray(input_ids, np.int64),
             "position_ids": np.ascontiguousarray(position_ids, np.int64),
             "attention_mask": np.ascontiguousarray(attention_mask, np.bool_),
+            "logits_index": rows,
         }
-        if self.selects_logits:
-            feeds["logits_index"] = rows
         for (kn, vn), (k, v) in zip(self._past_names, past):
             feeds[kn] = k
             feeds[vn] = v
@@ -161,9 +161,7 @@ class Engine:
         else:
             outs = self._run_bound(feeds)
         n = self.num_layers
-        logits = outs[0] if self.selects_logits or logits_index is None else \
-            np.take_along_axis(outs[0], rows[:, :, None], axis=1)
-        return logits, outs[1:1 + n], outs[1 + n:]
+        return outs[0], outs[1:1 + n], outs[1 + n:]
 
     def _run_bound(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         """GPU path with I/O binding. UNTESTED here (no GPU on the dev machine).

@@ -1,8 +1,9 @@
 """Per-request KV cache slabs with a token budget.
 
-Each request owns, per layer, one K and one V slab of shape [cap, Hkv, D] (sequence-major,
-as in docs/design.md) so its first n cached tokens are the contiguous slice ``slab[:n]``:
-a batch of one passes that slice to the engine without copying. Slabs grow in chunks.
+Each request owns, per layer, one K and one V slab of shape [Hkv, cap, D] (heads-major,
+as in docs/design.md), zero-filled: its first n cached tokens are ``slab[:, :n]``. A batch
+of one passes the whole slab to the engine without copying and masks the columns past n
+(zeros there keep the masked scores finite). Slabs grow in chunks.
 
 The budget counts logical tokens: committed rows plus the rows of a pending (verified,
 not yet committed) tree. Every operation that adds tokens checks the budget first and
@@ -27,7 +28,7 @@ class PendingTree:
     """A verified tree's K/V rows, kept until commit (or discarded)."""
 
     parents: np.ndarray  # int64 [N]
-    k: list[np.ndarray]  # per layer [N, Hkv, D]
+    k: list[np.ndarray]  # per layer [Hkv, N, D]
     v: list[np.ndarray]
 
     @property
@@ -49,7 +50,7 @@ class Entry:
 
     @property
     def capacity(self) -> int:
-        return int(self.k[0].shape[0])
+        return int(self.k[0].shape[1])
 
     @property
     def tokens(self) -> int:
@@ -57,15 +58,15 @@ class Entry:
         return self.length + (self.pending.size if self.pending else 0)
 
     def past(self, layer: int) -> tuple[np.ndarray, np.ndarray]:
-        """Contiguous views of the cached rows of one layer, [length, Hkv, D]."""
-        return self.k[layer][:self.length], self.v[layer][:self.length]
+        """Views of the cached rows of one layer, [Hkv, length, D]."""
+        return self.k[layer][:, :self.length], self.v[layer][:, :self.length]
 
 
 class KVCache:
     def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, dtype: np.dtype,
                  budget_tokens: int, chunk_tokens: int = 128, max_tokens: int | None = None):
         self.num_layers = num_layers
-        self.row_shape = (num_kv_heads, head_dim)
+        self.kv_heads, self.head_dim = num_kv_heads, head_dim
         self.dtype = np.dtype(dtype)
         self.budget = int(budget_tokens)
         self.chunk = int(chunk_tokens)
@@ -104,8 +105,7 @@ class KVCache:
         if rid in self.entries:
             raise ProtocolError("duplicate_request", f"request {rid!r} is already held")
         cap = self._round(max(reserve, 1))
-        e = Entry(rid, [np.empty((cap, *self.row_shape), self.dtype) for _ in range(self.num_layers)],
-                  [np.empty((cap, *self.row_shape), self.dtype) for _ in range(self.num_layers)])
+        e = Entry(rid, [self._slab(cap) for _ in range(self.num_layers)], [self._slab(cap) for _ in range(self.num_layers)])
         self.entries[rid] = e
         return e
 
@@ -128,6 +128,9 @@ class KVCache:
         cap = -(-n // self.chunk) * self.chunk
         return min(cap, self.max_tokens) if self.max_tokens else cap
 
+    def _slab(self, cap: int) -> np.ndarray:
+        return np.zeros((self.kv_heads, cap, self.head_dim), self.dtype)
+
     def _ensure(self, e: Entry, need: int) -> None:
         if need <= e.capacity:
             return
@@ -135,21 +138,21 @@ class KVCache:
         cap = max(cap, need)
         for layer in range(self.num_layers):
             for slabs in (e.k, e.v):
-                new = np.empty((cap, *self.row_shape), self.dtype)
-                new[:e.length] = slabs[layer][:e.length]
+                new = self._slab(cap)
+                new[:, :e.length] = slabs[layer][:, :e.length]
                 slabs[layer] = new
 
     def append(self, e: Entry, k: list[np.ndarray], v: list[np.ndarray]) -> None:
-        """Append rows (per layer [n, Hkv, D]) at the request's length."""
-        n = int(k[0].shape[0])
+        """Append rows (per layer [Hkv, n, D]) at the request's length."""
+        n = int(k[0].shape[1])
         if n == 0:
             return
         self.check_budget(n - (e.pending.size if e.pending else 0), f"request {e.rid!r}")
         e.pending = None  # a pending tree was computed against the old length
         self._ensure(e, e.length + n)
         for layer in range(self.num_layers):
-            e.k[layer][e.length:e.length + n] = k[layer]
-            e.v[layer][e.length:e.length + n] = v[layer]
+            e.k[layer][:, e.length:e.length + n] = k[layer]
+            e.v[layer][:, e.length:e.length + n] = v[layer]
         e.length += n
 
     def truncate(self, e: Entry, length: int) -> None:
@@ -173,8 +176,8 @@ class KVCache:
         e.pending = None  # frees the tree's budget before the (smaller) accepted part is charged
         self._ensure(e, e.length + idx.size)
         for layer in range(self.num_layers):
-            e.k[layer][e.length:e.length + idx.size] = p.k[layer][idx]
-            e.v[layer][e.length:e.length + idx.size] = p.v[layer][idx]
+            e.k[layer][:, e.length:e.length + idx.size] = p.k[layer][:, idx]
+            e.v[layer][:, e.length:e.length + idx.size] = p.v[layer][:, idx]
         e.length += idx.size
 
 

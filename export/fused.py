@@ -1,0 +1,96 @@
+"""The fused graph's building blocks: ONNX Runtime's fused kernels in place of the
+plain graph's elementwise chains (docs/export.md, "Fused graph").
+
+| block | op | replaces |
+|---|---|---|
+| RMS norm | `RMSNormalization` (opset 23) | Mul, ReduceMean, Add, Sqrt, Reciprocal, Mul, Mul |
+| residual + RMS norm | `com.microsoft:SkipSimplifiedLayerNormalization` | Add + the above |
+| rotary embedding | `RotaryEmbedding` (opset 23) with per-token `position_ids` | Gather, Split, Neg, Concat, Mul, Mul, Add |
+| tree attention | `Attention` (opset 23): grouped-query heads, boolean tree mask, past K/V | Concat, Transpose, MatMul, Where, Softmax, MatMul, Transpose |
+| quantized linear | `com.microsoft:MatMulNBits` (+ one small MatMul for per-block minimums) | MatMul over float32 weights |
+
+The interface (inputs, outputs, heads-major cache) is the plain graph's (layers.py).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .graph import MS_DOMAIN, GraphBuilder
+from .nbits import NBits
+
+# MatMulNBits accuracy level: 4 = int8 compute on CPU (the activations of each block
+# quantized to int8, as llama.cpp does for its K-quant dot products); 0 = float compute.
+# On the 2-core CPU a 1536 x 8960 product took 4.1 ms at level 4 and 16 ms at level 0.
+ACCURACY_LEVEL = 4
+
+
+def linear(g: GraphBuilder, x: str, w: np.ndarray | NBits, name: str, bias: np.ndarray | None = None,
+           accuracy_level: int = ACCURACY_LEVEL) -> str:
+    """x @ W^T (+ bias) for W [out, in]: a float MatMul or MatMulNBits. Initializers are
+    named ``name.weight`` (float, stored [in, out]) or ``name.q/.scales/.offsets``."""
+    if isinstance(w, NBits):
+        y = _matmul_nbits(g, x, w, name, accuracy_level)
+    else:
+        y = g.op("MatMul", [x, g.weight(name + ".weight", np.ascontiguousarray(w.T))])
+    return g.op("Add", [y, g.weight(name + ".bias", bias)]) if bias is not None else y
+
+
+def _matmul_nbits(g: GraphBuilder, x: str, w: NBits, name: str, accuracy_level: int) -> str:
+    n, k = w.shape
+    y = g.op("MatMulNBits", [x, g.weight(name + ".q", w.packed(), np.uint8),
+                             g.weight(name + ".scales", w.scale.reshape(-1), np.float32)],
+             domain=MS_DOMAIN, K=k, N=n, bits=w.bits, block_size=w.block_size, accuracy_level=accuracy_level)
+    if w.offset is None:
+        return y
+    shift = g.op("MatMul", [block_sums(g, x, k, w.block_size), g.weight(name + ".offsets", w.offset, np.float32)])
+    return g.op("Add", [y, shift])
+
+
+def block_sums(g: GraphBuilder, x: str, width: int, block_size: int) -> str:
+    """[B, T, width] -> [B, T, width / block_size]: x summed over each quantization block
+    (computed once per input and block size, shared by the products that read it)."""
+    key = ("block_sums", x, block_size)
+    if key not in g.memo:
+        blocks = g.op("Reshape", [x, g.i64([0, 0, width // block_size, block_size])])
+        g.memo[key] = g.op("ReduceSum", [blocks, g.i64([-1])], keepdims=0)
+    return g.memo[key]
+
+
+def rms_norm(g: GraphBuilder, x: str, weight: np.ndarray, eps: float, name: str) -> str:
+    return g.op("RMSNormalization", [x, g.weight(name, weight)], axis=-1, epsilon=eps)
+
+
+def skip_rms_norm(g: GraphBuilder, x: str, skip: str, weight: np.ndarray, eps: float, name: str) -> tuple[str, str]:
+    """(rms_norm(x + skip), x + skip) in one kernel."""
+    normed, _, _, total = g.op("SkipSimplifiedLayerNormalization", [x, skip, g.weight(name, weight)], outputs=4,
+                               domain=MS_DOMAIN, epsilon=eps)
+    return normed, total
+
+
+def rope_caches(g: GraphBuilder, inv_freq: np.ndarray, max_positions: int, scaling: float = 1.0) -> tuple[str, str]:
+    """RotaryEmbedding's cos/sin caches [max_positions, D/2], as HF computes them (float32)."""
+    pos = np.arange(max_positions, dtype=np.float32)[:, None]
+    freqs = pos * np.asarray(inv_freq, np.float32)[None, :]
+    return (g.weight("rope.cos_cache", np.cos(freqs) * np.float32(scaling)),
+            g.weight("rope.sin_cache", np.sin(freqs) * np.float32(scaling)))
+
+
+def rotary(g: GraphBuilder, x: str, caches: tuple[str, str], position_ids: str, heads: int) -> str:
+    """HF's rotate-half rotary embedding of x [B, T, heads*D] at explicit positions."""
+    return g.op("RotaryEmbedding", [x, caches[0], caches[1], position_ids], num_heads=heads, interleaved=0)
+
+
+def heads_major(g: GraphBuilder, x: str, heads: int, head_dim: int, name: str) -> str:
+    """[B, T, heads*D] -> [B, heads, T, D] (a new-K/V output)."""
+    return g.op("Transpose", [g.op("Reshape", [x, g.i64([0, 0, heads, head_dim])])], perm=[0, 2, 1, 3], name=name)
+
+
+def attention(g: GraphBuilder, q: str, k: str, v: str, mask: str, past: tuple[str, str], heads: int,
+              kv_heads: int, scale: float) -> str:
+    """Tree attention of q [B, T, heads*D] over past [B, Hkv, P, D] plus the new k, v
+    [B, T, Hkv*D], with the boolean mask [B, 1, T, P+T]; returns [B, T, heads*D]. (The CPU
+    kernel requires the present K/V outputs whenever past K/V is given; they are unused.)"""
+    y, _, _ = g.op("Attention", [q, k, v, mask, past[0], past[1]], outputs=3, q_num_heads=heads,
+                   kv_num_heads=kv_heads, scale=scale)
+    return y
