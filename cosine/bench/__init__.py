@@ -4,6 +4,8 @@ one invocation, so that ratios compare like with like.
     cosine-bench run --config config.toml [--modes ...] [--concurrency 1,4,16] ...
     cosine-bench worker ...        per-engine worker numbers (workers/bench.py)
     cosine-bench drafters ...      each drafter alone per domain (cosine/bench/drafters.py)
+    cosine-bench profile --engine DIR   time per ONNX op type of a decode step and a verify
+                                   (ONNX Runtime's profiler; cosine/bench/profile.py)
     cosine-bench report DIR        regenerate docs/benchmarks/README.md from results JSON
     cosine-bench pool RUN RUN ...  pool the paired ratios of several runs of the same code
     cosine-bench load --config config.toml --clients N --duration T [--up] [--out DIR]
@@ -34,6 +36,9 @@ def main(argv: list[str] | None = None) -> int:
         return int(m(argv[1:]) or 0)
     if argv and argv[0] == "load":
         from cosine.bench.load import main as m
+        return int(m(argv[1:]) or 0)
+    if argv and argv[0] == "profile":
+        from cosine.bench.profile import main as m
         return int(m(argv[1:]) or 0)
     if argv and argv[0] == "report":
         from cosine.bench.report import main as m
