@@ -172,3 +172,84 @@ def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
     root = tmp_path_factory.mktemp("tiny-models")
     return {arch: make_tiny_model(root / arch, arch=arch, seed=0) for arch in ARCHS}
+
+
+# ----- HTTP gateway fixtures (tests/test_http_*.py) -------------------------------------------
+
+API_KEYS = ("test-key-1", "test-key-2")
+
+
+class HttpCluster:
+    """A LocalCluster plus `cosine-http` (real processes): ``base`` is the gateway's URL."""
+
+    def __init__(self, cluster: Any, cfg_path: Path, base: str, proc: subprocess.Popen | None):
+        self.cluster, self.cfg_path, self.base, self.proc = cluster, cfg_path, base, proc
+        self.endpoint = cluster.endpoint
+        self.key = API_KEYS[0]
+
+
+def http_up(base: str) -> bool:
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(base + "/health", timeout=2):
+            return True
+    except urllib.error.HTTPError:
+        return True  # it answers (503 while serve starts)
+    except OSError:
+        return False
+
+
+def start_gateway(cfg_path: Path, base: str, timeout_s: float = 60.0) -> subprocess.Popen | None:
+    """`python -m cosine.gateway` (what `cosine up` runs); None when one already serves ``base``."""
+    import sys
+
+    if http_up(base):
+        return None
+    proc = subprocess.Popen([sys.executable, "-m", "cosine.gateway", "--config", str(cfg_path)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_line(proc, "READY cosine-http", timeout_s)
+    except BaseException:
+        proc.kill()
+        raise
+    # keep reading its output so a full pipe never blocks it
+    import threading
+
+    threading.Thread(target=lambda: [None for _ in proc.stdout], daemon=True).start()
+    return proc
+
+
+def stop_gateway(proc: subprocess.Popen | None) -> None:
+    import signal
+
+    if proc is not None and proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+@pytest.fixture(scope="session")
+def http_cluster(control_engines: dict[str, Path], tmp_path_factory: pytest.TempPathFactory):
+    """verifier + a perfect and a poor drafter + serve + cosine-http with two API keys, shared
+    by the HTTP test modules. The gateway accepts 1 MiB bodies within 3 s."""
+    from cosine.control.cluster import LocalCluster
+
+    cfg = write_cluster_config(tmp_path_factory.mktemp("http") / "config.toml", control_engines["target"],
+                               {"good": control_engines["target"], "poor": control_engines["poor"]},
+                               limits={"max_message_bytes": 1 << 20},
+                               sections={"scheduling": {"max_batch": 16}})
+    port = free_port()
+    with open(cfg, "a") as f:
+        f.write(f'\n[http]\nhost = "127.0.0.1"\nport = {port}\napi_keys = {_toml_value(list(API_KEYS))}\n'
+                f"body_timeout_s = 3.0\nrequest_timeout_s = 60.0\n")
+    base = f"http://127.0.0.1:{port}"
+    with LocalCluster(cfg) as c:
+        proc = start_gateway(cfg, base)
+        try:
+            yield HttpCluster(c, cfg, base, proc)
+        finally:
+            stop_gateway(proc)
