@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import signal
 import sys
 from pathlib import Path
 
@@ -60,10 +61,12 @@ def main(argv: list[str] | None = None) -> int:
                         server_header=False)
     server = uvicorn.Server(uc)
     server.endpoint = cfg.controller.endpoint  # type: ignore[attr-defined]
-    try:
-        asyncio.run(_serve(server))
-    except KeyboardInterrupt:
-        pass
+    # uvicorn handles SIGTERM/SIGINT while it serves (graceful stop), then re-raises the
+    # signal to the handler that was there before: this one, so that a requested stop
+    # exits 0 instead of dying by the signal.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda signum, _frame: log.info("signal %d: stopped", signum))
+    asyncio.run(_serve(server))
     if not server.started:
         log.error("cosine-http could not listen on %s:%d (see above)", cfg.http.host, cfg.http.port)
         return 1
