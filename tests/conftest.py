@@ -179,57 +179,21 @@ def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 API_KEYS = ("test-key-1", "test-key-2")
 
 
+def add_http(cfg: Path, port: int, **keys: Any) -> str:
+    """Append an [http] table (the test API keys, loopback ``port``); returns the base URL."""
+    kv = {"host": "127.0.0.1", "port": port, "api_keys": list(API_KEYS), **keys}
+    with open(cfg, "a") as f:
+        f.write("\n[http]\n" + "".join(f"{k} = {_toml_value(v)}\n" for k, v in kv.items()))
+    return f"http://127.0.0.1:{port}"
+
+
 class HttpCluster:
     """A LocalCluster plus `cosine-http` (real processes): ``base`` is the gateway's URL."""
 
-    def __init__(self, cluster: Any, cfg_path: Path, base: str, proc: subprocess.Popen | None):
-        self.cluster, self.cfg_path, self.base, self.proc = cluster, cfg_path, base, proc
+    def __init__(self, cluster: Any, cfg_path: Path, base: str):
+        self.cluster, self.cfg_path, self.base = cluster, cfg_path, base
         self.endpoint = cluster.endpoint
         self.key = API_KEYS[0]
-
-
-def http_up(base: str) -> bool:
-    import urllib.error
-    import urllib.request
-
-    try:
-        with urllib.request.urlopen(base + "/health", timeout=2):
-            return True
-    except urllib.error.HTTPError:
-        return True  # it answers (503 while serve starts)
-    except OSError:
-        return False
-
-
-def start_gateway(cfg_path: Path, base: str, timeout_s: float = 60.0) -> subprocess.Popen | None:
-    """`python -m cosine.gateway` (what `cosine up` runs); None when one already serves ``base``."""
-    import sys
-
-    if http_up(base):
-        return None
-    proc = subprocess.Popen([sys.executable, "-m", "cosine.gateway", "--config", str(cfg_path)],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        wait_line(proc, "READY cosine-http", timeout_s)
-    except BaseException:
-        proc.kill()
-        raise
-    # keep reading its output so a full pipe never blocks it
-    import threading
-
-    threading.Thread(target=lambda: [None for _ in proc.stdout], daemon=True).start()
-    return proc
-
-
-def stop_gateway(proc: subprocess.Popen | None) -> None:
-    import signal
-
-    if proc is not None and proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
 
 
 @pytest.fixture(scope="session")
@@ -237,19 +201,12 @@ def http_cluster(control_engines: dict[str, Path], tmp_path_factory: pytest.Temp
     """verifier + a perfect and a poor drafter + serve + cosine-http with two API keys, shared
     by the HTTP test modules. The gateway accepts 1 MiB bodies within 3 s."""
     from cosine.control.cluster import LocalCluster
+    from cosine.gateway.process import GatewayProcess
 
     cfg = write_cluster_config(tmp_path_factory.mktemp("http") / "config.toml", control_engines["target"],
                                {"good": control_engines["target"], "poor": control_engines["poor"]},
                                limits={"max_message_bytes": 1 << 20},
                                sections={"scheduling": {"max_batch": 16}})
-    port = free_port()
-    with open(cfg, "a") as f:
-        f.write(f'\n[http]\nhost = "127.0.0.1"\nport = {port}\napi_keys = {_toml_value(list(API_KEYS))}\n'
-                f"body_timeout_s = 3.0\nrequest_timeout_s = 60.0\n")
-    base = f"http://127.0.0.1:{port}"
-    with LocalCluster(cfg) as c:
-        proc = start_gateway(cfg, base)
-        try:
-            yield HttpCluster(c, cfg, base, proc)
-        finally:
-            stop_gateway(proc)
+    base = add_http(cfg, free_port(), body_timeout_s=3.0, request_timeout_s=60.0)
+    with LocalCluster(cfg) as c, GatewayProcess(cfg, base):
+        yield HttpCluster(c, cfg, base)

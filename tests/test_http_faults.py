@@ -17,15 +17,10 @@ import pytest
 
 from cosine.client import Client
 
-from conftest import API_KEYS, _toml_value, free_port, start_gateway, stop_gateway, wait_line, write_cluster_config
+from conftest import API_KEYS, add_http, free_port, wait_line, write_cluster_config
+from cosine.gateway.process import GatewayProcess
 
 PROMPT = [5, 17, 12, 8, 9]
-
-
-def _with_http(cfg, port: int, timeout_s: float) -> None:
-    with open(cfg, "a") as f:
-        f.write(f'\n[http]\nhost = "127.0.0.1"\nport = {port}\napi_keys = {_toml_value(list(API_KEYS))}\n'
-                f"request_timeout_s = {timeout_s}\n")
 
 
 @pytest.fixture(scope="module")
@@ -34,15 +29,10 @@ def faulty(control_engines, tmp_path_factory):
 
     cfg = write_cluster_config(tmp_path_factory.mktemp("http-faults") / "config.toml", control_engines["target"], {},
                                controller={"max_pending_requests": 1, "mode": "autoregressive"})
-    port = free_port()
-    _with_http(cfg, port, 4.5)  # over worker_timeout_s (3 s): a dead verifier is reported, not waited out
-    base = f"http://127.0.0.1:{port}"
-    with LocalCluster(cfg) as c:
-        proc = start_gateway(cfg, base)
-        try:
-            yield c, cfg, base
-        finally:
-            stop_gateway(proc)
+    # request_timeout_s over worker_timeout_s (3 s): a dead verifier is reported, not waited out
+    base = add_http(cfg, free_port(), request_timeout_s=4.5)
+    with LocalCluster(cfg) as c, GatewayProcess(cfg, base):
+        yield c, cfg, base
 
 
 def _sdk(base: str) -> openai.OpenAI:
@@ -79,7 +69,7 @@ def test_sigterm_stops_the_gateway_promptly_and_cancels_its_streams(faulty, tmp_
     text = cfg.read_text()
     port = free_port()
     mine.write_text(text[:text.index("\n[http]")])
-    _with_http(mine, port, 60.0)
+    add_http(mine, port)
     proc = subprocess.Popen([sys.executable, "-m", "cosine.gateway", "--config", str(mine)],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
