@@ -8,6 +8,8 @@ import shutil
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from cosine import config
 from cosine.config import ConfigError
@@ -183,3 +185,25 @@ def test_gguf_template_and_older_engines(tmp_path, control_engines):
     with pytest.raises(ct.ChatTemplateMissing, match="is gone; re-export .* `python -m cosine.export.chat_template"):
         ct.load(old)
     assert ct.main([str(old), "--source", str(src)]) == 0 and ct.load(old)[0] == "{{ 'G' }}"
+
+
+@settings(max_examples=60, deadline=None)
+@given(text=st.text(alphabet=st.sampled_from(list("aé€😀 \nß中")), min_size=1, max_size=30))
+def test_stream_text_never_splits_a_utf8_character(text):
+    """What the gateway streams is serve's chunk text (control/pool.py Detokenizer): with a
+    byte-level tokenizer, where one character spans several tokens, no chunk carries a
+    broken character and the chunks add up to the whole text."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    from cosine.control.pool import Detokenizer
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    tok = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(sorted(alphabet))}, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    ids = tok.encode(text).ids
+    assert len(ids) == len(text.encode())  # one token per byte: multi-byte characters are split
+    d = Detokenizer(lambda x: tok.decode(x), [])
+    chunks = [d.push(t) for t in ids] + [d.flush()]
+    assert all("\ufffd" not in c for c in chunks)
+    assert "".join(chunks) == text
