@@ -258,3 +258,16 @@ def test_client_disconnect_mid_stream_cancels_in_serve(http_cluster):
                 break
             time.sleep(0.05)
     assert set(held.values()) == {0}, held
+
+
+def test_client_gone_before_a_json_answer_cancels_in_serve(http_cluster):
+    """Non-streaming: the client gives up (0.15 s) long before 250 tokens are generated."""
+    st0 = quiet(http_cluster.endpoint)
+    body = {"prompt": PROMPT, "max_tokens": 250, "ignore_eos": True, "mode": "autoregressive"}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(http_cluster.base + "/v1/completions", json=body, timeout=httpx.Timeout(30, read=0.15),
+                   headers={"Authorization": f"Bearer {http_cluster.key}"})
+    st = quiet(http_cluster.endpoint)
+    before, after = st0["metrics"]["requests_failed"], st["metrics"]["requests_failed"]
+    assert after.get("cancelled", 0) == before.get("cancelled", 0) + 1
+    assert st["metrics"]["requests_finished"] == st0["metrics"]["requests_finished"]

@@ -10,5 +10,6 @@ so several gateways can front one serve. Modules:
     chat.py       the model's chat template, rendered as transformers renders it
     metrics.py    serve's counters (its `stats` op) and the gateway's own, for /metrics
     errors.py     OpenAI-shaped errors and their HTTP statuses
+    process.py    cosine-http as a child process (benchmark, tests)
     __main__.py   `cosine-http --config config.toml` / `python -m cosine.gateway`
 """

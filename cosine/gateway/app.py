@@ -111,18 +111,22 @@ class Gateway:
         length = request.headers.get("content-length", "")
         if length.isdigit() and int(length) > limit:
             raise too_big
-        buf = bytearray()
+
+        async def body() -> bytes:
+            buf = bytearray()
+            async for part in request.stream():
+                buf += part
+                if len(buf) > limit:
+                    raise too_big
+            return bytes(buf)
+
         try:
-            async with asyncio.timeout(self.http.body_timeout_s):
-                async for part in request.stream():
-                    buf += part
-                    if len(buf) > limit:
-                        raise too_big
-        except TimeoutError:
+            raw = await asyncio.wait_for(body(), self.http.body_timeout_s)
+        except asyncio.TimeoutError:
             raise ApiError(408, f"request body not received within {self.http.body_timeout_s:g} s "
                                 f"([http] body_timeout_s)") from None
         try:
-            return json.loads(buf.decode("utf-8"), parse_constant=_no_constants)
+            return json.loads(raw.decode("utf-8"), parse_constant=_no_constants)
         except UnicodeDecodeError as e:
             raise bad(f"request body is not UTF-8: {e}") from None
         except RecursionError:
