@@ -38,6 +38,7 @@ from cosine.control.routing import Router
 from cosine.control.scheduling import CostModel, PendingRequest, select_batch
 from cosine.control.engagement import FREE, Engagement
 from cosine.control.guide import pick_guide, still_valid
+from cosine.control.metrics import ServeMetrics
 from cosine.control.speculation import DraftPlan, GoodputGate, ewma, SpeculationController, VerifyFit, speculation_pays
 from cosine.protocol import VERSION
 
@@ -248,6 +249,7 @@ class ControllerActor(pykka.ThreadingActor):
                      " (a drafter shares a host and device with a verifier)"))
                  + f"; model drafters prefill new prompts {'in the background' if self.background_prefill else 'inline'}")
         self.budgets = [max(1, cfg.worker(v.name).kv_budget_tokens) for v in verifiers]
+        self.metrics = ServeMetrics([d.name for d in drafters])  # metrics: counters for /metrics (docs/http.md)
 
     def on_start(self) -> None:
         self.emit = self.emit_factory()
@@ -310,6 +312,7 @@ class ControllerActor(pykka.ThreadingActor):
             "calibration": {dom: {self.drafters[d].name: [list(b) for b in bins] for d, bins in per.items()}
                             for dom, per in self.fuser.calibration_table().get().items()},
             **({"timeline": [list(r) for r in list(s.timeline)[-timeline:]]} if timeline > 0 else {}),
+            "metrics": self.metrics.snapshot(),  # metrics
         }
 
     def worker_stats(self) -> dict[str, Any]:
@@ -339,6 +342,7 @@ class ControllerActor(pykka.ThreadingActor):
     # -- replies -----------------------------------------------------------------------
     def _reply_error(self, client: Any, code: str, message: str) -> None:
         ident, crid, seq = client
+        self.metrics.on_error(code)  # metrics
         self.emit(ident, {"v": VERSION, "op": "generate", "seq": seq, "rid": crid, "ok": False,
                           "error": {"code": code, "message": message}})
 
@@ -353,6 +357,7 @@ class ControllerActor(pykka.ThreadingActor):
     def _finish(self, req: Request) -> None:
         ident, crid, seq = req.client
         st = req.stats()
+        st.update(self.metrics.on_finish(req.rid, req.finish_reason))  # metrics: speculation figures
         self.stats_.requests_done += 1
         self.emit(ident, {"v": VERSION, "op": "done", "seq": seq, "rid": crid, "ok": True, "text": req.text,
                           "token_ids": list(req.output), "finish_reason": req.finish_reason, "stats": st})
@@ -361,6 +366,7 @@ class ControllerActor(pykka.ThreadingActor):
     def _drop(self, req: Request) -> None:
         """Forget a request everywhere and free its caches on every worker that holds it."""
         self.by_client.pop(req.client_key, None)
+        self.metrics.forget(req.rid)  # metrics
         if req in self.incoming:
             self.incoming.remove(req)
         if self.requests.pop(req.rid, None) is not None:
@@ -480,6 +486,7 @@ class ControllerActor(pykka.ThreadingActor):
                 d.probe = None
                 if ok:
                     d.alive = True
+                    self.metrics.on_worker(d.name, True)  # metrics
                     for r in self.requests.values():  # it holds no prompt now: prefill afresh
                         r.warmed.discard(d.name)
                     log.info("drafter %s answers again; re-admitted (its cache starts empty)", d.name)
@@ -551,6 +558,7 @@ class ControllerActor(pykka.ThreadingActor):
                 and (d.warm is not None or d.name not in r.warmed))
 
     def _mark_dead(self, d: DrafterSlot, why: str) -> None:
+        self.metrics.on_worker(d.name, False)  # metrics
         if d.alive:
             log.warning("drafter %s marked dead (%s); continuing without it and probing it every %.0f s",
                         d.name, why, self.probe_every_s)
@@ -623,6 +631,7 @@ class ControllerActor(pykka.ThreadingActor):
                     r.prefilled = True
                     self.requests[r.rid] = r
                     r.domain = self.router.start_request(r.rid, r.prompt_text).get()
+                    self.metrics.on_admit(r.rid, r.params.mode, len(r.prompt), r.arrived)  # metrics
                     admitted += 1
                     continue
                 self.verifiers[i].load -= 1
@@ -878,6 +887,7 @@ class ControllerActor(pykka.ThreadingActor):
         # scores alone pick (measured at concurrency 4: 0.82x plain decoding anchored).
         alone = len(self.requests) == 1
         sel = self.router.select([(r.rid, k_max, {d.name for d in self._usable(r)}) for r in reqs], alone).get()
+        self.metrics.on_picks(sel)  # metrics
         by_name = {d.name: d for d in self.drafters}
         for r in reqs:
             r.routed = [n for n in sel.get(r.rid, []) if n in by_name]
@@ -968,6 +978,7 @@ class ControllerActor(pykka.ThreadingActor):
                         st["left"] = 0
                         continue
                     fused = int(tree.tokens[node])
+                    self.metrics.on_fused_win(int(tree.proposers[node]))  # metrics
                     st["parent"] = node
                     st["prefix"].append(fused)
                     st["left"] -= 1
@@ -1091,6 +1102,7 @@ class ControllerActor(pykka.ThreadingActor):
 
     def _apply_verify(self, v: VerifierSlot, rs: list[Request], res: Timed) -> float:
         v.busy_s += res.busy_s
+        self.metrics.on_worker(v.name, res.error != "dead")  # metrics
         if not res.error and res.busy_s > 0:
             self.call_fit.add(float(sum(r.tree.n for r in rs)), res.busy_s)
         if res.error:
@@ -1157,6 +1169,7 @@ class ControllerActor(pykka.ThreadingActor):
             for name in r.drafters:
                 r.drafters_used.add(name)
             text, ids = r.accept(tokens)
+            self.metrics.on_round(r.rid, r.tree.proposers, vr.nodes, len(ids))  # metrics
             self.stats_.tokens += len(ids)
             r.commit_nodes = [int(n) for n in vr.nodes]
             r.tree, r.phase, r.wait_since = None, "draft", time.monotonic()

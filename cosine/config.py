@@ -50,6 +50,25 @@ class SecurityConfig:
 
 
 @dataclass(frozen=True)
+class HttpConfig:
+    """[http]: the OpenAI-compatible HTTP gateway, `cosine-http` (docs/http.md). `cosine up`
+    starts it when the table is present."""
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    # Bearer tokens accepted in `Authorization: Bearer KEY` (compared in constant time);
+    # empty: no authentication (keep host on loopback then).
+    api_keys: tuple[str, ...] = ()
+    # The model id that /v1/models lists and requests name; empty: the target model's name.
+    model_name: str = ""
+    # Seconds a client may take to send its request body; slower ones get 408.
+    body_timeout_s: float = 30.0
+    # Seconds the gateway waits for cosine-serve's next reply (first token, next chunk)
+    # before answering 504 and cancelling the request.
+    request_timeout_s: float = 600.0
+
+
+@dataclass(frozen=True)
 class LimitsConfig:
     max_prompt_tokens: int = 2048
     max_new_tokens: int = 1024
@@ -213,6 +232,7 @@ class Config:
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     security: SecurityConfig = field(default_factory=SecurityConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    http: HttpConfig | None = None  # None: no [http] table, no gateway
 
     def model(self, name: str) -> ModelConfig:
         for m in self.models:
@@ -433,6 +453,25 @@ def _check(cfg: Config, text: str, check_engines: bool) -> None:
         raise ConfigError(f"{where('logging', 'level')}: level {cfg.logging.level!r}; use DEBUG, INFO, WARNING or ERROR")
     if cfg.security.curve:
         _check_keys(cfg.security, where)
+    if cfg.http is not None:
+        _check_http(cfg.http, where, endpoints, (m.group(1), int(m.group(2))))
+
+
+def _check_http(h: HttpConfig, where: Any, workers: dict[tuple[str, int], str], serve: tuple[str, int]) -> None:
+    if not h.host or any(c.isspace() for c in h.host):
+        raise ConfigError(f"{where('http', 'host')}: host {h.host!r} must be an address or host name to listen on")
+    if not 1 <= h.port <= 65535:
+        raise ConfigError(f"{where('http', 'port')}: port {h.port} must be 1..65535")
+    if (h.host, h.port) in workers or (h.host, h.port) == serve:
+        raise ConfigError(f"{where('http', 'port')}: {h.host}:{h.port} is also used by "
+                          f"{workers.get((h.host, h.port), 'cosine-serve')}; give the gateway its own port")
+    for k in h.api_keys:
+        if not k or any(c.isspace() for c in k) or not k.isprintable():
+            raise ConfigError(f"{where('http', 'api_keys')}: every API key must be a non-empty string without "
+                              f"spaces (clients send it as `Authorization: Bearer KEY`)")
+    for k in ("body_timeout_s", "request_timeout_s"):
+        if not getattr(h, k) > 0:
+            raise ConfigError(f"{where('http', k)}: {k} must be > 0, got {getattr(h, k)}")
 
 
 def _check_keys(sec: SecurityConfig, where: Any) -> None:
@@ -481,7 +520,7 @@ def load(path: str | Path, check_engines: bool = True) -> Config:
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{p}: not valid TOML: {e}") from None
     ctx = (p, text)
-    known = {"models", "workers", "controller", "limits", "security", "logging"}
+    known = {"models", "workers", "controller", "limits", "security", "logging", "http"}
     unknown = sorted(set(data) - known)
     if unknown:
         raise ConfigError(f"{p} {_line_of(text, unknown[0], None)}: unknown table [{unknown[0]}]; "
@@ -493,7 +532,7 @@ def load(path: str | Path, check_engines: bool = True) -> Config:
     workers = tuple(_build(WorkerConfig, w, "workers", ctx) for w in data.get("workers", []))
     rest = {k: _build(tp, data[k], k, ctx) for k, tp in
             (("controller", ControllerConfig), ("limits", LimitsConfig),
-             ("security", SecurityConfig), ("logging", LoggingConfig)) if k in data}
+             ("security", SecurityConfig), ("logging", LoggingConfig), ("http", HttpConfig)) if k in data}
     if "security" in rest:  # key paths, like engine paths, are relative to this file
         sec = rest["security"]
         rest["security"] = dataclasses.replace(sec, **{

@@ -21,7 +21,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterator
 
-from . import gpt2, llama
+from . import chat_template, gpt2, llama
 from .errors import ExportError, ParityError, UnsupportedArchitecture
 from .graph import DATA_FILE, FUSED_OPSET, OPSET, GraphBuilder
 from .layers import ModelSpec, io_description
@@ -251,6 +251,7 @@ def export_engine(model: str | Path, out_dir: str | Path, dtype: str = "float32"
 
     with _phase("tokenizer"):  # before the slow weight load: a missing tokenizer fails fast
         src.write_tokenizer(out)
+        chat_template.store(src.path, out)  # chat_template.jinja for the HTTP API's chat completions
     with _phase(f"load {src.path.name} ({config.model_type})"):
         torch_model = src.load_model(progress)
     with _phase("source sha256"):

@@ -16,6 +16,8 @@ import os
 import string
 from pathlib import Path
 
+from .chat_template import CHATML
+
 ARCHS = ("llama", "qwen2", "gpt2")
 SPECIALS = ("<eos>", "<bos>", "<unk>")  # ids 0, 1, 2
 _CHARS = " " + string.ascii_lowercase + string.ascii_uppercase + string.digits + ".,!?'\"-:;()\n" \
@@ -85,5 +87,6 @@ def make_tiny_model(out_dir: str | Path, arch: str = "llama", seed: int = 0, voc
     model.save_pretrained(out, safe_serialization=True)
     fast = PreTrainedTokenizerFast(tokenizer_object=make_tokenizer(vocab_size), eos_token="<eos>",
                                    bos_token="<bos>", unk_token="<unk>", pad_token="<eos>")
+    fast.chat_template = CHATML  # chat completions in tests (export stores it in the engine)
     fast.save_pretrained(out)
     return out

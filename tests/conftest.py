@@ -172,3 +172,41 @@ def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
     root = tmp_path_factory.mktemp("tiny-models")
     return {arch: make_tiny_model(root / arch, arch=arch, seed=0) for arch in ARCHS}
+
+
+# ----- HTTP gateway fixtures (tests/test_http_*.py) -------------------------------------------
+
+API_KEYS = ("test-key-1", "test-key-2")
+
+
+def add_http(cfg: Path, port: int, **keys: Any) -> str:
+    """Append an [http] table (the test API keys, loopback ``port``); returns the base URL."""
+    kv = {"host": "127.0.0.1", "port": port, "api_keys": list(API_KEYS), **keys}
+    with open(cfg, "a") as f:
+        f.write("\n[http]\n" + "".join(f"{k} = {_toml_value(v)}\n" for k, v in kv.items()))
+    return f"http://127.0.0.1:{port}"
+
+
+class HttpCluster:
+    """A LocalCluster plus `cosine-http` (real processes): ``base`` is the gateway's URL."""
+
+    def __init__(self, cluster: Any, cfg_path: Path, base: str):
+        self.cluster, self.cfg_path, self.base = cluster, cfg_path, base
+        self.endpoint = cluster.endpoint
+        self.key = API_KEYS[0]
+
+
+@pytest.fixture(scope="session")
+def http_cluster(control_engines: dict[str, Path], tmp_path_factory: pytest.TempPathFactory):
+    """verifier + a perfect and a poor drafter + serve + cosine-http with two API keys, shared
+    by the HTTP test modules. The gateway accepts 1 MiB bodies within 3 s."""
+    from cosine.control.cluster import LocalCluster
+    from cosine.gateway.process import GatewayProcess
+
+    cfg = write_cluster_config(tmp_path_factory.mktemp("http") / "config.toml", control_engines["target"],
+                               {"good": control_engines["target"], "poor": control_engines["poor"]},
+                               limits={"max_message_bytes": 1 << 20},
+                               sections={"scheduling": {"max_batch": 16}})
+    base = add_http(cfg, free_port(), body_timeout_s=3.0, request_timeout_s=60.0)
+    with LocalCluster(cfg) as c, GatewayProcess(cfg, base):
+        yield HttpCluster(c, cfg, base)

@@ -8,6 +8,8 @@ one invocation, so that ratios compare like with like.
                                    (ONNX Runtime's profiler; cosine/bench/profile.py)
     cosine-bench report DIR        regenerate docs/benchmarks/README.md from results JSON
     cosine-bench pool RUN RUN ...  pool the paired ratios of several runs of the same code
+    cosine-bench run --api openai --config config.toml --concurrency 1,16
+                                   the HTTP gateway's added latency (cosine/bench/http_api.py)
     cosine-bench load --config config.toml --clients N --duration T [--up] [--out DIR]
                                    N closed-loop clients for T s: errors, latency, RSS of
                                    every cosine process (cosine/bench/load.py)
@@ -48,6 +50,9 @@ def main(argv: list[str] | None = None) -> int:
         return int(m(argv[1:]) or 0)
     if argv and argv[0] == "run":
         argv = argv[1:]
+    if any(a == "--api" or a.startswith("--api=") for a in argv):  # the HTTP gateway against ZeroMQ
+        from cosine.bench.http_api import main as m
+        return int(m(argv) or 0)
     if argv and argv[0] in ("-h", "--help") and len(argv) == 1:
         print(__doc__.strip())
     from cosine.bench.run import main as m
