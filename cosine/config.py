@@ -111,6 +111,13 @@ class WorkerConfig:
     # several workers a spinning verifier steals the cores a drafter needs (measured on
     # 2 CPU cores: 0.5B draft step 50 -> 40 ms, 1.5B verify 0.30 -> 0.26 s without it).
     spin: bool = False
+    # Pin the worker process to these CPU cores (os.sched_setaffinity; empty = no pinning),
+    # so a drafter and the verifier on one host can run truly in parallel on their own cores.
+    # With no `threads`, ONNX Runtime then uses one intra-op thread per pinned core.
+    cpus: tuple[int, ...] = ()
+    # CUDA graphs (provider "cuda" only): capture each decode/verify shape bucket once and
+    # replay it (ONNX Runtime's enable_cuda_graph + gpu_graph_id; docs/gpu.md).
+    cuda_graph: bool = False
 
     @property
     def endpoint(self) -> str:
@@ -418,6 +425,14 @@ def _check(cfg: Config, text: str, check_engines: bool) -> None:
         for k in ("max_batch", "kv_budget_tokens"):
             if getattr(w, k) < 1:
                 raise ConfigError(f"{where('workers', k)}: worker {w.name!r} {k} must be >= 1")
+        if w.threads < 0:
+            raise ConfigError(f"{where('workers', 'threads')}: worker {w.name!r} threads must be >= 0 (0 = default)")
+        if len(set(w.cpus)) != len(w.cpus) or any(c < 0 for c in w.cpus):
+            raise ConfigError(f"{where('workers', 'cpus')}: worker {w.name!r} cpus {list(w.cpus)} must be distinct "
+                              f"core numbers >= 0")
+        if w.cuda_graph and w.provider != "cuda":
+            raise ConfigError(f"{where('workers', 'cuda_graph')}: worker {w.name!r}: cuda_graph needs provider "
+                              f"\"cuda\" (it has {w.provider!r}); CUDA graphs replay captured GPU kernels")
     if not cfg.verifier_workers():
         raise ConfigError(f"{p}: no worker serves the target model {cfg.target_model().name!r}; add a [[workers]] entry")
     c = cfg.controller

@@ -120,3 +120,16 @@ def test_pipeline_auto_follows_where_the_workers_run(tmp_path: Path) -> None:
     forced = config.load(write(tmp_path, BASE.replace('pipeline = "auto"', 'pipeline = "on"', 1)),
                          check_engines=False)
     assert forced.pipelined()
+
+
+def test_worker_cpus_and_cuda_graph_are_checked(tmp_path: Path) -> None:
+    def with_worker_keys(extra: str) -> Path:
+        return write(tmp_path, BASE.replace("max_batch = 16", "max_batch = 16\n" + extra, 1))
+
+    assert config.load(with_worker_keys("cpus = [0, 1]"), check_engines=False).workers[0].cpus == (0, 1)
+    with pytest.raises(ConfigError, match="must be distinct core numbers"):
+        config.load(with_worker_keys("cpus = [1, 1]"), check_engines=False)
+    with pytest.raises(ConfigError, match="must be a list of int"):
+        config.load(with_worker_keys('cpus = "0-1"'), check_engines=False)
+    with pytest.raises(ConfigError, match='cuda_graph needs provider "cuda"'):
+        config.load(with_worker_keys("cuda_graph = true"), check_engines=False)

@@ -390,3 +390,18 @@ def test_engine_failure_is_internal_and_worker_keeps_serving(engine_dir: Path, w
     finally:
         assert w.close() == 0
     assert "Traceback" in "\n".join(w.proc.output_tail)
+
+
+def test_worker_pins_itself_to_its_cpus(engine_dir: Path, worker_config) -> None:
+    """`cpus = [...]` pins the worker process (and sizes its thread pool); a core the
+    process may not use is refused at start-up with the allowed list."""
+    import os
+
+    proc = spawn_worker(worker_config(engine_dir, cpus=[0], threads=0), "w0")
+    try:
+        assert os.sched_getaffinity(proc.pid) == {0}
+        assert any("pinned to cpus [0]" in line for line in proc.output_tail)
+    finally:
+        stop_worker(proc)
+    with pytest.raises(RuntimeError, match=r"cores \[4096\] this process may not use"):
+        spawn_worker(worker_config(engine_dir, cpus=[0, 4096]), "w0", timeout_s=30)

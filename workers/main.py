@@ -28,6 +28,21 @@ def _setup_logging(cfg: Config | None, level: str | None) -> None:
                         format="%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s")
 
 
+def pin(cpus: tuple[int, ...], threads: int) -> int:
+    """Pin this process to ``cpus`` (none: leave it); returns the intra-op thread count to
+    use: ``threads``, or one per pinned core when that is 0."""
+    if not cpus:
+        return threads
+    have = sorted(os.sched_getaffinity(0))
+    missing = sorted(set(cpus) - set(have))
+    if missing:
+        raise SystemExit(f"worker: cpus {list(cpus)} includes cores {missing} this process may not use "
+                         f"(allowed: {have}); fix [[workers]] cpus in config.toml")
+    os.sched_setaffinity(0, cpus)
+    log.info("pinned to cpus %s", list(cpus))
+    return threads or len(cpus)
+
+
 def _build_ops(cfg: Config, wcfg, mcfg):
     """The ops behind this worker: a neural engine with a KV cache, or a weight-free
     drafter (n-gram tables, prompt lookup) over token histories."""
@@ -37,6 +52,7 @@ def _build_ops(cfg: Config, wcfg, mcfg):
     from .stats import Stats
 
     stats = Stats()
+    threads = pin(wcfg.cpus, wcfg.threads)
     target = json.loads((cfg.engine_dir(cfg.target_model()) / "manifest.json").read_text()) \
         if mcfg.kind != "neural" else {}
     if mcfg.kind == "neural":
@@ -45,9 +61,8 @@ def _build_ops(cfg: Config, wcfg, mcfg):
 
         engine_dir = cfg.engine_dir(mcfg)
         log.info("worker %s starting: model %s (%s), engine %s, provider %s on %s, threads %s",
-                 wcfg.name, mcfg.name, mcfg.role, engine_dir, wcfg.provider, wcfg.device, wcfg.threads or "default")
-        engine = Engine(engine_dir, provider=wcfg.provider, device=wcfg.device, threads=wcfg.threads,
-                        spin=wcfg.spin)
+                 wcfg.name, mcfg.name, mcfg.role, engine_dir, wcfg.provider, wcfg.device, threads or "default")
+        engine = Engine(engine_dir, provider=wcfg.provider, device=wcfg.device, threads=threads, spin=wcfg.spin)
         cache = KVCache(engine.num_layers, engine.num_kv_heads, engine.head_dim, engine.dtype,
                         budget_tokens=wcfg.kv_budget_tokens, max_tokens=engine.max_positions)
         return Ops(engine, cache, wcfg, mcfg, cfg.limits, stats), cache, stats
