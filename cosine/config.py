@@ -17,6 +17,7 @@ from typing import Any, get_args, get_origin, get_type_hints
 MODES = ("autoregressive", "speculative", "specinfer", "cosine")
 QUANTIZE = ("gguf", "int4", "int8")  # cosine-export --quantize (export/weights.py), without "none"
 ROLES = ("target", "drafter")
+KV_ARRAYS = ("auto", "numpy", "torch")
 GATES = ("measured", "model", "off")
 CLASSIFIERS = ("ngram", "keyword")
 PIPELINE = ("auto", "on", "off")
@@ -118,6 +119,10 @@ class WorkerConfig:
     # CUDA graphs (provider "cuda" only): capture each decode/verify shape bucket once and
     # replay it (ONNX Runtime's enable_cuda_graph + gpu_graph_id; docs/gpu.md).
     cuda_graph: bool = False
+    # Where the KV cache lives (workers/arrays.py): "auto" = host memory (numpy) on the CPU,
+    # torch tensors on the GPU; "torch" on the CPU runs the GPU code path (for tests);
+    # "numpy" on a GPU works without torch, but the cache then crosses the bus every step.
+    kv_arrays: str = "auto"
 
     @property
     def endpoint(self) -> str:
@@ -430,6 +435,9 @@ def _check(cfg: Config, text: str, check_engines: bool) -> None:
         if len(set(w.cpus)) != len(w.cpus) or any(c < 0 for c in w.cpus):
             raise ConfigError(f"{where('workers', 'cpus')}: worker {w.name!r} cpus {list(w.cpus)} must be distinct "
                               f"core numbers >= 0")
+        if w.kv_arrays not in KV_ARRAYS:
+            raise ConfigError(f"{where('workers', 'kv_arrays')}: worker {w.name!r} kv_arrays {w.kv_arrays!r}; use "
+                              f"one of {KV_ARRAYS}")
         if w.cuda_graph and w.provider != "cuda":
             raise ConfigError(f"{where('workers', 'cuda_graph')}: worker {w.name!r}: cuda_graph needs provider "
                               f"\"cuda\" (it has {w.provider!r}); CUDA graphs replay captured GPU kernels")

@@ -122,7 +122,7 @@ def test_pipeline_auto_follows_where_the_workers_run(tmp_path: Path) -> None:
     assert forced.pipelined()
 
 
-def test_worker_cpus_and_cuda_graph_are_checked(tmp_path: Path) -> None:
+def test_worker_cpus_cuda_graph_and_kv_arrays_are_checked(tmp_path: Path) -> None:
     def with_worker_keys(extra: str) -> Path:
         return write(tmp_path, BASE.replace("max_batch = 16", "max_batch = 16\n" + extra, 1))
 
@@ -133,3 +133,6 @@ def test_worker_cpus_and_cuda_graph_are_checked(tmp_path: Path) -> None:
         config.load(with_worker_keys('cpus = "0-1"'), check_engines=False)
     with pytest.raises(ConfigError, match='cuda_graph needs provider "cuda"'):
         config.load(with_worker_keys("cuda_graph = true"), check_engines=False)
+    assert config.load(with_worker_keys('kv_arrays = "torch"'), check_engines=False).workers[0].kv_arrays == "torch"
+    with pytest.raises(ConfigError, match="kv_arrays 'cupy'; use one of"):
+        config.load(with_worker_keys('kv_arrays = "cupy"'), check_engines=False)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -38,8 +39,8 @@ class Feed:
 @dataclass
 class FeedResult:
     logits: np.ndarray  # float32 [n_logits, V]: the feed's last n_logits rows
-    k: list[np.ndarray]  # per layer [Hkv, t, D]
-    v: list[np.ndarray]
+    k: list[Any]  # per layer [Hkv, t, D], where the cache lives
+    v: list[Any]
 
 
 def chain(entry: Entry, tokens: np.ndarray, last_logits: int | None = None) -> Feed:
@@ -92,8 +93,8 @@ def _forward(engine: Engine, feeds: list[Feed]) -> list[FeedResult]:
         past = []
         shape = (B, engine.num_kv_heads, P, engine.head_dim)
         for layer in range(engine.num_layers):
-            k = np.zeros(shape, engine.dtype)
-            v = np.zeros(shape, engine.dtype)
+            k = engine.arrays.zeros(shape, engine.dtype)  # on the cache's device: no host copy
+            v = engine.arrays.zeros(shape, engine.dtype)
             for b, f in enumerate(feeds):
                 pk, pv = f.entry.past(layer)
                 k[b, :, :pk.shape[1]] = pk

@@ -1,9 +1,12 @@
 """One exported engine (docs/design.md "Engine") inside an ONNX Runtime session.
 
 The engine is stateless: every call gets the past K/V it should attend to and returns
-the new tokens' K/V; the KV cache (kvcache.py) owns the memory. The requested execution
-provider is used or start-up fails: a CUDA worker silently running on CPU would be a
-10-100x slowdown nobody notices until production.
+the new tokens' K/V; the KV cache (kvcache.py) owns the memory. Every forward runs
+through ``io_binding()``: past K/V are bound by address where the cache keeps them (host
+memory or the device, arrays.py), the new K/V and the logits are written into buffers
+allocated there, and only ids, positions, mask and the logits rows asked for cross the
+bus. The requested execution provider is used or start-up fails: a CUDA worker silently
+running on CPU would be a 10-100x slowdown nobody notices until production.
 """
 
 from __future__ import annotations
@@ -16,6 +19,8 @@ from typing import Any
 
 import numpy as np
 import onnxruntime as ort
+
+from . import arrays as arrays_mod
 
 log = logging.getLogger("cosine.worker.engine")
 
@@ -65,7 +70,7 @@ class Engine:
     """ONNX Runtime session over an engine directory plus its manifest facts."""
 
     def __init__(self, engine_dir: str | Path, provider: str = "cpu", device: str = "cpu", threads: int = 0,
-                 spin: bool = False):
+                 spin: bool = False, kv_arrays: str = "auto"):
         self.dir = Path(engine_dir)
         manifest_path = self.dir / "manifest.json"
         model_path = self.dir / "model.onnx"
@@ -86,6 +91,10 @@ class Engine:
         self.dtype = np.dtype(m.get("dtype", "float32"))
         self.provider = provider
         self.device = device
+        try:
+            self.arrays = arrays_mod.make(kv_arrays, device)
+        except (RuntimeError, ValueError) as e:
+            raise EngineError(str(e)) from None
 
         wanted = _PROVIDER_NAMES.get(provider)
         if wanted is None:
@@ -134,48 +143,53 @@ class Engine:
                 "vocab_size": self.vocab_size, "num_layers": self.num_layers, "dtype": self.dtype.name,
                 "max_positions": self.max_positions}
 
-    def empty_past(self, batch: int = 1) -> list[tuple[np.ndarray, np.ndarray]]:
-        z = np.zeros((batch, self.num_kv_heads, 0, self.head_dim), self.dtype)
+    def empty_past(self, batch: int = 1) -> list[tuple[Any, Any]]:
+        z = self.arrays.zeros((batch, self.num_kv_heads, 0, self.head_dim), self.dtype)
         return [(z, z)] * self.num_layers
 
     def forward(self, input_ids: np.ndarray, position_ids: np.ndarray, attention_mask: np.ndarray,
-                past: list[tuple[np.ndarray, np.ndarray]], logits_index: np.ndarray | None = None
-                ) -> tuple[np.ndarray, list[np.ndarray], list[np.ndarray]]:
+                past: list[tuple[Any, Any]], logits_index: np.ndarray | None = None
+                ) -> tuple[np.ndarray, list[Any], list[Any]]:
         """One graph run. Shapes as in docs/design.md; ``past[i] = (K, V)`` of layer i,
-        each [B, Hkv, P, D]. ``logits_index`` [B, K]: the new-token rows whose logits to
-        compute (None = all T). Returns (logits [B,K,V], new K per layer, new V per layer),
-        the new K/V [B, Hkv, T, D]."""
+        each [B, Hkv, P, D], contiguous arrays of this engine's ``arrays`` kind.
+        ``logits_index`` [B, K]: the new-token rows whose logits to compute (None = all
+        T). Returns (logits [B,K,V] in host memory, new K per layer, new V per layer), the
+        new K/V [B, Hkv, T, D] where the cache lives."""
         B, T = np.shape(input_ids)
         rows = all_rows(B, T) if logits_index is None else np.ascontiguousarray(logits_index, np.int64)
-        feeds: dict[str, np.ndarray] = {
-            "input_ids": np.ascontiguousarray(input_ids, np.int64),
-            "position_ids": np.ascontiguousarray(position_ids, np.int64),
-            "attention_mask": np.ascontiguousarray(attention_mask, np.bool_),
-            "logits_index": rows,
-        }
-        for (kn, vn), (k, v) in zip(self._past_names, past):
-            feeds[kn] = k
-            feeds[vn] = v
-        if self.provider == "cpu":
-            outs = self.session.run(self._out_names, feeds)
-        else:
-            outs = self._run_bound(feeds)
-        n = self.num_layers
-        return outs[0], outs[1:1 + n], outs[1 + n:]
-
-    def _run_bound(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-        """GPU path with I/O binding. UNTESTED here (no GPU on the dev machine).
-
-        Today inputs are bound from host memory and outputs come back to host, which is
-        what session.run does too, but through one explicit binding. The place to keep
-        the cache on the device is here: bind ``past_*`` as device OrtValues held by the
-        KV cache (OrtValue.ortvalue_from_numpy(..., "cuda", id)) and bind ``new_*`` to
-        device outputs, so only input_ids/positions/mask and logits cross PCIe.
-        """
         binding = self.session.io_binding()
-        for name, a in feeds.items():
-            binding.bind_cpu_input(name, a)
-        for name in self._out_names:
-            binding.bind_output(name, "cpu")
+        for name, host in (("input_ids", np.ascontiguousarray(input_ids, np.int64)),
+                           ("position_ids", np.ascontiguousarray(position_ids, np.int64)),
+                           ("attention_mask", np.ascontiguousarray(attention_mask, np.bool_)),
+                           ("logits_index", rows)):
+            binding.bind_cpu_input(name, host)
+        for (kn, vn), (k, v) in zip(self._past_names, past):
+            self._bind(binding, kn, k, output=False)
+            self._bind(binding, vn, v, output=False)
+        shape = (B, self.num_kv_heads, T, self.head_dim)
+        new_k = [self.arrays.empty(shape, self.dtype) for _ in range(self.num_layers)]
+        new_v = [self.arrays.empty(shape, self.dtype) for _ in range(self.num_layers)]
+        for i in range(self.num_layers):
+            self._bind(binding, f"new_key.{i}", new_k[i], output=True)
+            self._bind(binding, f"new_value.{i}", new_v[i], output=True)
+        logits = self.arrays.empty((B, rows.shape[1], self.vocab_size), np.float32)
+        self._bind(binding, "logits", logits, output=True)
         self.session.run_with_iobinding(binding)
-        return binding.copy_outputs_to_cpu()
+        return self.arrays.logits_to_host(logits), new_k, new_v
+
+    def _bind(self, binding: Any, name: str, a: Any, output: bool) -> None:
+        """Bind an array by address where it lives. Host arrays bound to a GPU session
+        (kv_arrays = "numpy" there) cross the bus: counted as cache transfers."""
+        arr = self.arrays
+        dtype = np.float32 if name == "logits" else self.dtype
+        if arr.device_type == "cpu" and self.device != "cpu" and name != "logits":
+            nbytes = int(np.prod(a.shape)) * np.dtype(dtype).itemsize
+            if output:
+                arr.transfers.cache_to_host += nbytes
+            else:
+                arr.transfers.cache_from_host += nbytes
+        if not output and 0 in tuple(a.shape):  # an empty past (P = 0) has no address to bind
+            binding.bind_cpu_input(name, np.zeros(tuple(a.shape), dtype))
+            return
+        fn = binding.bind_output if output else binding.bind_input
+        fn(name, arr.device_type, arr.device_id, dtype, list(a.shape), arr.address(a))

@@ -15,10 +15,13 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
 from cosine.protocol import ProtocolError
+
+from .arrays import Arrays, NumpyArrays
 
 log = logging.getLogger("cosine.worker.kvcache")
 
@@ -28,8 +31,8 @@ class PendingTree:
     """A verified tree's K/V rows, kept until commit (or discarded)."""
 
     parents: np.ndarray  # int64 [N]
-    k: list[np.ndarray]  # per layer [Hkv, N, D]
-    v: list[np.ndarray]
+    k: list[Any]  # per layer [Hkv, N, D], where the cache lives (arrays.py)
+    v: list[Any]
 
     @property
     def size(self) -> int:
@@ -41,8 +44,8 @@ class Entry:
     """One request's cache."""
 
     rid: str
-    k: list[np.ndarray]
-    v: list[np.ndarray]
+    k: list[Any]  # per layer [Hkv, capacity, D] slabs, numpy or device tensors (arrays.py)
+    v: list[Any]
     length: int = 0
     pending: PendingTree | None = None
     last_used: float = field(default_factory=time.monotonic)
@@ -57,16 +60,18 @@ class Entry:
         """Tokens charged to the budget."""
         return self.length + (self.pending.size if self.pending else 0)
 
-    def past(self, layer: int) -> tuple[np.ndarray, np.ndarray]:
+    def past(self, layer: int) -> tuple[Any, Any]:
         """Views of the cached rows of one layer, [Hkv, length, D]."""
         return self.k[layer][:, :self.length], self.v[layer][:, :self.length]
 
 
 class KVCache:
     def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, dtype: np.dtype,
-                 budget_tokens: int, chunk_tokens: int = 128, max_tokens: int | None = None):
+                 budget_tokens: int, chunk_tokens: int = 128, max_tokens: int | None = None,
+                 arrays: Arrays | None = None):
         self.num_layers = num_layers
         self.kv_heads, self.head_dim = num_kv_heads, head_dim
+        self.arrays = arrays or NumpyArrays()
         self.dtype = np.dtype(dtype)
         self.budget = int(budget_tokens)
         self.chunk = int(chunk_tokens)
@@ -128,8 +133,8 @@ class KVCache:
         cap = -(-n // self.chunk) * self.chunk
         return min(cap, self.max_tokens) if self.max_tokens else cap
 
-    def _slab(self, cap: int) -> np.ndarray:
-        return np.zeros((self.kv_heads, cap, self.head_dim), self.dtype)
+    def _slab(self, cap: int) -> Any:
+        return self.arrays.zeros((self.kv_heads, cap, self.head_dim), self.dtype)
 
     def _ensure(self, e: Entry, need: int) -> None:
         if need <= e.capacity:
@@ -142,7 +147,7 @@ class KVCache:
                 new[:, :e.length] = slabs[layer][:, :e.length]
                 slabs[layer] = new
 
-    def append(self, e: Entry, k: list[np.ndarray], v: list[np.ndarray]) -> None:
+    def append(self, e: Entry, k: list[Any], v: list[Any]) -> None:
         """Append rows (per layer [Hkv, n, D]) at the request's length."""
         n = int(k[0].shape[1])
         if n == 0:
@@ -163,7 +168,7 @@ class KVCache:
         e.length = length
         e.pending = None
 
-    def set_pending(self, e: Entry, parents: np.ndarray, k: list[np.ndarray], v: list[np.ndarray]) -> None:
+    def set_pending(self, e: Entry, parents: np.ndarray, k: list[Any], v: list[Any]) -> None:
         self.check_budget(int(parents.size) - (e.pending.size if e.pending else 0), f"request {e.rid!r} tree")
         e.pending = PendingTree(parents, k, v)
 
@@ -172,13 +177,14 @@ class KVCache:
         p = e.pending
         check_commit_nodes(e.rid, p, nodes)
         assert p is not None
-        idx = np.asarray(nodes, np.int64)
+        idx = self.arrays.index(np.asarray(nodes, np.int64))
         e.pending = None  # frees the tree's budget before the (smaller) accepted part is charged
-        self._ensure(e, e.length + idx.size)
+        n = len(nodes)
+        self._ensure(e, e.length + n)
         for layer in range(self.num_layers):
-            e.k[layer][:, e.length:e.length + idx.size] = p.k[layer][:, idx]
-            e.v[layer][:, e.length:e.length + idx.size] = p.v[layer][:, idx]
-        e.length += idx.size
+            e.k[layer][:, e.length:e.length + n] = p.k[layer][:, idx]
+            e.v[layer][:, e.length:e.length + n] = p.v[layer][:, idx]
+        e.length += n
 
 
 def check_commit_nodes(rid: str, pending: PendingTree | None, nodes: object) -> list[int]:
