@@ -23,8 +23,8 @@ PROMPTS = {"a": [3, 1, 4, 1, 5, 9, 2, 6, 5], "b": [2, 7, 1, 8]}
 PARENTS = [-1, 0, 0, 1, 1, 2]
 
 
-def _ops(engine_dir: Path, kind: str) -> Ops:
-    e = Engine(engine_dir, threads=1, kv_arrays=kind)
+def _ops(engine_dir: Path, kind: str, buckets: bool = False) -> Ops:
+    e = Engine(engine_dir, threads=1, kv_arrays=kind, buckets=buckets)
     cache = KVCache(e.num_layers, e.num_kv_heads, e.head_dim, e.dtype, budget_tokens=4096,
                     max_tokens=e.max_positions, chunk_tokens=8, arrays=e.arrays)
     return Ops(e, cache, WorkerConfig("w", "m"), ModelConfig("m", "target", engine="x"), LimitsConfig(), Stats())
@@ -64,6 +64,31 @@ def test_numpy_and_torch_caches_give_identical_replies(worker_engines: dict[str,
         assert a1.keys() == a2.keys(), op
         for k in a1:
             np.testing.assert_allclose(a1[k], a2[k], rtol=1e-5, atol=1e-5, err_msg=f"{op}.{k}")
+
+
+@pytest.mark.parametrize("kind", ["numpy", "torch"])
+def test_shape_buckets_give_identical_replies(worker_engines: dict[str, Path], kind: str) -> None:
+    """The CUDA-graph path's shape buckets (fixed buffers, padding, device copies), run
+    uncaptured on the CPU: every reply equals the unbucketed one, and buckets are reused."""
+    engine_dir = worker_engines["qwen2"]
+    ref = _scenario(_ops(engine_dir, kind))
+    ops = _ops(engine_dir, kind, buckets=True)
+    got = _scenario(ops)
+    for (op, h1, a1), (_, h2, a2) in zip(ref, got):
+        assert h1 == h2, op
+        for k in a1:
+            np.testing.assert_allclose(a1[k], a2[k], rtol=1e-5, atol=1e-5, err_msg=f"{op}.{k}")
+    graphs = ops.engine.graphs
+    assert graphs.buckets and graphs.uncaptured == 0
+    assert any(b.runs > 1 for b in graphs.buckets.values())  # a later call replays its bucket
+    assert all(shape[3] % 256 == 0 for shape in graphs.buckets)
+
+
+def test_cuda_graph_is_refused_off_the_gpu(worker_engines: dict[str, Path]) -> None:
+    from cosine.workers.engine import EngineError
+
+    with pytest.raises(EngineError, match="cuda_graph needs provider"):
+        Engine(worker_engines["llama"], threads=1, cuda_graph=True)
 
 
 def test_bound_forward_equals_a_plain_session_run(worker_engines: dict[str, Path]) -> None:

@@ -61,7 +61,13 @@ class NumpyArrays:
         return int(a.ctypes.data)
 
     def logits_to_host(self, a: np.ndarray) -> np.ndarray:
-        return a  # already there
+        return np.array(a)  # a copy: the buffer may be a reused one (graphs.py)
+
+    def copy(self, a: np.ndarray) -> np.ndarray:
+        return a.copy()
+
+    def copy_from_host(self, dst: np.ndarray, host: np.ndarray) -> None:
+        dst[...] = host
 
     def to_host(self, a: np.ndarray) -> np.ndarray:
         return np.asarray(a)
@@ -84,7 +90,8 @@ class TorchArrays:
         m = re.fullmatch(r"cuda(?::(\d+))?", device)
         self.device_type, self.device_id = ("cuda", int(m.group(1) or 0)) if m else ("cpu", 0)
         self.transfers = Transfers()
-        self._dtypes = {np.dtype(np.float32): torch.float32, np.dtype(np.float16): torch.float16}
+        self._dtypes = {np.dtype(np.float32): torch.float32, np.dtype(np.float16): torch.float16,
+                        np.dtype(np.int64): torch.int64, np.dtype(np.bool_): torch.bool}
 
     def empty(self, shape: tuple[int, ...], dtype: np.dtype) -> Any:
         return self.torch.empty(shape, dtype=self._dtypes[np.dtype(dtype)], device=self.device)
@@ -103,6 +110,13 @@ class TorchArrays:
         if self.device_type != "cpu":
             self.transfers.logits_to_host += out.nbytes
         return out
+
+    def copy(self, a: Any) -> Any:
+        return a.clone()
+
+    def copy_from_host(self, dst: Any, host: np.ndarray) -> None:
+        """Small inputs (ids, positions, mask) into a persistent device buffer."""
+        dst.copy_(self.torch.from_numpy(np.ascontiguousarray(host)))
 
     def to_host(self, a: Any) -> np.ndarray:
         """Cache data to host memory: counted, and never on the bound forward path."""

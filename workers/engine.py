@@ -21,6 +21,7 @@ import numpy as np
 import onnxruntime as ort
 
 from . import arrays as arrays_mod
+from .graphs import GraphBuckets
 
 log = logging.getLogger("cosine.worker.engine")
 
@@ -45,14 +46,14 @@ def _device_id(device: str) -> int:
     return int(m.group(1) or 0) if m else 0
 
 
-def _providers(provider: str, device: str, engine_dir: Path) -> list[Any]:
+def _providers(provider: str, device: str, engine_dir: Path, cuda_graph: bool = False) -> list[Any]:
     """ONNX Runtime provider list for the configured provider; never includes a fallback
     to CPU for a GPU provider (TensorRT may fall back to CUDA for unsupported nodes)."""
     if provider == "cpu":
         return ["CPUExecutionProvider"]
     dev = {"device_id": _device_id(device)}
     if provider == "cuda":
-        return [("CUDAExecutionProvider", dev)]
+        return [("CUDAExecutionProvider", {**dev, "enable_cuda_graph": "1"} if cuda_graph else dev)]
     if provider == "tensorrt":
         cache = engine_dir / "trt_cache"
         cache.mkdir(exist_ok=True)
@@ -70,7 +71,11 @@ class Engine:
     """ONNX Runtime session over an engine directory plus its manifest facts."""
 
     def __init__(self, engine_dir: str | Path, provider: str = "cpu", device: str = "cpu", threads: int = 0,
-                 spin: bool = False, kv_arrays: str = "auto"):
+                 spin: bool = False, kv_arrays: str = "auto", cuda_graph: bool = False,
+                 buckets: bool | None = None):
+        """``cuda_graph``: capture each shape bucket as a CUDA graph (provider cuda);
+        ``buckets``: run forwards through the shape buckets without capturing (the CPU
+        tests of that path); None = as ``cuda_graph``."""
         self.dir = Path(engine_dir)
         manifest_path = self.dir / "manifest.json"
         model_path = self.dir / "model.onnx"
@@ -118,9 +123,12 @@ class Engine:
         if not spin:  # a spinning idle thread pool steals cores from co-located workers
             opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
             opts.add_session_config_entry("session.inter_op.allow_spinning", "0")
+        if cuda_graph and (provider != "cuda" or self.arrays.device_type != "cuda"):
+            raise EngineError("cuda_graph needs provider \"cuda\" with the cache on the GPU (kv_arrays \"auto\" "
+                              "or \"torch\"): a CUDA graph replays kernels over fixed device buffers")
         try:
             self.session = ort.InferenceSession(str(model_path), sess_options=opts,
-                                                providers=_providers(provider, device, self.dir))
+                                                providers=_providers(provider, device, self.dir, cuda_graph))
         except Exception as e:
             raise EngineError(f"could not load {model_path} with {wanted}: {e}") from e
         got = self.session.get_providers()[0]
@@ -134,6 +142,8 @@ class Engine:
         missing = {"input_ids", "position_ids", "attention_mask", "logits_index", *sum(self._past_names, ())} - inputs
         if missing:
             raise EngineError(f"{model_path} lacks graph inputs {sorted(missing)} (see docs/design.md)")
+        self.cuda_graph = cuda_graph
+        self.graphs = GraphBuckets(self, capture=cuda_graph) if (cuda_graph if buckets is None else buckets) else None
         log.info("engine %s loaded: %s, L=%d Hkv=%d D=%d V=%d max_positions=%d dtype=%s on %s",
                  self.dir, m.get("name", "?"), self.num_layers, self.num_kv_heads, self.head_dim,
                  self.vocab_size, self.max_positions, self.dtype, got)
@@ -157,6 +167,11 @@ class Engine:
         new K/V [B, Hkv, T, D] where the cache lives."""
         B, T = np.shape(input_ids)
         rows = all_rows(B, T) if logits_index is None else np.ascontiguousarray(logits_index, np.int64)
+        if self.graphs is not None:
+            out = self.graphs.run(np.asarray(input_ids), np.asarray(position_ids), np.asarray(attention_mask),
+                                  past, rows)
+            if out is not None:
+                return out
         binding = self.session.io_binding()
         for name, host in (("input_ids", np.ascontiguousarray(input_ids, np.int64)),
                            ("position_ids", np.ascontiguousarray(position_ids, np.int64)),
@@ -164,25 +179,35 @@ class Engine:
                            ("logits_index", rows)):
             binding.bind_cpu_input(name, host)
         for (kn, vn), (k, v) in zip(self._past_names, past):
-            self._bind(binding, kn, k, output=False)
-            self._bind(binding, vn, v, output=False)
+            self.bind(binding, kn, k, output=False)
+            self.bind(binding, vn, v, output=False)
         shape = (B, self.num_kv_heads, T, self.head_dim)
         new_k = [self.arrays.empty(shape, self.dtype) for _ in range(self.num_layers)]
         new_v = [self.arrays.empty(shape, self.dtype) for _ in range(self.num_layers)]
         for i in range(self.num_layers):
-            self._bind(binding, f"new_key.{i}", new_k[i], output=True)
-            self._bind(binding, f"new_value.{i}", new_v[i], output=True)
+            self.bind(binding, f"new_key.{i}", new_k[i], output=True)
+            self.bind(binding, f"new_value.{i}", new_v[i], output=True)
         logits = self.arrays.empty((B, rows.shape[1], self.vocab_size), np.float32)
-        self._bind(binding, "logits", logits, output=True)
-        self.session.run_with_iobinding(binding)
+        self.bind(binding, "logits", logits, output=True)
+        self.run_bound(binding, -1 if self.cuda_graph else None)
         return self.arrays.logits_to_host(logits), new_k, new_v
 
-    def _bind(self, binding: Any, name: str, a: Any, output: bool) -> None:
+    def run_bound(self, binding: Any, graph_id: int | None) -> None:
+        """One run over bound buffers; ``graph_id``: the CUDA graph to capture or replay
+        (-1: neither, on a session with CUDA graphs; None: no CUDA graphs)."""
+        opts = None
+        if graph_id is not None:
+            opts = ort.RunOptions()
+            opts.add_run_config_entry("gpu_graph_id", str(graph_id))
+        self.session.run_with_iobinding(binding, opts)
+
+    def bind(self, binding: Any, name: str, a: Any, output: bool) -> None:
         """Bind an array by address where it lives. Host arrays bound to a GPU session
         (kv_arrays = "numpy" there) cross the bus: counted as cache transfers."""
         arr = self.arrays
-        dtype = np.float32 if name == "logits" else self.dtype
-        if arr.device_type == "cpu" and self.device != "cpu" and name != "logits":
+        dtype = {"logits": np.float32, "input_ids": np.int64, "position_ids": np.int64, "logits_index": np.int64,
+                 "attention_mask": np.bool_}.get(name, self.dtype)
+        if arr.device_type == "cpu" and self.device != "cpu" and name.startswith(("past_", "new_")):
             nbytes = int(np.prod(a.shape)) * np.dtype(dtype).itemsize
             if output:
                 arr.transfers.cache_to_host += nbytes
