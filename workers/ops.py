@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import resource
 import time
 from typing import Any, Callable
 
@@ -93,6 +94,7 @@ class WorkerOps:
     def stats_op(self, h: dict[str, Any], arrs: dict[str, np.ndarray]) -> Reply:
         return {"requests_held": len(self.cache), "cache_tokens_used": self.cache.used,
                 "cache_tokens_budget": self.cache.budget, "freed_idle": self.cache.freed_idle,
+                "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
                 **self.stats.snapshot()}, {}
 
 

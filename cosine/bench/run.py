@@ -16,6 +16,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -25,6 +26,8 @@ from cosine.log import setup
 
 log = logging.getLogger("cosine.bench")
 MODES = ("autoregressive", "speculative", "specinfer", "cosine")
+LLAMACPP = ("llamacpp", "llamacpp-lookup", "llamacpp-draft")  # cosine/bench/llamacpp.py
+BASELINES = ("autoregressive", "speculative", "specinfer") + LLAMACPP
 
 
 def _git_commit() -> str:
@@ -95,20 +98,25 @@ def closed_loop(endpoint: str, items: list[tuple[str, str]], mode: str, concurre
     return out, time.perf_counter() - t0
 
 
-def interleaved(endpoint: str, items: list[tuple[str, str]], modes: list[str], concurrency: int, args
+def interleaved(endpoint: str, items: list[tuple[str, str]], modes: list[str], concurrency: int, args,
+                peers: list | None = None, encode: Any = None
                 ) -> tuple[dict[str, list], dict[str, float], dict[str, dict], dict[str, list]]:
     """The modes take turns on each wave of `concurrency` prompts (wave 1 in every mode,
     then wave 2, ...; at concurrency 1 a wave is one prompt), the wave's requests sent at
     once from their own sockets. A drift in machine speed over the run (10-25% on a shared
-    VM) thus falls on every mode alike instead of on whichever mode ran last. Returns, per
-    mode: records (with the wave's wall time), summed wall time, summed server counters
-    and the rounds' timeline."""
+    VM) thus falls on every mode alike instead of on whichever mode ran last. Peers
+    (llama.cpp, cosine/bench/llamacpp.py) take their turn after the modes, serving the
+    wave's prompts (``encode``: text -> the target's token ids) one after another. Returns,
+    per mode or peer: records (with the wave's wall time), summed wall time, summed server
+    counters and the rounds' timeline."""
     from cosine.client import Client
 
-    recs: dict[str, list] = {m: [] for m in modes}
-    wall = {m: 0.0 for m in modes}
-    counters: dict[str, dict] = {m: {} for m in modes}
-    lines: dict[str, list] = {m: [] for m in modes}
+    peers = peers or []
+    names = modes + [p.name for p in peers]
+    recs: dict[str, list] = {m: [] for m in names}
+    wall = {m: 0.0 for m in names}
+    counters: dict[str, dict] = {m: {} for m in names}
+    lines: dict[str, list] = {m: [] for m in names}
     waves = [items[j:j + concurrency] for j in range(0, len(items), concurrency)]
 
     def one(d: str, p: str, mode: str, seed: int) -> dict:
@@ -135,7 +143,23 @@ def interleaved(endpoint: str, items: list[tuple[str, str]], modes: list[str], c
                 lines[mode] += [t for t in after.get("timeline", []) if t[0] >= before["uptime_s"]]
                 log.info("[wave %d/%d @%d] %s: %.2f tok/s", w + 1, len(waves) * max(1, args.repeat), concurrency,
                          mode, sum(r["tokens"] for r in got) / max(secs, 1e-9))
+            for peer in peers:
+                got = [_peer_one(peer, d, p, encode, args) for d, p in wave]
+                secs = sum(r["wall_s"] for r in got)
+                for rec in got:
+                    rec.update({"concurrency": concurrency, "pass": w // len(waves), "wave": w % len(waves),
+                                "wave_wall_s": secs, "turn": sum(map(len, recs.values()))})
+                    recs[peer.name].append(rec)
+                wall[peer.name] += secs
+                log.info("[wave %d/%d @%d] %s: %.2f tok/s", w + 1, len(waves) * max(1, args.repeat), concurrency,
+                         peer.name, sum(r["tokens"] for r in got) / max(secs, 1e-9))
     return recs, wall, counters, lines
+
+
+def _peer_one(peer: Any, domain: str, prompt: str, encode: Any, args) -> dict:
+    new, secs = peer.generate(encode(prompt), args.max_tokens)
+    return {"mode": peer.name, "peer": peer.name, "domain": domain, "prompt": prompt[:60], "tokens": len(new),
+            "token_ids": new, "wall_s": secs}
 
 
 def open_loop(endpoint: str, items: list[tuple[str, str]], mode: str, rate: float, n: int, args) -> tuple[list, float]:
@@ -209,8 +233,9 @@ def run_peers(cfg: cfgmod.Config, items: list[tuple[str, str]], args) -> list[di
     target = peers.load(resolve(target_src))
     assistant = peers.load(resolve(drafters[0].source)) if drafters else None
     out = []
+    wanted = set((args.peers or "").split(","))
     for name, asst in (("hf", None), ("hf-assisted", assistant)):
-        if name == "hf-assisted" and asst is None:
+        if name not in wanted or (name == "hf-assisted" and asst is None):
             continue
         for d, p in items:
             ids = target.tokenizer(p)["input_ids"]
@@ -226,7 +251,14 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="cosine-bench", description=__doc__)
     ap.add_argument("--config", type=Path, default=Path("config.toml"))
     ap.add_argument("--modes", default=",".join(MODES))
-    ap.add_argument("--peers", default="hf,hf-assisted", help="'' or 'none' to skip the HF peers")
+    ap.add_argument("--peers", default="hf,hf-assisted",
+                    help="comma list of hf, hf-assisted (Hugging Face, after the cluster run) and "
+                         f"{', '.join(LLAMACPP)} (llama.cpp on the target's GGUF, interleaved with the modes; "
+                         "needs --interleave); '' or 'none' for none")
+    ap.add_argument("--llama-server", type=Path, default=None,
+                    help="llama-server binary for the llamacpp-draft peer (llama.cpp's draft-model speculation)")
+    ap.add_argument("--llama-threads", type=int, default=os.cpu_count() or 2,
+                    help="threads of the llama.cpp peers (default: every core, as the cluster's workers share them)")
     ap.add_argument("--domains", default="code,docs,prose,german")
     ap.add_argument("--prompts", type=Path, default=None, help="prompts JSON from `cosine datasets build`")
     ap.add_argument("--per-domain", type=int, default=0, help="prompts per domain (0 = all)")
@@ -253,6 +285,13 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"unknown modes {bad}; known: {', '.join(MODES)}")
     if args.interleave and args.poisson_rate > 0:
         ap.error("--interleave pairs closed waves of requests; run --poisson-rate without it")
+    peer_names = [p for p in (args.peers or "").split(",") if p and p != "none"]
+    unknown = sorted(set(peer_names) - set(LLAMACPP) - {"hf", "hf-assisted"})
+    if unknown:
+        ap.error(f"unknown peers {unknown}; known: hf, hf-assisted, {', '.join(LLAMACPP)}")
+    llama_names = [p for p in peer_names if p in LLAMACPP]
+    if llama_names and not args.interleave:
+        ap.error("llama.cpp peers run interleaved with the modes: add --interleave")
     levels = [int(c) for c in args.concurrency.split(",") if c]
     items = promptsets.load(args.domains.split(","), args.prompts, args.per_domain)
     out = args.out or Path("docs/benchmarks") / f"{dt.date.today().isoformat()}-{platform.node() or 'host'}"
@@ -268,14 +307,20 @@ def main(argv: list[str] | None = None) -> int:
     from cosine.client import Client
     from cosine.control.cluster import LocalCluster
 
+    llama_peers, skipped = _start_llama_peers(cfg, llama_names, args)
     with LocalCluster(args.config) as cluster:
+        encode = _encoder(cfg)
         for c in levels if args.interleave else []:
-            recs, walls, counters, lines = interleaved(cluster.endpoint, items, modes, c, args)
+            recs, walls, counters, lines = interleaved(cluster.endpoint, items, modes, c, args, llama_peers, encode)
             for mode in modes:
                 records += recs[mode]
                 summary[f"{mode}@{c}"] = {**summarize(recs[mode], walls[mode]),
                                           "server_stats_delta": _fractions(counters[mode])}
                 timelines[f"{mode}@{c}"] = lines[mode]
+            for peer in llama_peers:
+                records += recs[peer.name]
+                summary[f"{peer.name}@{c}"] = {**summarize(recs[peer.name], walls[peer.name]),
+                                               "peak_rss_bytes": peer.peak_rss}
         for mode in modes if not args.interleave else []:
             for c in levels:
                 log.info("mode %s, concurrency %d, %d prompts", mode, c, len(items))
@@ -292,7 +337,11 @@ def main(argv: list[str] | None = None) -> int:
                 recs, wall = open_loop(cluster.endpoint, items, mode, args.poisson_rate, args.poisson_requests, args)
                 records += recs
                 summary[f"{mode}@poisson{args.poisson_rate:g}"] = summarize(recs, wall)
-    if args.peers and args.peers != "none":
+        rss = {**_worker_rss(cfg, args), **{p.name: p.peak_rss for p in llama_peers}}
+    for peer in llama_peers:
+        peer.close()
+    records += [{"peer": s["peer"], "skipped": s["reason"]} for s in skipped]
+    if {"hf", "hf-assisted"} & set(peer_names):
         peer_recs = run_peers(cfg, items, args)
         records += peer_recs
         for name in ("hf", "hf-assisted"):
@@ -300,7 +349,7 @@ def main(argv: list[str] | None = None) -> int:
             if rs:
                 summary[f"{name}@1"] = summarize(rs, sum(r["wall_s"] for r in rs))
     result = {"environment": env, "args": {k: str(v) for k, v in vars(args).items() if k != "curve"},
-              "summary": summary, "ratios": ratios(summary), "paired_ratios": paired_ratios(records),
+              "summary": summary, "peak_rss_bytes": rss, "ratios": ratios(summary), "paired_ratios": paired_ratios(records),
               "identity": identity(records) if args.temperature == 0 else
               {"checked": 0, "mismatches": [], "note": "sampling: outputs differ from autoregressive by design; "
                "the distribution is checked by tests/test_control_sampling.py"}, "timelines": timelines, "records": records}
@@ -311,6 +360,57 @@ def main(argv: list[str] | None = None) -> int:
     print((out / "results.md").read_text())
     log.info("results in %s", out)
     return 0
+
+
+def _worker_rss(cfg: cfgmod.Config, args) -> dict[str, int]:
+    """Each worker's peak resident memory so far (its `stats` op)."""
+    from cosine.workers.client import WorkerClient, WorkerError
+
+    out = {}
+    for w in cfg.workers:
+        try:
+            with WorkerClient(w.endpoint, timeout_s=10, curve=args.curve) as c:
+                out[w.name] = int(c.call("stats", {}, {})[0].get("peak_rss_bytes", 0))
+        except (WorkerError, OSError) as e:
+            log.warning("peak RSS of %s unknown: %s", w.name, e)
+    return out
+
+
+def _encoder(cfg: cfgmod.Config) -> Any:
+    """text -> the target's token ids, exactly as cosine-serve tokenizes a prompt."""
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(cfg.engine_dir(cfg.target_model()) / "tokenizer.json"))
+    return lambda text: tok.encode(text).ids
+
+
+def _start_llama_peers(cfg: cfgmod.Config, names: list[str], args) -> tuple[list, list[dict]]:
+    """llama.cpp peers on the target's GGUF (and the first neural drafter's, for -md)."""
+    if not names:
+        return [], []
+    from cosine import models
+    from cosine.bench import llamacpp
+
+    def gguf(source: str) -> Path | None:
+        p = Path(source).expanduser() if source else None
+        if p is not None and p.suffix == ".gguf" and p.is_file():
+            return p
+        return models.cached_path(source) if source else None
+
+    target = gguf(cfg.target_model().source)
+    if target is None:
+        return [], [{"peer": n, "reason": "the target's `source` is no GGUF file here"} for n in names]
+    drafters = [m for m in cfg.models if m.role == "drafter" and m.kind == "neural"]
+    draft = gguf(drafters[0].source) if drafters else None
+    return llamacpp.start(names, target, draft, args.llama_threads, args.llama_server, _free_port())
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 def _counters(before: dict, after: dict) -> dict:
@@ -348,7 +448,7 @@ def ratios(summary: dict) -> dict:
         if not key.startswith("cosine@"):
             continue
         level = key.split("@", 1)[1]
-        for base in ("autoregressive", "speculative", "specinfer", "hf", "hf-assisted"):
+        for base in BASELINES + ("hf", "hf-assisted"):
             b = summary.get(f"{base}@{level}")
             if b and b["tokens_per_s"] > 0:
                 out[f"cosine/{base}@{level}"] = s["tokens_per_s"] / b["tokens_per_s"]
@@ -363,7 +463,7 @@ def paired_values(records: list[dict]) -> dict[str, list[float]]:
     concurrency 1."""
     acc: dict[tuple, list[float]] = {}  # (mode, level, pass, wave) -> [tokens, seconds]
     for r in records:
-        if r.get("mode") not in MODES or not r.get("wall_s"):
+        if r.get("mode") not in MODES + LLAMACPP or not r.get("wall_s"):
             continue
         if "wave" in r:
             key = (r["mode"], r["concurrency"], r["pass"], r["wave"])
@@ -372,7 +472,7 @@ def paired_values(records: list[dict]) -> dict[str, list[float]]:
             acc[(r["mode"], 1, r.get("pass", 0), r["prompt"])] = [r["tokens"], r["wall_s"]]
     rate = {k: t / s for k, (t, s) in acc.items() if s > 0}
     out: dict[str, list[float]] = {}
-    for base in ("autoregressive", "speculative", "specinfer"):
+    for base in BASELINES:
         by_level: dict[int, list[float]] = {}
         for (m, c, k, w), v in rate.items():
             if m == base and ("cosine", c, k, w) in rate and v > 0:
@@ -413,5 +513,18 @@ def identity(records: list[dict]) -> dict:
     ref = {r["prompt"]: r["token_ids"] for r in records if r.get("mode") == "autoregressive"}
     bad = [(r["mode"], r["prompt"]) for r in records
            if r.get("mode") in MODES and r["prompt"] in ref and r["token_ids"] != ref[r["prompt"]]]
+    # Peers run another engine on the same weights (llama.cpp's kernels): how far their
+    # greedy text agrees with cosine's is informative, never a failure.
+    peers: dict[str, dict] = {}
+    for r in records:
+        if r.get("mode") in LLAMACPP and r["prompt"] in ref:
+            a, b = r["token_ids"], ref[r["prompt"]]
+            common = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+            p = peers.setdefault(r["mode"], {"identical": 0, "requests": 0, "common_prefix": []})
+            p["identical"] += a == b
+            p["requests"] += 1
+            p["common_prefix"].append(common)
+    for p in peers.values():
+        p["mean_common_prefix"] = float(np.mean(p.pop("common_prefix")))
     return {"checked": sum(1 for r in records if r.get("mode") in MODES and r["prompt"] in ref),
-            "mismatches": bad}
+            "mismatches": bad, "peers_against_autoregressive": peers}
