@@ -84,9 +84,14 @@ class LlamaCppPeer:
         self.conn, child = ctx.Pipe()
         self.proc = ctx.Process(target=_child, args=(child, str(gguf), threads, n_ctx, lookup), daemon=True)
         self.proc.start()
-        if not self.conn.poll(600) or self.conn.recv()[0] != "ready":
-            self.close()
-            raise RuntimeError(f"{name}: llama.cpp did not load {gguf} within 600 s")
+        deadline = time.monotonic() + 600
+        while not self.conn.poll(0.5):
+            if not self.proc.is_alive() or time.monotonic() > deadline:
+                code = self.proc.exitcode
+                self.close()
+                raise RuntimeError(f"{name}: llama.cpp did not load {gguf}: " + (
+                    f"its process exited with {code}" if code is not None else "still loading after 600 s"))
+        self.conn.recv()
         log.info("%s: llama.cpp loaded %s (%d threads%s)", name, gguf.name, threads, ", prompt lookup" * lookup)
 
     def generate(self, prompt_ids: list[int], max_tokens: int) -> tuple[list[int], float]:
