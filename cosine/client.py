@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import itertools
+import math
 import sys
 import time
 import uuid
@@ -326,13 +327,14 @@ class Client:
 
     def _recv_one(self, deadline: float, timeout_s: float | None = None) -> None:
         until = min(deadline, self._link.deadline() or deadline)
-        wait_ms = max(0, int((until - time.monotonic()) * 1000))
+        wait_ms = max(0, math.ceil((until - time.monotonic()) * 1000))
         events = dict(self._poller.poll(wait_ms))
         if not events:
             if self._link.expired():
                 self._give_up()
-                return
-            raise _timeout_error(self.endpoint, timeout_s or self.timeout_s)
+            elif time.monotonic() >= deadline:
+                raise _timeout_error(self.endpoint, timeout_s or self.timeout_s)
+            return  # the caller waits on
         if self._mon in events:
             self._check_link()
         elif self._sock in events:

@@ -71,10 +71,10 @@ def pick_targets(cfg: cfgmod.Config, kinds: list[str]) -> list[Target]:
         if k in ("serve", "gateway", "verifier"):
             name = cfg.verifier_workers()[0].name if k == "verifier" else k
             skip = ""
-            if k == "gateway" and getattr(cfg, "http", None) is None:
-                skip = "the config has no [http] section, so `cosine up` runs no gateway"
-            elif k == "gateway" and importlib.util.find_spec("cosine.gateway") is None:
+            if k == "gateway" and importlib.util.find_spec("cosine.gateway") is None:
                 skip = "cosine.gateway is not installed (the HTTP gateway has not landed)"
+            elif k == "gateway" and getattr(cfg, "http", None) is None:
+                skip = "the config has no [http] section, so `cosine up` runs no gateway"
             out.append(Target(k, name, skip))
             continue
         want = "neural" if k == "model" else k
