@@ -410,7 +410,9 @@ def up(config_path: str | Path, log_level: str | None = None, remote: Remote | N
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="cosine up", description="start all workers and cosine-serve from config.toml")
+    ap = argparse.ArgumentParser(prog="cosine up", description="start all workers and cosine-serve from config.toml "
+                                 "and keep them running: a child that exits is restarted with back-off, one that "
+                                 "crash-loops is left down ([supervisor]); Ctrl-C or SIGTERM stops everything")
     ap.add_argument("--config", type=Path, default=Path("config.toml"))
     ap.add_argument("--log-level", default=None)
     ap.add_argument("--hosts", nargs="*", metavar="HOST=DEST", default=None,
