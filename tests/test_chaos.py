@@ -24,6 +24,8 @@ from pathlib import Path
 
 import pytest
 
+from cosine.bench.chaos import problems
+
 from conftest import build_ngram_engine, free_port, write_cluster_config
 
 CLIENTS = 8
@@ -85,5 +87,30 @@ def test_gateway_kill_or_why_not(chaos):
 
 def test_verifier_row_is_pending_and_the_run_passes(chaos):
     assert "pending the resume feature" in row(chaos, "verifier")["pending"]
-    assert chaos["up_exit"] == 0 and chaos["up_stop_s"] < 10, chaos
+    assert chaos["up_exit"] == 0 and chaos["up_stop_s"] is not None and chaos["up_stop_s"] < 10, chaos
     assert chaos["rc"] == 0, chaos["stderr"]
+
+
+def _row(kind: str, errors: dict | None = None, lost: int = 0, mismatches: int = 0, **extra) -> dict:
+    n = sum((errors or {}).values())
+    return {"kind": kind, "process": kind, "serving_s": 2.0, "after": {"workers_held": {"v": 0}},
+            "load": {"requests": {"submitted": 50, "completed": 50 - n - lost, "errors": errors or {},
+                                  "errors_total": n, "lost": lost},
+                     "determinism": {"checked": 50 - n - lost, "mismatches": mismatches}}, **extra}
+
+
+def test_the_judge_of_a_phase():
+    assert problems(_row("model"), 8) == []
+    assert problems(_row("serve", {"ConnectionLost(unavailable)": 8}), 8) == []
+    assert problems(_row("serve", {"ConnectionLost(unavailable)": 9}), 8) == [
+        "9 ConnectionLost but only 8 requests can be in flight"]
+    assert problems(_row("lookup", {"ConnectionLost(unavailable)": 1}), 8) == [
+        "failed requests: {'ConnectionLost(unavailable)': 1}"]
+    assert problems(_row("ngram", lost=1, mismatches=2), 8) == ["1 requests lost",
+                                                               "2 greedy outputs differ from autoregressive"]
+    assert problems(_row("model", serving_s=None), 8) == ["model was not serving again within the recovery timeout"]
+    assert problems(_row("model", after={"workers_held": {"v": 2}}), 8) == [
+        "requests still held by workers afterwards: {'v': 2}"]
+    assert problems({"kind": "model", "process": "good", "load": None, "up_exited": 1}, 8) == [
+        "cosine up exited with code 1 after the kill", "the load did not finish"]
+    assert problems(_row("verifier", {"Unavailable(unavailable)": 4}), 8) == []  # pending: not judged

@@ -5,7 +5,6 @@ stays token-identical to autoregressive."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest

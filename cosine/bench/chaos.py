@@ -122,18 +122,19 @@ class UpProcess:
     def back_since(self, name: str, t: float) -> float | None:
         return next((bt for bt, n in self.back if n == name and bt >= t), None)
 
-    def stop(self) -> tuple[int | None, float]:
-        """SIGTERM (unless it already exited); returns cosine up's exit code and how long it
-        took to stop. Its last log lines are in ``lines`` afterwards."""
+    def stop(self) -> tuple[int | None, float | None]:
+        """SIGTERM; returns cosine up's exit code and how long it took to stop (None: it had
+        exited by itself). Its last log lines are in ``lines`` afterwards."""
         t0 = time.monotonic()
-        if self.proc.poll() is None:
+        running = self.proc.poll() is None
+        if running:
             self.proc.send_signal(signal.SIGTERM)
             try:
                 self.proc.wait(60)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
-        stop_s = time.monotonic() - t0
+        stop_s = time.monotonic() - t0 if running else None
         self._reader.join(10)
         if self._log:
             self._log.close()
@@ -181,11 +182,33 @@ def _session(endpoint: str, curve: Any) -> str:
 
 def _draft_ops(endpoint: str, name: str, curve: Any) -> int | None:
     """Draft ops the (restarted) drafter process has served: > 0 means serve uses it again."""
-    from cosine.client import Client
+    from cosine.client import Client, CosineError
 
-    with Client(endpoint, timeout_s=30, curve=curve) as c:
-        w = c.stats()["workers"].get(name) or {}
-    return w.get("steps", {}).get("draft") if "steps" in w else None
+    try:
+        with Client(endpoint, timeout_s=30, curve=curve) as c:
+            w = c.stats()["workers"].get(name) or {}
+    except CosineError:
+        return None
+    return int(w["steps"].get("draft", 0)) if "steps" in w else None
+
+
+def kill_and_recover(up: UpProcess, target: Target, cfg: cfgmod.Config, a: argparse.Namespace, curve: Any,
+                     session: str) -> dict[str, Any]:
+    """SIGKILL the target's process; seconds until `cosine up` has it back and until it serves again."""
+    pid = up.pids[target.name]
+    t_kill = time.monotonic()
+    os.kill(pid, signal.SIGKILL)
+    gone = up.wait_for(lambda: up.pids.get(target.name) != pid, a.recover_timeout)
+    back = up.wait_for(lambda: up.back_since(target.name, t_kill) is not None, a.recover_timeout) \
+        if target.kind != "gateway" else gone  # a gateway need not print READY
+    restarted = (up.back_since(target.name, t_kill) or time.monotonic()) - t_kill if back else None
+    deadline = time.monotonic() + a.recover_timeout
+    while back and not serving_again(target, up.endpoint, cfg, curve, session):
+        if time.monotonic() > deadline or up.proc.poll() is not None:
+            back = False
+            break
+        time.sleep(0.2)
+    return {"pid": pid, "restarted_s": restarted, "serving_s": time.monotonic() - t_kill if back else None}
 
 
 def run_phase(up: UpProcess, target: Target, cfg: cfgmod.Config, a: argparse.Namespace, prompts: list[str],
@@ -198,25 +221,15 @@ def run_phase(up: UpProcess, target: Target, cfg: cfgmod.Config, a: argparse.Nam
         reference=reference, stop=stop)), daemon=True)
     load.start()
     time.sleep(a.kill_at)
-    pid = up.pids[target.name]
-    t_kill = time.monotonic()
-    os.kill(pid, signal.SIGKILL)
-    row: dict[str, Any] = {"kind": target.kind, "process": target.name, "pid": pid}
-    gone = up.wait_for(lambda: up.pids.get(target.name) != pid, a.recover_timeout)
-    back = up.wait_for(lambda: up.back_since(target.name, t_kill) is not None, a.recover_timeout) \
-        if target.kind != "gateway" else gone
-    row["restarted_s"] = (up.back_since(target.name, t_kill) or time.monotonic()) - t_kill if back else None
-    deadline = time.monotonic() + a.recover_timeout
-    while back and not serving_again(target, up.endpoint, cfg, curve, session):
-        if time.monotonic() > deadline:
-            back = False
-            break
-        time.sleep(0.2)
-    row["serving_s"] = time.monotonic() - t_kill if back else None
+    row: dict[str, Any] = {"kind": target.kind, "process": target.name,
+                           **kill_and_recover(up, target, cfg, a, curve, session)}
     time.sleep(a.settle)
     stop.set()
-    load.join(a.timeout + 60)
-    row["load"] = {k: out.get(k) for k in ("requests", "determinism", "wall_s", "latency_s")}
+    load.join(a.timeout + 60 if up.proc.poll() is None else 5)  # its clients wait in vain for a dead cluster
+    row["load"] = {k: out.get(k) for k in ("requests", "determinism", "wall_s", "latency_s")} if out else None
+    if up.proc.poll() is not None:
+        row["up_exited"] = up.proc.returncode
+        return row
     row["after"] = settle_workers(up.endpoint, curve=curve)
     if target.kind in DRAFTERS:
         row["drafted_after"] = _draft_ops(up.endpoint, target.name, curve)
@@ -227,8 +240,12 @@ def problems(row: dict[str, Any], clients: int) -> list[str]:
     """What breaks the requirements in one phase's row (empty: it passed)."""
     if row.get("skip") or row["kind"] == "verifier":
         return []
-    req, det = row["load"]["requests"], row["load"]["determinism"]
     out = []
+    if row.get("up_exited") is not None:
+        out.append(f"cosine up exited with code {row['up_exited']} after the kill")
+    if row.get("load") is None:
+        return out + ["the load did not finish"]
+    req, det = row["load"]["requests"], row["load"]["determinism"]
     if row.get("serving_s") is None:
         out.append(f"{row['process']} was not serving again within the recovery timeout")
     if req["lost"]:
@@ -242,7 +259,7 @@ def problems(row: dict[str, Any], clients: int) -> list[str]:
             out.append(f"{lost_conn} ConnectionLost but only {clients} requests can be in flight")
     if errors:
         out.append(f"failed requests: {errors}")
-    held = {n: v for n, v in row["after"].get("workers_held", {}).items() if v not in (0, None)}
+    held = {n: v for n, v in row.get("after", {}).get("workers_held", {}).items() if v not in (0, None)}
     if held:
         out.append(f"requests still held by workers afterwards: {held}")
     return out
@@ -261,10 +278,14 @@ def markdown(res: dict[str, Any]) -> str:
             lines.append(f"| {r['kind']} | {r['process']} | - | - | - | - | - | - | - | - | "
                          f"{'skipped: ' + r['skip'] if r.get('skip') else r['pending']} |")
             continue
-        req, det = r["load"]["requests"], r["load"]["determinism"]
         f = lambda x: "never" if x is None else f"{x:.1f} s"  # noqa: E731
         verdict = "; ".join(r["problems"]) or ("reported, not judged (pending the resume feature)"
                                                if r["kind"] == "verifier" else "pass")
+        if not r.get("load"):
+            lines.append(f"| {r['kind']} | {r['process']} | {f(r['restarted_s'])} | {f(r['serving_s'])} | "
+                         f"- | - | - | - | - | - | {verdict} |")
+            continue
+        req, det = r["load"]["requests"], r["load"]["determinism"]
         lines.append(f"| {r['kind']} | {r['process']} | {f(r['restarted_s'])} | {f(r['serving_s'])} | "
                      f"{req['submitted']} | {req['completed']} | {_errors(req)} | {req['lost']} | "
                      f"{det['checked'] - det['mismatches']} of {det['checked']} | {r.get('drafted_after', '-')} | "
@@ -287,6 +308,10 @@ def run(cfg: cfgmod.Config, a: argparse.Namespace) -> dict[str, Any]:
         for t in targets:
             if t.skip:
                 res["rows"].append({"kind": t.kind, "process": t.name, "skip": t.skip})
+                continue
+            if up.proc.poll() is not None:
+                res["rows"].append({"kind": t.kind, "process": t.name, "skip": "not run: cosine up had exited",
+                                    "problems": [f"{t.kind}: not run, cosine up had exited"]})
                 continue
             row = run_phase(up, t, cfg, a, prompts, reference, curve)
             row["problems"] = problems(row, a.clients)
@@ -330,13 +355,15 @@ def main(argv: list[str] | None = None) -> int:
     res.update(command=cmd, config=str(cfg.path), clients=a.clients, max_tokens=a.max_tokens, mode=a.mode,
                date=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"))
     table = markdown(res)
-    print(table + f"cosine up stopped on SIGTERM in {res['up_stop_s']:.1f} s, exit code {res['up_exit']}")
+    stop_s = res["up_stop_s"]
+    how = "had exited by itself" if stop_s is None else f"stopped on SIGTERM in {stop_s:.1f} s"
+    print(table + f"cosine up {how}, exit code {res['up_exit']}")
     if a.out:
         (a.out / "chaos.json").write_text(json.dumps(res, indent=1, default=float) + "\n")
         (a.out / "chaos.md").write_text(f"# cosine-bench chaos, {res['date']}\n\n`{cmd}`\n\n{a.clients} clients, "
                                         f"max_tokens {a.max_tokens}, mode {a.mode}, greedy.\n\n{table}")
     failed = [p for r in res["rows"] for p in r.get("problems", [])]
-    return 1 if failed or res["up_exit"] != 0 else 0
+    return 1 if failed or res["up_exit"] != 0 or res["up_stop_s"] is None else 0
 
 
 if __name__ == "__main__":
