@@ -147,9 +147,9 @@ class _Link:
 
     def error(self, why: str) -> Unavailable:
         msg = (f"could not reach cosine-serve at {self.endpoint} within {self.connect_timeout_s:g} s "
-               f"(connect_timeout_s; `cosine generate --connect-timeout`): no server answers there. Start one with `cosine up --config config.toml` "
-               f"(or `cosine-serve`), or point the client at a running server (`cosine generate --endpoint "
-               f"tcp://HOST:PORT` or `--config`)")
+               f"(connect_timeout_s; `cosine generate --connect-timeout`): no server answers there. Start one "
+               f"with `cosine up --config config.toml` (or `cosine-serve`), or point the client at a running "
+               f"server (`cosine generate --endpoint tcp://HOST:PORT` or `--config`)")
         return Unavailable("unavailable", msg + (f"; the last handshake failed: {why}" if why else ""))
 
 

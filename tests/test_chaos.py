@@ -37,7 +37,8 @@ def chaos(control_engines, tmp_path_factory) -> dict:
     vocab = json.loads((control_engines["target"] / "manifest.json").read_text())["vocab_size"]
     ngram = build_ngram_engine(root / "ngram-engine", vocab)
     cfg = write_cluster_config(root / "config.toml", control_engines["target"],
-                               {"good": control_engines["target"], "lookup": ("lookup", None), "ngram": ("ngram", ngram)},
+                               {"good": control_engines["target"], "lookup": ("lookup", None),
+                                "ngram": ("ngram", ngram)},
                                controller={"worker_timeout_s": 1.5},
                                sections={"routing": {"max_drafters_per_request": 3}})
     if importlib.util.find_spec("cosine.gateway") is not None:  # the HTTP gateway child of `cosine up`
