@@ -1,14 +1,18 @@
-"""`cosine up`: start every worker of config.toml and cosine-serve.
+"""`cosine up`: start every worker of config.toml and cosine-serve, and keep them running.
 
 Workers start in parallel; serve starts once all are healthy (it waits for them itself
-as well). Ctrl-C / SIGTERM, or any child dying, stops everything: SIGTERM first, SIGKILL
-after a timeout. `LocalCluster` is the same as a context manager (tests, `make demo`).
+as well), then the HTTP gateway when config.toml has an ``[http]`` section. From then on
+`cosine up` is a supervisor (control/supervisor.py): a child that exits unexpectedly is
+restarted with back-off, a crash-looping one is left down while the rest keep serving.
+Ctrl-C / SIGTERM stops everything: SIGTERM first, SIGKILL after a timeout.
+`LocalCluster` is the same as a context manager, without supervision (tests, `make demo`).
 
 With ``--hosts`` (``Remote``), a worker whose ``host`` is not an address of this machine
 is started over SSH (``ssh -tt DEST 'exec cosine-worker --config PATH --name NAME'``) and
 counts as ready once it answers ``health`` over TCP, like any worker serve talks to. It is
 stopped by a Ctrl-C sent through the session's pseudo-terminal (the worker's graceful
-SIGINT), then by ending the ssh session (sshd hangs up the terminal: SIGHUP). See
+SIGINT), then by ending the ssh session (sshd hangs up the terminal: SIGHUP). A session
+that ends is a child that exited: it is restarted over ssh the same way. See
 docs/deploy.md.
 """
 
@@ -123,6 +127,7 @@ class _Child:
         self.name, self.cmd = name, cmd
         self.tail: collections.deque[str] = collections.deque(maxlen=200)
         self.ready = threading.Event()
+        self.started = time.monotonic()
         self.proc = subprocess.Popen(cmd, stdin=stdin, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                      bufsize=1,
                                      start_new_session=True)  # Ctrl-C reaches us only; we stop children in order
@@ -208,8 +213,14 @@ class _RemoteChild(_Child):
         return self.proc.returncode
 
 
+GATEWAY_MODULE = "cosine.gateway"
+# A restarted serve waits this long for drafters (verifiers: --connect-timeout): one that is
+# restarting or left down must not hold up serving; serve's probes admit it once it answers.
+SERVE_DRAFTER_WAIT_S = 5.0
+
+
 class LocalCluster:
-    """All workers + cosine-serve of one config as subprocesses.
+    """All workers + cosine-serve (+ the HTTP gateway) of one config as subprocesses.
 
         with LocalCluster("config.toml") as c:
             Client(c.endpoint).generate(...)
@@ -233,7 +244,11 @@ class LocalCluster:
         self.serve_args = serve_args or []
         self.workers: dict[str, _Child] = {}
         self.serve: _Child | None = None
+        self.gateway: _Child | None = None
+        # set by another engineer's [http] section (Config.http); None or absent: no gateway
+        self.has_gateway = getattr(self.cfg, "http", None) is not None
         self.endpoint = self.cfg.controller.endpoint
+        self.verifiers = {w.name for w in self.cfg.verifier_workers()}
 
     def _worker_cmd(self, name: str) -> list[str]:
         if name in self.remote_workers:
@@ -248,9 +263,27 @@ class LocalCluster:
             log.info("starting %s on %s over ssh: %s", name, self.cfg.worker(name).host, shlex.join(cmd))
             from cosine.security import CurveKeys
 
-            return _RemoteChild(name, cmd, self.echo, self.cfg.worker(name).endpoint,
-                                CurveKeys.from_config(self.cfg.security))
-        return _Child(name, cmd, self.echo)
+            child: _Child = _RemoteChild(name, cmd, self.echo, self.cfg.worker(name).endpoint,
+                                         CurveKeys.from_config(self.cfg.security))
+        else:
+            child = _Child(name, cmd, self.echo)
+        log.info("%s started: pid %d", name, child.proc.pid)
+        return child
+
+    def _spawn_serve(self) -> _Child:
+        cmd = [sys.executable, "-m", "cosine.control.serve", "--config", str(self.config_path),
+               "--drafter-timeout", f"{SERVE_DRAFTER_WAIT_S:g}", *self.serve_args]
+        if self.log_level:
+            cmd += ["--log-level", self.log_level.upper()]
+        self.serve = _Child("serve", cmd, self.echo)
+        log.info("serve started: pid %d", self.serve.proc.pid)
+        return self.serve
+
+    def _spawn_gateway(self) -> _Child:
+        self.gateway = _Child("gateway", [sys.executable, "-m", GATEWAY_MODULE, "--config", str(self.config_path)],
+                              self.echo)
+        log.info("gateway started: pid %d", self.gateway.proc.pid)
+        return self.gateway
 
     def start_worker(self, name: str) -> None:
         """(Re)start one worker and wait until it serves."""
@@ -269,26 +302,52 @@ class LocalCluster:
             deadline = time.monotonic() + self.start_timeout_s
             for c in self.workers.values():
                 c.wait_ready(deadline)
-            cmd = [sys.executable, "-m", "cosine.control.serve", "--config", str(self.config_path), *self.serve_args]
-            if self.log_level:
-                cmd += ["--log-level", self.log_level.upper()]
-            self.serve = _Child("serve", cmd, self.echo)
-            self.serve.wait_ready(time.monotonic() + self.start_timeout_s)
+            self._spawn_serve().wait_ready(time.monotonic() + self.start_timeout_s)
+            if self.has_gateway:  # readiness is its own business: a gateway that fails is restarted
+                self._spawn_gateway()
         except BaseException:
             self.stop()
             raise
         return self
 
+    # -- what the supervisor needs ------------------------------------------------------
+    def children(self) -> dict[str, _Child]:
+        """Every child by name: the workers, "serve" and "gateway" (once started)."""
+        out = dict(self.workers)
+        out.update({c.name: c for c in (self.serve, self.gateway) if c is not None})
+        return out
+
+    def role(self, name: str) -> str:
+        """"serve", "gateway", "verifier" or "drafter"."""
+        if name in ("serve", "gateway"):
+            return name
+        return "verifier" if name in self.verifiers else "drafter"
+
+    def respawn(self, name: str) -> _Child:
+        """Start a new instance of child ``name`` without waiting for it (the supervisor's
+        loop watches it); a remote worker's readiness is polled in the background."""
+        if name == "serve":
+            return self._spawn_serve()
+        if name == "gateway":
+            return self._spawn_gateway()
+        child = self.workers[name] = self._spawn(name)
+        if isinstance(child, _RemoteChild):
+            threading.Thread(target=_await_ready, args=(child, time.monotonic() + self.start_timeout_s),
+                             name=f"ready-{name}", daemon=True).start()
+        return child
+
     def dead_child(self) -> tuple[str, int] | None:
-        for c in [*([self.serve] if self.serve else []), *self.workers.values()]:
+        for c in self.children().values():
             if c.proc.poll() is not None:
                 return c.name, c.proc.returncode
         return None
 
     def stop(self) -> None:
-        # serve first (it releases requests on the workers), then the workers in parallel
-        if self.serve is not None:
-            self.serve.stop(self.stop_timeout_s)
+        # the gateway and serve first (serve releases requests on the workers), then the
+        # workers in parallel
+        for front in (self.gateway, self.serve):
+            if front is not None:
+                front.stop(self.stop_timeout_s)
         for c in self.workers.values():
             if isinstance(c, _RemoteChild):
                 c.interrupt()
@@ -304,12 +363,22 @@ class LocalCluster:
         self.stop()
 
 
+def _await_ready(child: _Child, deadline: float) -> None:
+    try:
+        child.wait_ready(deadline)
+    except ClusterError as e:  # the supervisor sees the exit or the missing readiness itself
+        log.debug("%s", e)
+
+
 def up(config_path: str | Path, log_level: str | None = None, remote: Remote | None = None) -> int:
-    """Run the cluster in the foreground until Ctrl-C / SIGTERM or a child dies."""
+    """Run the cluster in the foreground until Ctrl-C / SIGTERM, restarting what dies;
+    exits 1 when serving has become impossible (serve or every verifier crash-loops)."""
+    from cosine.control.supervisor import Supervisor
+
     stop = threading.Event()
 
     def on_signal(signum: int, _frame: Any) -> None:
-        log.info("signal %d: stopping the cluster", signum)
+        log.info("%s: stopping the cluster", signal.Signals(signum).name)
         stop.set()
 
     signal.signal(signal.SIGINT, on_signal)
@@ -324,23 +393,26 @@ def up(config_path: str | Path, log_level: str | None = None, remote: Remote | N
     except (ClusterError, cfgmod.ConfigError) as e:
         log.error("cosine up failed: %s", e)
         return 1
+    supervisor = Supervisor(cluster)
     print(f"cosine is up: clients connect to {cluster.endpoint}", flush=True)
     code = 0
     try:
-        while not stop.wait(0.5):
-            dead = cluster.dead_child()
-            if dead:
-                log.error("%s exited with code %s; stopping the cluster", *dead)
+        while not stop.wait(0.2):
+            fatal = supervisor.tick(time.monotonic())
+            if fatal:
+                log.error("%s: nothing can serve; stopping the cluster", fatal)
                 code = 1
                 break
     finally:
         cluster.stop()
-        log.info("cosine stopped")
+        log.info("cosine stopped; restarts: %s", supervisor.summary() or "none")
     return code
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="cosine up", description="start all workers and cosine-serve from config.toml")
+    ap = argparse.ArgumentParser(prog="cosine up", description="start all workers and cosine-serve from config.toml "
+                                 "and keep them running: a child that exits is restarted with back-off, one that "
+                                 "crash-loops is left down ([supervisor]); Ctrl-C or SIGTERM stops everything")
     ap.add_argument("--config", type=Path, default=Path("config.toml"))
     ap.add_argument("--log-level", default=None)
     ap.add_argument("--hosts", nargs="*", metavar="HOST=DEST", default=None,

@@ -55,15 +55,18 @@ GENERATE_KEYS = {"v", "op", "seq", "arrays", "rid", "prompt", "max_tokens", "tem
 
 
 def wait_healthy(cfg: Config, names: list[str], timeout_s: float,
-                 optional: frozenset[str] = frozenset()) -> dict[str, dict[str, Any]]:
+                 optional: frozenset[str] = frozenset(), optional_timeout_s: float | None = None
+                 ) -> dict[str, dict[str, Any]]:
     """Health of every named worker, in parallel; raises naming the ones that never
-    answered, except ``optional`` ones, which are left out of the result."""
+    answered, except ``optional`` ones (waited for ``optional_timeout_s``, default
+    ``timeout_s``), which are left out of the result."""
     out: dict[str, dict[str, Any]] = {}
     errors: dict[str, str] = {}
 
     def one(name: str) -> None:
         w = cfg.worker(name)
-        deadline = time.monotonic() + timeout_s
+        wait = min(timeout_s, optional_timeout_s) if name in optional and optional_timeout_s is not None else timeout_s
+        deadline = time.monotonic() + wait
         with WorkerClient(w.endpoint, timeout_s=1.0, curve=CurveKeys.from_config(cfg.security)) as c:
             while True:
                 try:
@@ -80,8 +83,7 @@ def wait_healthy(cfg: Config, names: list[str], timeout_s: float,
     for t in threads:
         t.join()
     for name in sorted(set(errors) & optional):
-        log.warning("worker %s did not answer health within %.0f s (%s); starting without it", name, timeout_s,
-                    errors.pop(name))
+        log.warning("worker %s did not answer health in time (%s); starting without it", name, errors.pop(name))
     if errors:
         raise RuntimeError("workers did not answer health within %.0f s: %s (start them with `cosine-worker "
                            "--config ... --name NAME` or use `cosine up`)" % (
@@ -112,7 +114,8 @@ def read_manifest(engine_dir: Path) -> dict[str, Any]:
 class Server:
     """The whole control plane of one process: actors plus the ROUTER frontend."""
 
-    def __init__(self, cfg: Config, connect_timeout_s: float = 60.0, profile: bool = True):
+    def __init__(self, cfg: Config, connect_timeout_s: float = 60.0, profile: bool = True,
+                 drafter_timeout_s: float | None = None):
         self.cfg = cfg
         cc = cfg.controller
         self.ctx = zmq.Context.instance()
@@ -126,7 +129,8 @@ class Server:
         dnames = [w.name for w in cfg.drafter_workers()]
         # A drafter host that is down must not keep the head from serving: it starts marked
         # dead and the controller's probes admit it once it answers (docs/deploy.md).
-        health = wait_healthy(cfg, vnames + dnames, connect_timeout_s, optional=frozenset(dnames))
+        health = wait_healthy(cfg, vnames + dnames, connect_timeout_s, optional=frozenset(dnames),
+                              optional_timeout_s=drafter_timeout_s)
         up = [n for n in vnames + dnames if n in health]
         log.info("workers healthy: %s", ", ".join(f"{n} ({health[n].get('model')})" for n in up))
         # Every start is a new session: worker rids are "<session>.<n>", and whatever an
@@ -431,6 +435,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--config", type=Path, default=Path("config.toml"))
     ap.add_argument("--log-level", default=None)
     ap.add_argument("--connect-timeout", type=float, default=60.0, help="seconds to wait for the workers")
+    ap.add_argument("--drafter-timeout", type=float, default=None,
+                    help="seconds to wait for each drafter (default and at most: --connect-timeout); one that "
+                         "does not answer starts marked dead and is admitted once it answers (`cosine up` "
+                         "passes 5, so a drafter that is restarting does not hold up a restarted serve)")
     ap.add_argument("--no-profile", action="store_true", help="skip start-up cost-model profiling")
     a = ap.parse_args(argv)
     cfg = cfgmod.load_for_cli(a.config, "cosine-serve")
@@ -438,7 +446,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     setup(a.log_level or cfg.logging.level, cfg.logging.file, "serve")
     try:
-        server = Server(cfg, connect_timeout_s=a.connect_timeout, profile=not a.no_profile)
+        server = Server(cfg, connect_timeout_s=a.connect_timeout, profile=not a.no_profile,
+                        drafter_timeout_s=a.drafter_timeout)
     except Exception as e:  # noqa: BLE001 - any start-up failure: say why and stop the actor threads
         log.error("cannot start: %s", e, exc_info=not isinstance(e, (RuntimeError, zmq.ZMQError, OSError)))
         pykka.ActorRegistry.stop_all(timeout=5)

@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import itertools
+import math
 import sys
 import time
 import uuid
@@ -35,6 +36,7 @@ import zmq
 import zmq.asyncio
 from zmq.utils.monitor import parse_monitor_message
 
+from cosine.config import MODES
 from cosine.protocol import VERSION, ProtocolError, decode, encode
 from cosine.security import CLIENT_EVENTS, CurveKeys, Refusal, client_refusal, secure_client
 
@@ -101,16 +103,54 @@ _STREAM_OPS = ("generate", "chunk", "done")  # replies that belong to a generati
 # Heartbeats (ZMTP PING/PONG, answered by the server's ZeroMQ I/O thread) detect a server
 # that is stopped or unreachable; a closed connection (exit, kill -9) is seen at once.
 HEARTBEAT_S = 2.0
+# A client that has never completed a handshake with its endpoint gives a request this long
+# before it says that nobody is there (instead of waiting the whole timeout_s).
+CONNECT_TIMEOUT_S = 5.0
 
 
 def _watch(sock: zmq.Socket, heartbeat_s: float | None) -> zmq.Socket:
-    """Set heartbeats (before connect) and return a monitor socket for disconnects."""
+    """Set heartbeats (before connect) and return a monitor socket for handshakes and disconnects."""
     if heartbeat_s:
         sock.setsockopt(zmq.HEARTBEAT_IVL, max(1, int(heartbeat_s * 1000)))
         sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, max(1, int(3 * heartbeat_s * 1000)))
     # a unique address: the default one is derived from the fd, which a closed socket frees
-    return sock.get_monitor_socket(zmq.EVENT_DISCONNECTED | CLIENT_EVENTS,
+    return sock.get_monitor_socket(zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_SUCCEEDED | CLIENT_EVENTS,
                                    addr=f"inproc://cosine-client-monitor-{uuid.uuid4().hex}")
+
+
+class _Link:
+    """Whether a client ever reached its endpoint, and since when it has waited to."""
+
+    def __init__(self, endpoint: str, connect_timeout_s: float | None):
+        self.endpoint, self.connect_timeout_s = endpoint, connect_timeout_s
+        self.reached = False
+        self.waiting_since: float | None = None  # first request sent while not reached
+
+    def sent(self) -> None:
+        if not self.reached and self.waiting_since is None:
+            self.waiting_since = time.monotonic()
+
+    def deadline(self) -> float | None:
+        """When to give up on a never-reached endpoint (None: reached, or no limit)."""
+        if self.reached or not self.connect_timeout_s or self.waiting_since is None:
+            return None
+        return self.waiting_since + self.connect_timeout_s
+
+    def expired(self) -> bool:
+        d = self.deadline()
+        return d is not None and time.monotonic() >= d
+
+    def marker(self, why: Refusal | None) -> dict[str, Any]:
+        """What every waiting request gets when the endpoint was never reached in time."""
+        self.waiting_since = None
+        return {"ok": False, "_unreached": True, "why": why.message if why else ""}
+
+    def error(self, why: str) -> Unavailable:
+        msg = (f"could not reach cosine-serve at {self.endpoint} within {self.connect_timeout_s:g} s "
+               f"(connect_timeout_s; `cosine generate --connect-timeout`): no server answers there. Start one "
+               f"with `cosine up --config config.toml` (or `cosine-serve`), or point the client at a running "
+               f"server (`cosine generate --endpoint tcp://HOST:PORT` or `--config`)")
+        return Unavailable("unavailable", msg + (f"; the last handshake failed: {why}" if why else ""))
 
 
 def _lost_marker(refused: Refusal | None) -> dict[str, Any]:
@@ -128,6 +168,16 @@ def _lost_error(endpoint: str) -> ConnectionLost:
 def _timeout_error(endpoint: str, timeout_s: float) -> RequestTimeout:
     return RequestTimeout("timeout", f"cosine-serve at {endpoint} did not answer within {timeout_s:g} s "
                                      f"(client timeout_s); it may be down, not started yet, stalled or overloaded")
+
+
+def _raise_for(h: dict[str, Any], link: _Link) -> None:
+    """Raise what a failed reply (or a lost / unreached marker) means."""
+    if h.get("_lost"):
+        raise _lost_error(link.endpoint)
+    if h.get("_unreached"):
+        raise link.error(h.get("why", ""))
+    if not h.get("ok", False):
+        raise error_from(h.get("error"))
 
 
 def error_from(err: Any) -> CosineError:
@@ -202,33 +252,56 @@ class Stream:
 
 
 class Client:
-    """Blocking client. Not thread-safe: one Client per thread."""
+    """Blocking client. Not thread-safe: one Client per thread.
+
+    ``connect_timeout_s``: while the client has never reached its endpoint, a request fails
+    with ``Unavailable`` after this long (None: only ``timeout_s`` applies). Once reached,
+    a broken connection fails the requests in flight with ``ConnectionLost`` (heartbeats)."""
 
     def __init__(self, endpoint: str, timeout_s: float = 600.0, context: zmq.Context | None = None,
-                 heartbeat_s: float | None = HEARTBEAT_S, curve: CurveKeys | None = None):
+                 heartbeat_s: float | None = HEARTBEAT_S, curve: CurveKeys | None = None,
+                 connect_timeout_s: float | None = CONNECT_TIMEOUT_S):
         self.endpoint = endpoint
         self.timeout_s = timeout_s
         self._ctx = context or zmq.Context.instance()
-        self._sock = self._ctx.socket(zmq.DEALER)
-        self._sock.setsockopt(zmq.LINGER, 0)
-        secure_client(self._sock, curve)  # server with [security] curve = true: CurveKeys.load(...)
         # the last failed handshake, and the one after which libzmq gave up (docs/security.md)
         self._curve, self._why, self._refused = curve, None, None
-        self._mon = _watch(self._sock, heartbeat_s)
-        self._sock.connect(endpoint)
+        self._heartbeat_s = heartbeat_s
+        self._link = _Link(endpoint, connect_timeout_s)
+        self._open()
         self._seq = itertools.count(1)
         self._by_rid: dict[str, deque[dict[str, Any]]] = {}
         self._by_seq: dict[int, dict[str, Any]] = {}
         self._calls: set[int] = set()  # seqs of calls waiting for their reply
+
+    # -- plumbing --------------------------------------------------------------------
+    def _open(self) -> None:
+        self._sock = self._ctx.socket(zmq.DEALER)
+        self._sock.setsockopt(zmq.LINGER, 0)
+        secure_client(self._sock, self._curve)  # server with [security] curve = true: CurveKeys.load(...)
+        self._mon = _watch(self._sock, self._heartbeat_s)
+        self._sock.connect(self.endpoint)
         self._poller = zmq.Poller()
         self._poller.register(self._sock, zmq.POLLIN)
         self._poller.register(self._mon, zmq.POLLIN)
 
-    # -- plumbing --------------------------------------------------------------------
     def _send(self, header: dict[str, Any], arrays: dict[str, np.ndarray] | None = None) -> int:
         seq = next(self._seq)
         self._sock.send_multipart(encode({"v": VERSION, **header, "seq": seq}, arrays or {}), copy=False)
+        self._link.sent()
         return seq
+
+    def _give_up(self) -> None:
+        """Nobody answered at the endpoint in time: fail everything waiting, and start over
+        on a new socket, so the queued requests can never reach a server that starts later."""
+        marker = self._link.marker(self._why)
+        self.close()
+        self._why = None
+        self._open()
+        for q in self._by_rid.values():
+            q.append(marker)
+        for seq in self._calls:
+            self._by_seq.setdefault(seq, marker)
 
     def _check_link(self) -> None:
         """Handle disconnects seen so far: everything in flight then is lost (a new
@@ -237,6 +310,7 @@ class Client:
         while self._mon.poll(0):
             ev = parse_monitor_message(self._mon.recv_multipart())
             lost |= ev["event"] == zmq.EVENT_DISCONNECTED
+            self._link.reached |= ev["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED
             self._why = client_refusal(ev["event"], ev["value"], self._curve is not None) or self._why
         self._refused = self._refused or (self._why if self._why and self._why.final else None)
         if not lost:
@@ -252,10 +326,15 @@ class Client:
             self._by_seq.setdefault(seq, marker)
 
     def _recv_one(self, deadline: float, timeout_s: float | None = None) -> None:
-        wait_ms = max(0, int((deadline - time.monotonic()) * 1000))
+        until = min(deadline, self._link.deadline() or deadline)
+        wait_ms = max(0, math.ceil((until - time.monotonic()) * 1000))
         events = dict(self._poller.poll(wait_ms))
         if not events:
-            raise _timeout_error(self.endpoint, timeout_s or self.timeout_s)
+            if self._link.expired():
+                self._give_up()
+            elif time.monotonic() >= deadline:
+                raise _timeout_error(self.endpoint, timeout_s or self.timeout_s)
+            return  # the caller waits on
         if self._mon in events:
             self._check_link()
         elif self._sock in events:
@@ -284,10 +363,7 @@ class Client:
         finally:
             self._calls.discard(seq)
         h = self._by_seq.pop(seq)
-        if h.get("_lost"):
-            raise _lost_error(self.endpoint)
-        if not h.get("ok", False):
-            raise error_from(h.get("error"))
+        _raise_for(h, self._link)
         return h
 
     def _next_for(self, rid: str, timeout_s: float) -> dict[str, Any]:
@@ -306,10 +382,7 @@ class Client:
         h = q.popleft()
         if not h.get("ok", False) or h.get("op") == "done":
             self._by_rid.pop(rid, None)
-        if h.get("_lost"):
-            raise _lost_error(self.endpoint)
-        if not h.get("ok", False):
-            raise error_from(h.get("error"))
+        _raise_for(h, self._link)
         return h
 
     # -- API ---------------------------------------------------------------------------
@@ -377,22 +450,52 @@ class AsyncStream:
 
 
 class AsyncClient:
-    """asyncio client: one DEALER socket, many concurrent generations on one event loop."""
+    """asyncio client: one DEALER socket, many concurrent generations on one event loop.
+    ``connect_timeout_s`` as for ``Client``."""
 
     def __init__(self, endpoint: str, timeout_s: float = 600.0, context: zmq.asyncio.Context | None = None,
-                 heartbeat_s: float | None = HEARTBEAT_S, curve: CurveKeys | None = None):
+                 heartbeat_s: float | None = HEARTBEAT_S, curve: CurveKeys | None = None,
+                 connect_timeout_s: float | None = CONNECT_TIMEOUT_S):
         self.endpoint = endpoint
         self.timeout_s = timeout_s
         self._ctx = context or zmq.asyncio.Context.instance()
-        self._sock = self._ctx.socket(zmq.DEALER)
-        self._sock.setsockopt(zmq.LINGER, 0)
-        secure_client(self._sock, curve)
         self._curve, self._why, self._refused = curve, None, None
-        self._mon = _watch(self._sock, heartbeat_s)
-        self._sock.connect(endpoint)
+        self._heartbeat_s = heartbeat_s
+        self._link = _Link(endpoint, connect_timeout_s)
+        self._reader: asyncio.Task | None = None
+        self._open()
         self._seq = itertools.count(1)
         self._waiters: dict[Any, asyncio.Queue] = {}
-        self._reader: asyncio.Task | None = None
+
+    def _open(self) -> None:
+        self._sock = self._ctx.socket(zmq.DEALER)
+        self._sock.setsockopt(zmq.LINGER, 0)
+        secure_client(self._sock, self._curve)
+        self._mon = _watch(self._sock, self._heartbeat_s)
+        self._sock.connect(self.endpoint)
+
+    def _give_up(self) -> None:
+        """As Client._give_up: fail every waiter, start over on a new socket."""
+        marker = self._link.marker(self._why)
+        self.close()
+        self._reader, self._why = None, None
+        self._open()
+        for q in self._waiters.values():
+            q.put_nowait(marker)
+
+    async def _get(self, q: asyncio.Queue, timeout_s: float) -> dict[str, Any]:
+        """The next message for a waiter; asyncio.TimeoutError after ``timeout_s``, and
+        every waiter fails when the endpoint was never reached within connect_timeout_s."""
+        end = time.monotonic() + timeout_s
+        while True:
+            until = min(end, self._link.deadline() or end)
+            try:
+                return await asyncio.wait_for(q.get(), max(0.0, until - time.monotonic()))
+            except asyncio.TimeoutError:
+                if self._link.expired():
+                    self._give_up()  # q now holds the marker
+                elif time.monotonic() >= end:
+                    raise
 
     def _ensure_reader(self) -> None:
         if self._refused:
@@ -411,6 +514,7 @@ class AsyncClient:
                 while await self._mon.poll(0):
                     ev = parse_monitor_message(await self._mon.recv_multipart())
                     lost |= ev["event"] == zmq.EVENT_DISCONNECTED
+                    self._link.reached |= ev["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED
                     self._why = client_refusal(ev["event"], ev["value"], self._curve is not None) or self._why
                 self._refused = self._refused or (self._why if self._why and self._why.final else None)
                 if lost:  # what arrived before the break still counts; the rest is lost
@@ -434,9 +538,11 @@ class AsyncClient:
         if q is not None:
             q.put_nowait(h)
 
-    async def _send(self, header: dict[str, Any], arrays: dict[str, np.ndarray] | None = None) -> int:
-        seq = next(self._seq)
+    async def _send(self, header: dict[str, Any], arrays: dict[str, np.ndarray] | None = None,
+                    seq: int | None = None) -> int:
+        seq = next(self._seq) if seq is None else seq
         await self._sock.send_multipart(encode({"v": VERSION, **header, "seq": seq}, arrays or {}))
+        self._link.sent()
         return seq
 
     async def _call(self, header: dict[str, Any], timeout_s: float | None = None) -> dict[str, Any]:
@@ -446,33 +552,27 @@ class AsyncClient:
         q: asyncio.Queue = asyncio.Queue()
         self._waiters[key] = q
         try:
-            await self._sock.send_multipart(encode({"v": VERSION, **header, "seq": seq}, {}))
+            await self._send(header, seq=seq)
             try:
-                h = await asyncio.wait_for(q.get(), timeout_s or self.timeout_s)
+                h = await self._get(q, timeout_s or self.timeout_s)
             except asyncio.TimeoutError:
                 raise _timeout_error(self.endpoint, timeout_s or self.timeout_s) from None
         finally:
             self._waiters.pop(key, None)
-        if h.get("_lost"):
-            raise _lost_error(self.endpoint)
-        if not h.get("ok", False):
-            raise error_from(h.get("error"))
+        _raise_for(h, self._link)
         return h
 
     async def _next_for(self, rid: str, timeout_s: float) -> dict[str, Any]:
         q = self._waiters[("rid", rid)]
         try:
-            h = await asyncio.wait_for(q.get(), timeout_s)
+            h = await self._get(q, timeout_s)
         except asyncio.TimeoutError:
             self._waiters.pop(("rid", rid), None)
             await self._send({"op": "cancel", "rid": rid})
             raise _timeout_error(self.endpoint, timeout_s) from None
         if not h.get("ok", False) or h.get("op") == "done":
             self._waiters.pop(("rid", rid), None)
-        if h.get("_lost"):
-            raise _lost_error(self.endpoint)
-        if not h.get("ok", False):
-            raise error_from(h.get("error"))
+        _raise_for(h, self._link)
         return h
 
     async def generate(self, prompt: str | Sequence[int], max_tokens: int = 128, temperature: float = 0.0,
@@ -556,10 +656,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--temperature", type=float, default=0.0)
     ap.add_argument("--top-p", type=float, default=1.0)
-    ap.add_argument("--mode", default=None)
+    ap.add_argument("--mode", default=None, choices=MODES,
+                    help="how to decode (default: [controller] mode of the server)")
     ap.add_argument("--seed", type=int, default=None)
     ap.add_argument("--stop", action="append", default=None)
-    ap.add_argument("--timeout", type=float, default=600.0)
+    ap.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for the generation (default 600)")
+    ap.add_argument("--connect-timeout", type=float, default=CONNECT_TIMEOUT_S,
+                    help=f"seconds to wait for a server that was never reached before failing "
+                         f"(default {CONNECT_TIMEOUT_S:g}; 0: only --timeout)")
     a = ap.parse_args(argv)
     try:
         endpoint, curve = _endpoint_and_keys(a)
@@ -567,7 +671,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"cosine generate: {e}", file=sys.stderr)
         return 2
     try:
-        with Client(endpoint, timeout_s=a.timeout, curve=curve) as c:
+        with Client(endpoint, timeout_s=a.timeout, curve=curve, connect_timeout_s=a.connect_timeout or None) as c:
             s = c.generate(a.prompt, max_tokens=a.max_tokens, temperature=a.temperature, top_p=a.top_p,
                            stop=a.stop, mode=a.mode, stream=True, seed=a.seed)
             for chunk in s:

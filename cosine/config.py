@@ -236,6 +236,17 @@ class ControllerConfig:
 
 
 @dataclass(frozen=True)
+class SupervisorConfig:
+    """[supervisor]: how `cosine up` restarts a child (worker, serve, gateway) that exits
+    unexpectedly (control/restart.py, docs/reliability.md "Supervision")."""
+
+    restart_backoff_s: float = 1.0       # wait before the first restart; doubles per crash inside the window
+    restart_backoff_max_s: float = 30.0  # ... up to this
+    crash_loop_restarts: int = 5         # this many restarts within crash_loop_window_s: left down
+    crash_loop_window_s: float = 60.0
+
+
+@dataclass(frozen=True)
 class Config:
     path: Path
     models: tuple[ModelConfig, ...]
@@ -245,6 +256,7 @@ class Config:
     security: SecurityConfig = field(default_factory=SecurityConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     http: HttpConfig | None = None  # None: no [http] table, no gateway
+    supervisor: SupervisorConfig = field(default_factory=SupervisorConfig)
 
     def model(self, name: str) -> ModelConfig:
         for m in self.models:
@@ -474,6 +486,13 @@ def _check(cfg: Config, text: str, check_engines: bool) -> None:
                           f"got {c.fusion.guide_min_reach}")
     if cfg.logging.level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
         raise ConfigError(f"{where('logging', 'level')}: level {cfg.logging.level!r}; use DEBUG, INFO, WARNING or ERROR")
+    sv = cfg.supervisor
+    if not 0 < sv.restart_backoff_s <= sv.restart_backoff_max_s:
+        raise ConfigError(f"{where('supervisor', 'restart_backoff_s')}: need 0 < restart_backoff_s <= "
+                          f"restart_backoff_max_s, got {sv.restart_backoff_s} and {sv.restart_backoff_max_s}")
+    if sv.crash_loop_restarts < 1 or sv.crash_loop_window_s <= 0:
+        raise ConfigError(f"{where('supervisor', 'crash_loop_restarts')}: need crash_loop_restarts >= 1 and "
+                          f"crash_loop_window_s > 0")
     if cfg.security.curve:
         _check_keys(cfg.security, where)
     if cfg.http is not None:
@@ -543,7 +562,7 @@ def load(path: str | Path, check_engines: bool = True) -> Config:
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{p}: not valid TOML: {e}") from None
     ctx = (p, text)
-    known = {"models", "workers", "controller", "limits", "security", "logging", "http"}
+    known = {"models", "workers", "controller", "limits", "security", "logging", "http", "supervisor"}
     unknown = sorted(set(data) - known)
     if unknown:
         raise ConfigError(f"{p} {_line_of(text, unknown[0], None)}: unknown table [{unknown[0]}]; "
@@ -555,7 +574,8 @@ def load(path: str | Path, check_engines: bool = True) -> Config:
     workers = tuple(_build(WorkerConfig, w, "workers", ctx) for w in data.get("workers", []))
     rest = {k: _build(tp, data[k], k, ctx) for k, tp in
             (("controller", ControllerConfig), ("limits", LimitsConfig),
-             ("security", SecurityConfig), ("logging", LoggingConfig), ("http", HttpConfig)) if k in data}
+             ("security", SecurityConfig), ("logging", LoggingConfig), ("http", HttpConfig),
+             ("supervisor", SupervisorConfig)) if k in data}
     if "security" in rest:  # key paths, like engine paths, are relative to this file
         sec = rest["security"]
         rest["security"] = dataclasses.replace(sec, **{

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import socket
 import subprocess
 import time
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
 import pytest
 
 
@@ -131,6 +133,20 @@ def write_cluster_config(path: Path, target: Path, drafters: dict[str, Any], con
         lines += ["", f"[controller.{sec}]"] + [f"{k} = {_toml_value(v)}" for k, v in kv.items()]
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+def build_ngram_engine(out: Path, vocab: int) -> Path:
+    """An n-gram drafter engine from a small 'domain corpus': repeated motifs plus noise, fixed seed."""
+    from cosine.workers.ngram import NgramModel
+
+    rng = np.random.default_rng(7)
+    motifs = [rng.integers(3, vocab, size=rng.integers(4, 9)) for _ in range(12)]
+    docs = [np.concatenate([motifs[i] for i in rng.integers(0, 12, size=40)] + [rng.integers(3, vocab, 50)])
+            for _ in range(20)]
+    NgramModel.build([d.astype(np.int32) for d in docs], vocab_size=vocab, order=4).save(out)
+    (out / "manifest.json").write_text(json.dumps({"format": "cosine-engine", "kind": "ngram", "order": 4,
+                                                   "vocab_size": vocab}))
+    return out
 
 
 @pytest.fixture(scope="session")

@@ -48,6 +48,10 @@ def test_missing_engine_names_the_fix(tmp_path: Path) -> None:
     ('endpoint = "tcp://127.0.0.1:5600"', 'endpoint = "tcp://127.0.0.1:5601"', r"also a worker's port"),
     ("curve = false", "curve = true", r"curve = true needs server_secret_key"),
     ('pipeline = "auto"', 'pipeline = "yes"', r"pipeline 'yes'; use one of"),
+    ("restart_backoff_s = 1.0", "restart_backoff_s = 40.0",
+     r"line \d+: need 0 < restart_backoff_s <= restart_backoff_max_s"),
+    ("crash_loop_restarts = 5", "crash_loop_restarts = 0", r"need crash_loop_restarts >= 1"),
+    ("crash_loop_window_s = 60.0", "crash_loop_windows = 60.0", r"unknown key 'crash_loop_windows' in \[supervisor\]"),
     ('background_prefill = "auto"', 'background_prefill = "always"', r"background_prefill 'always'; use one of"),
     ("min_gain = 0.0", "min_gain = 1.5", r"line \d+: need 0 <= min_gain < 1, got 1.5"),
 ])

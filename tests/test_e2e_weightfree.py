@@ -5,7 +5,6 @@ stays token-identical to autoregressive."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,21 +12,8 @@ import pytest
 from cosine.client import Client
 from cosine.control.cluster import LocalCluster
 from cosine.workers.client import WorkerClient, WorkerError
-from cosine.workers.ngram import NgramModel
 
-from conftest import write_cluster_config
-
-
-def build_ngram_engine(out: Path, vocab: int) -> Path:
-    """A small 'domain corpus': repeated motifs plus noise, fixed seed."""
-    rng = np.random.default_rng(7)
-    motifs = [rng.integers(3, vocab, size=rng.integers(4, 9)) for _ in range(12)]
-    docs = [np.concatenate([motifs[i] for i in rng.integers(0, 12, size=40)] + [rng.integers(3, vocab, 50)])
-            for _ in range(20)]
-    NgramModel.build([d.astype(np.int32) for d in docs], vocab_size=vocab, order=4).save(out)
-    (out / "manifest.json").write_text(json.dumps({"format": "cosine-engine", "kind": "ngram", "order": 4,
-                                                   "vocab_size": vocab}))
-    return out
+from conftest import build_ngram_engine, write_cluster_config
 
 
 @pytest.fixture(scope="module")

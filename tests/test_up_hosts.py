@@ -151,3 +151,42 @@ def test_remote_child_ends_the_session_when_ctrl_c_is_ignored(monkeypatch):
     ch = _RemoteChild("drafter-0", [sys.executable, "-c", SESSION], echo=False, endpoint="tcp://192.0.2.11:1")
     time.sleep(0.3)
     assert ch.stop(1) == -15  # Ctrl-C ignored: after the timeout, SIGTERM ends the ssh session
+
+
+# A stand-in ssh whose session drops: it logs its argv, says READY as the worker would,
+# then exits 255 as ssh does when the connection is lost.
+DROPPING_SSH = r'''#!{python}
+import json, sys, time
+with open({log!r}, "a") as f:
+    f.write(json.dumps(sys.argv[1:]) + "\n")
+print("READY drafter-0 tcp://192.0.2.11:5602", flush=True)
+time.sleep(0.3)
+sys.exit(255)
+'''
+
+
+def test_supervisor_restarts_a_remote_worker_through_ssh_then_leaves_a_crash_loop_down(tmp_path, caplog):
+    """`cosine up --hosts` supervises remote workers through their ssh sessions: a session
+    that ends is restarted with the same ssh command, and a crash loop is left down."""
+    from cosine.control.restart import RestartPolicy
+    from cosine.control.supervisor import Supervisor
+
+    log = tmp_path / "ssh.log"
+    fake = tmp_path / "fake-ssh"
+    fake.write_text(DROPPING_SSH.format(python=sys.executable, log=str(log)))
+    fake.chmod(0o755)
+    c = LocalCluster(_config(tmp_path), remote=Remote(ssh=str(fake)))
+    c.workers["drafter-0"] = c._spawn("drafter-0")  # as start() does, without serve (no real worker here)
+    sup = Supervisor(c, RestartPolicy(backoff_s=0.05, max_backoff_s=0.1, max_restarts=2, window_s=60))
+    caplog.set_level("WARNING", logger="cosine.control.supervisor")
+    deadline = time.monotonic() + 30
+    while not sup.left_down():
+        assert sup.tick(time.monotonic()) is None  # a drafter left down: serving goes on
+        assert time.monotonic() < deadline, caplog.text
+        time.sleep(0.02)
+    calls = [json.loads(x) for x in log.read_text().splitlines()]
+    assert len(calls) == 3 and all(x == calls[0] for x in calls), calls  # first start + 2 restarts
+    assert calls[0][-1] == "exec cosine-worker --config " + str(tmp_path / "config.toml") + " --name drafter-0"
+    assert caplog.text.count("exited unexpectedly with code 255 (its ssh session ended)") == 2
+    assert caplog.text.count("drafter-0 is back") == 2
+    assert "drafter drafter-0 CRASH-LOOPS" in caplog.text and sup.summary() == {"drafter-0": 2}

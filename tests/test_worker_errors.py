@@ -341,7 +341,10 @@ def test_idle_requests_are_freed(engine_dir: Path, worker_config) -> None:
     try:
         with WorkerClient(endpoint_of(cfg), timeout_s=10) as c:
             c.call("prefill", {"requests": [{"rid": "sleepy", "n": 3}]}, {"tokens": np.ones(3, np.int32)})
-            time.sleep(1.2)
+            deadline = time.monotonic() + 10  # the sweep runs every idle_timeout_s / 4: wait for it, bounded
+            while c.call("stats")[0]["freed_idle"] == 0:
+                assert time.monotonic() < deadline, "the idle request was not freed within 10 s"
+                time.sleep(0.05)
             with pytest.raises(WorkerError) as e:
                 c.call("extend", {"requests": [{"rid": "sleepy", "n": 1}]}, {"tokens": np.ones(1, np.int32)})
             assert e.value.code == "unknown_request"

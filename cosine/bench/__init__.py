@@ -13,6 +13,9 @@ one invocation, so that ratios compare like with like.
     cosine-bench load --config config.toml --clients N --duration T [--up] [--out DIR]
                                    N closed-loop clients for T s: errors, latency, RSS of
                                    every cosine process (cosine/bench/load.py)
+    cosine-bench chaos --config config.toml [--clients 8] [--out DIR]
+                                   kill -9 each kind of process under `cosine up`,
+                                   account for every request (cosine/bench/chaos.py)
 """
 
 from __future__ import annotations
@@ -41,6 +44,9 @@ def main(argv: list[str] | None = None) -> int:
         return int(m(argv[1:]) or 0)
     if argv and argv[0] == "profile":
         from cosine.bench.profile import main as m
+        return int(m(argv[1:]) or 0)
+    if argv and argv[0] == "chaos":  # kill -9 each process kind under `cosine up` (cosine/bench/chaos.py)
+        from cosine.bench.chaos import main as m
         return int(m(argv[1:]) or 0)
     if argv and argv[0] == "report":
         from cosine.bench.report import main as m

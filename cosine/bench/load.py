@@ -195,10 +195,12 @@ def error_kind(e: BaseException) -> tuple[str, bool]:
 
 def run_load(endpoint: str, prompts: list[str], clients: int, duration_s: float, max_tokens: int = 32,
              mode: str | None = None, temperature: float = 0.0, timeout_s: float = 120.0, stream: str = "mix",
-             ignore_eos: bool = True, error_backoff_s: float = 0.1, curve: Any = None) -> dict[str, Any]:
-    """N closed-loop clients for ``duration_s``; returns the accounting and latencies. After
-    an error a client waits ``error_backoff_s`` before its next request (as a real client
-    backs off on Overloaded)."""
+             ignore_eos: bool = True, error_backoff_s: float = 0.1, curve: Any = None,
+             reference: dict[str, list[int]] | None = None, stop: threading.Event | None = None) -> dict[str, Any]:
+    """N closed-loop clients for ``duration_s`` (or until ``stop`` is set); returns the
+    accounting and latencies. After an error a client waits ``error_backoff_s`` before its
+    next request (as a real client backs off on Overloaded). Greedy outputs are checked
+    against ``reference`` (prompt -> token ids), else against the first output of each prompt."""
     from cosine.client import Client
 
     lock = threading.Lock()
@@ -206,7 +208,7 @@ def run_load(endpoint: str, prompts: list[str], clients: int, duration_s: float,
     completed: list[dict[str, Any]] = []
     errors: Counter[str] = Counter()
     untyped: list[str] = []
-    reference: dict[str, list[int]] = {}
+    reference = dict(reference or {})
     mismatches: list[dict[str, Any]] = []
     finished_threads = [0]
     t_start = time.monotonic()
@@ -216,7 +218,7 @@ def run_load(endpoint: str, prompts: list[str], clients: int, duration_s: float,
         use_stream = stream == "on" or (stream == "mix" and ci % 2 == 1)
         k = ci
         with Client(endpoint, timeout_s=timeout_s, curve=curve) as c:
-            while time.monotonic() < deadline:
+            while time.monotonic() < deadline and not (stop is not None and stop.is_set()):
                 prompt = prompts[k % len(prompts)]
                 k += 1
                 with lock:
