@@ -246,6 +246,9 @@ def export_engine(model: str | Path, out_dir: str | Path, dtype: str = "float32"
         if arch is gpt2 and (graph, quantize) != ("plain", "none"):
             raise ExportError("gpt2 engines are built as the plain float graph only: no --graph fused, "
                               "no --quantize")
+        if graph == "plain" and quantize != "none":
+            raise ExportError(f"--quantize {quantize} builds the fused graph (MatMulNBits); the plain graph is the "
+                              f"float reference: drop --graph plain")
     for stale in ("manifest.json", "parity_failed.json"):  # an interrupted export is not an engine
         (out / stale).unlink(missing_ok=True)
 

@@ -15,6 +15,7 @@ The interface (inputs, outputs, heads-major cache) is the plain graph's (layers.
 from __future__ import annotations
 
 import numpy as np
+from onnx import TensorProto
 
 from .graph import MS_DOMAIN, GraphBuilder
 from .nbits import NBits
@@ -36,15 +37,50 @@ def linear(g: GraphBuilder, x: str, w: np.ndarray | NBits, name: str, bias: np.n
     return g.op("Add", [y, g.weight(name + ".bias", bias)]) if bias is not None else y
 
 
+def _nbits_weights(g: GraphBuilder, w: NBits, name: str) -> tuple[str, str, str | None]:
+    """The initializers of one NBits matrix (written once, shared by a tied embedding and
+    LM head): packed q [N, blocks, bytes], scales [N * blocks], offsets [blocks, N]."""
+    key = ("nbits", id(w))
+    if key not in g.memo:
+        g.memo[key] = (g.weight(name + ".q", w.packed(), np.uint8),
+                       g.weight(name + ".scales", w.scale.reshape(-1), np.float32),
+                       None if w.offset is None else g.weight(name + ".offsets", w.offset, np.float32))
+    return g.memo[key]
+
+
 def _matmul_nbits(g: GraphBuilder, x: str, w: NBits, name: str, accuracy_level: int) -> str:
     n, k = w.shape
-    y = g.op("MatMulNBits", [x, g.weight(name + ".q", w.packed(), np.uint8),
-                             g.weight(name + ".scales", w.scale.reshape(-1), np.float32)],
-             domain=MS_DOMAIN, K=k, N=n, bits=w.bits, block_size=w.block_size, accuracy_level=accuracy_level)
-    if w.offset is None:
+    q, scales, offsets = _nbits_weights(g, w, name)
+    y = g.op("MatMulNBits", [x, q, scales], domain=MS_DOMAIN, K=k, N=n, bits=w.bits, block_size=w.block_size,
+             accuracy_level=accuracy_level)
+    if offsets is None:
         return y
-    shift = g.op("MatMul", [block_sums(g, x, k, w.block_size), g.weight(name + ".offsets", w.offset, np.float32)])
-    return g.op("Add", [y, shift])
+    return g.op("Add", [y, g.op("MatMul", [block_sums(g, x, k, w.block_size), offsets])])
+
+
+def embedding(g: GraphBuilder, table: np.ndarray | NBits, ids: str, name: str) -> str:
+    """Rows of the token embedding [V, hidden] for ids [B, T]. A block-quantized table is
+    dequantized row by row in the graph (the rows gathered, then unpacked, scaled and
+    offset): the float table of a 152k vocabulary would hold 0.9 GB of the 1.5B target's
+    memory for the few rows each step reads."""
+    if not isinstance(table, NBits):
+        return g.op("Gather", [g.weight(name + ".weight", table), ids])
+    v, k = table.shape
+    blocks = k // table.block_size
+    q, scales, offsets = _nbits_weights(g, table, name)
+    rows = g.op("Gather", [q, ids])  # [B, T, blocks, bytes]
+    if table.bits == 4:  # the even element of each pair is the low nibble
+        lo = g.op("BitwiseAnd", [rows, g.const(15, np.uint8)])
+        hi = g.op("BitShift", [rows, g.const(4, np.uint8)], direction="RIGHT")
+        ax = g.i64([-1])
+        rows = g.op("Concat", [g.op("Unsqueeze", [lo, ax]), g.op("Unsqueeze", [hi, ax])], axis=-1)
+    vals = g.op("Reshape", [g.op("Cast", [rows], to=TensorProto.FLOAT), g.i64([0, 0, blocks, table.block_size])])
+    scale_rows = g.op("Gather", [g.op("Reshape", [scales, g.i64([v, blocks])]), ids])  # [B, T, blocks]
+    x = g.op("Mul", [g.op("Sub", [vals, g.f32(float(table.zero))]), g.op("Unsqueeze", [scale_rows, g.i64([-1])])])
+    if offsets is not None:  # offsets are [blocks, V]: gather along V, then blocks last
+        off = g.op("Transpose", [g.op("Gather", [offsets, ids], axis=1)], perm=[1, 2, 0])
+        x = g.op("Add", [x, g.op("Unsqueeze", [off, g.i64([-1])])])
+    return g.op("Reshape", [x, g.i64([0, 0, k])])
 
 
 def block_sums(g: GraphBuilder, x: str, width: int, block_size: int) -> str:

@@ -81,20 +81,20 @@ def build(g: GraphBuilder, config: Any, weights: Weights, inv_freq: np.ndarray, 
     spec = spec_for(config)
     eps = float(config.rms_norm_eps)
     io = Lyr.interface(g, spec)
-    embed = g.weight("model.embed_tokens.weight", weights.vector("model.embed_tokens.weight"))
-    x = g.op("Gather", [embed, io["input_ids"]])
+    table = weights.matrix("model.embed_tokens.weight")  # float, or blocks (quantized engines)
+    x = F.embedding(g, table, io["input_ids"], "model.embed_tokens")
     layer = _fused_layers if graph == "fused" else _plain_layers
     x = layer(g, spec, weights, io, x, inv_freq, rope_scale, eps, progress)
     x = Lyr.logit_rows(g, x, io["logits_index"])
     if graph == "plain":
         x = Lyr.rms_norm(g, x, g.weight("model.norm.weight", weights.vector("model.norm.weight")), eps)
     tied = bool(getattr(config, "tie_word_embeddings", False)) or not weights.has("lm_head.weight")
-    head = weights.matrix("model.embed_tokens.weight" if tied else "lm_head.weight")
-    if isinstance(head, NBits):
-        y = F.linear(g, x, head, "lm_head")
+    head = table if tied else weights.matrix("lm_head.weight")
+    if isinstance(head, NBits):  # a tied head shares the embedding's blocks (written once)
+        y = F.linear(g, x, head, "model.embed_tokens" if tied else "lm_head")
         g.op("Identity", [y], name="logits")
     else:  # float: Gemm over the [V, hidden] table, so a tied embedding is reused, not copied
-        Lyr.lm_head(g, x, embed if tied else g.weight("lm_head.weight", head), spec)
+        Lyr.lm_head(g, x, "model.embed_tokens.weight" if tied else g.weight("lm_head.weight", head), spec)
     return spec
 
 

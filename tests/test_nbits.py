@@ -133,3 +133,26 @@ def test_matmulnbits_computes_the_gguf_weights(fmt: str, tmp_path: Path) -> None
         (tmp_path / str(level)).mkdir()
         got = _product(nb, x, tmp_path / str(level), level)
         assert np.abs(got - ref).max() <= tol * np.abs(ref).max(), (fmt, level)
+
+
+@pytest.mark.parametrize("fmt", ["Q4_K", "Q6_K", "Q8_0"])
+def test_embedding_rows_from_blocks(fmt: str, tmp_path: Path) -> None:
+    """A block-quantized embedding table gathers exactly gguf's float rows."""
+    import onnxruntime as ort
+
+    from cosine.export import fused
+    from cosine.export.graph import FUSED_OPSET, GraphBuilder
+
+    v, k = 40, 256
+    qtype = gguf.GGMLQuantizationType[fmt]
+    data = random_blocks(fmt, v, k, seed=3)
+    table = gguf.quants.dequantize(data, qtype).reshape(v, k)
+    g = GraphBuilder(tmp_path, "float32", opset=FUSED_OPSET)
+    ids = g.add_input("ids", np.int64, ["b", "t"])
+    g.op("Identity", [fused.embedding(g, to_nbits(data, qtype, (v, k)), ids, "embed")], name="x")
+    g.add_output("x", np.float32, ["b", "t", k])
+    g.save("embedding")
+    sess = ort.InferenceSession(str(tmp_path / "model.onnx"), providers=["CPUExecutionProvider"])
+    pick = np.array([[0, 39, 7], [7, 2, 20]], np.int64)
+    got = sess.run(["x"], {"ids": pick})[0]
+    np.testing.assert_allclose(got, table[pick], rtol=1e-6, atol=1e-6 * np.abs(table).max())

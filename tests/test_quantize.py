@@ -52,6 +52,8 @@ def test_gguf_quantization_needs_a_gguf_file(tiny_models, tmp_path: Path) -> Non
         export_engine(tiny_models["llama"], tmp_path / "x", quantize="int3", progress=False)
     with pytest.raises(ExportError, match="plain float graph only"):
         export_engine(tiny_models["gpt2"], tmp_path / "x", quantize="int4", progress=False)
+    with pytest.raises(ExportError, match="the plain graph is the float reference"):
+        export_engine(tiny_models["llama"], tmp_path / "x", quantize="int8", graph="plain", progress=False)
 
 
 def test_quantized_target_keeps_every_mode_identical(quantized, tmp_path: Path) -> None:
