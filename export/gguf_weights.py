@@ -19,7 +19,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .nbits import NBits, from_integers
+from .nbits import NBits, from_integers, stack
 
 log = logging.getLogger("cosine.export")
 
@@ -42,30 +42,42 @@ def _q6_k_scales(blocks: np.ndarray) -> tuple[np.ndarray, None]:
     return _f16(blocks, 208)[:, None] * sc, None
 
 
-# format -> (weights per scale, signed q, header reader giving [n_blocks, scales per block] scale and minimum)
+# format -> (weights per scale, signed q, values q takes, header reader giving
+# [n_blocks, scales per block] scale and minimum)
 _Header = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray | None]]
-_FORMATS: dict[str, tuple[int, bool, _Header]] = {
-    "Q4_0": (32, True, lambda b: (_f16(b, 0)[:, None], None)),
-    "Q4_1": (32, False, lambda b: (_f16(b, 0)[:, None], _f16(b, 2)[:, None])),
-    "Q5_0": (32, True, lambda b: (_f16(b, 0)[:, None], None)),
-    "Q5_1": (32, False, lambda b: (_f16(b, 0)[:, None], _f16(b, 2)[:, None])),
-    "Q8_0": (32, True, lambda b: (_f16(b, 0)[:, None], None)),
-    "Q4_K": (32, False, _k_scales),
-    "Q5_K": (32, False, _k_scales),
-    "Q6_K": (16, True, _q6_k_scales),
+_FORMATS: dict[str, tuple[int, bool, int, _Header]] = {
+    "Q4_0": (32, True, 16, lambda b: (_f16(b, 0)[:, None], None)),
+    "Q4_1": (32, False, 16, lambda b: (_f16(b, 0)[:, None], _f16(b, 2)[:, None])),
+    "Q5_0": (32, True, 32, lambda b: (_f16(b, 0)[:, None], None)),
+    "Q5_1": (32, False, 32, lambda b: (_f16(b, 0)[:, None], _f16(b, 2)[:, None])),
+    "Q8_0": (32, True, 256, lambda b: (_f16(b, 0)[:, None], None)),
+    "Q4_K": (32, False, 16, _k_scales),
+    "Q5_K": (32, False, 32, _k_scales),
+    "Q6_K": (16, True, 64, _q6_k_scales),
 }
+CHUNK_ROWS = 8192  # a matrix is converted in pieces of rows: the 152k-row head at once took ~5 GB
 FORMATS = tuple(_FORMATS)
 
 
 def to_nbits(data: np.ndarray, qtype: Any, shape: tuple[int, int]) -> NBits:
-    """One GGUF tensor's raw blocks (``ReaderTensor.data``) -> NBits [N, K], exactly."""
+    """One GGUF tensor's raw blocks (``ReaderTensor.data``) -> NBits [N, K], exactly,
+    converted CHUNK_ROWS rows at a time."""
+    n, k = shape
+    data = np.asarray(data, np.uint8).reshape(n, -1)
+    if n <= CHUNK_ROWS:
+        return _rows_to_nbits(data, qtype, shape)
+    return stack([_rows_to_nbits(data[i:i + CHUNK_ROWS], qtype, (min(CHUNK_ROWS, n - i), k))
+                  for i in range(0, n, CHUNK_ROWS)])
+
+
+def _rows_to_nbits(data: np.ndarray, qtype: Any, shape: tuple[int, int]) -> NBits:
     from gguf import GGML_QUANT_SIZES
     from gguf.quants import dequantize
 
     name = qtype.name
     if name not in _FORMATS:
         raise ValueError(f"GGUF format {name} is not carried over as blocks (supported: {', '.join(FORMATS)})")
-    block_size, signed, header = _FORMATS[name]
+    block_size, signed, levels, header = _FORMATS[name]
     n, k = shape
     elems, nbytes = GGML_QUANT_SIZES[qtype]
     blocks = np.asarray(data, np.uint8).reshape(-1, nbytes)
@@ -81,7 +93,7 @@ def to_nbits(data: np.ndarray, qtype: Any, shape: tuple[int, int]) -> NBits:
         bad = float(np.abs(back - w).max())
         raise ValueError(f"{name} blocks do not reproduce gguf's dequantization (max error {bad:g}); "
                          f"this gguf package writes the format differently")
-    return from_integers(q.reshape(n, k).astype(np.int16), scale, minimum, block_size, signed)
+    return from_integers(q.reshape(n, k).astype(np.int16), scale, minimum, block_size, signed, levels)
 
 
 class GGUFMatrices:

@@ -94,22 +94,26 @@ def stack(parts: list[NBits]) -> NBits:
 
 
 def from_integers(q: np.ndarray, scale: np.ndarray, minimum: np.ndarray | None, block_size: int,
-                  signed: bool) -> NBits:
-    """W = scale * q + minimum per block, q integers; picks 4 bits when q fits, else 8.
+                  signed: bool, levels: int | None = None) -> NBits:
+    """W = scale * q + minimum per block, q integers; 4 bits when q takes at most 16
+    values, else 8.
 
     ``q`` [N, K] ints (centred on 0 when ``signed``, else from 0); ``scale`` and
-    ``minimum`` [N, K / block_size]. A signed q is stored around the zero point, so a
-    symmetric format needs no offset. An unsigned q in 0 .. span-1 is stored centred
-    too (byte = q - span/2 + z), and the offset takes ``minimum + scale * span/2``: the
-    smallest shift, so adding the offset back cancels the least float precision.
+    ``minimum`` [N, K / block_size]; ``levels``: how many values the format's q takes (a
+    GGUF format's, so that every part of a matrix converted in pieces is encoded alike),
+    None = from the data. A signed q is stored around the zero point, so a symmetric
+    format needs no offset. An unsigned q in 0 .. levels-1 is stored centred too (byte =
+    q - levels/2 + z), and the offset takes ``minimum + scale * levels/2``: the smallest
+    shift, so adding the offset back cancels the least float precision.
     """
     lo, hi = (int(q.min()), int(q.max())) if q.size else (0, 0)
-    bits = 4 if (signed and -8 <= lo and hi <= 7) or (not signed and lo >= 0 and hi <= 15) else 8
+    if levels is None:
+        levels = 16 if (signed and -8 <= lo and hi <= 7) or (not signed and lo >= 0 and hi <= 15) else 256
+        while not signed and levels // 2 > hi and levels > 16:
+            levels //= 2
+    bits = 4 if levels <= 16 else 8
     z = 1 << (bits - 1)
-    span = 16
-    while span <= hi:
-        span *= 2
-    shift = z if signed else z - span // 2
+    shift = z if signed else z - levels // 2
     if lo + shift < 0 or hi + shift > (1 << bits) - 1:
         raise ValueError(f"integers {lo}..{hi} do not fit {bits} bits")
     offset = None

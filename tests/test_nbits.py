@@ -37,8 +37,13 @@ def random_blocks(fmt: str, n: int, k: int, seed: int = 0) -> np.ndarray:
     return b.reshape(n, -1)
 
 
+@pytest.mark.parametrize("chunk_rows", [8192, 4])
 @pytest.mark.parametrize("fmt", FORMATS)
-def test_gguf_blocks_are_carried_over_exactly(fmt: str) -> None:
+def test_gguf_blocks_are_carried_over_exactly(fmt: str, chunk_rows: int, monkeypatch) -> None:
+    """Whole, or converted a few rows at a time (as the 152k-row head is) into one matrix."""
+    from cosine.export import gguf_weights
+
+    monkeypatch.setattr(gguf_weights, "CHUNK_ROWS", chunk_rows)
     n, k = 6, 512
     data = random_blocks(fmt, n, k)
     qtype = gguf.GGMLQuantizationType[fmt]
