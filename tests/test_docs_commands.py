@@ -19,7 +19,7 @@ SCRIPTS = {"cosine-export": "export", "cosine-worker": "worker", "cosine-serve":
            "cosine-distill": "distill"}
 TOP = ("export", "worker", "serve", "up", "generate", "models", "keys", "bench", "datasets", "distill")
 NESTED = {"models": ("fetch", "list", "path"), "keys": ("generate",),
-          "bench": ("run", "worker", "drafters", "load", "report", "pool", "chaos")}
+          "bench": ("run", "worker", "drafters", "load", "report", "pool", "chaos", "profile")}
 # a program name that starts a command: at the start, after a separator, or as a path's last part
 PROGRAM = re.compile(r"(?:^|(?<=[\s`=(]))(?:[\w.~/-]*/)?(cosine(?:-export|-worker|-serve|-bench|-distill)?)(?=\s|$)")
 OPTION = re.compile(r"(?<![\w-])(--[a-z0-9][a-z0-9-]*)")
@@ -66,6 +66,8 @@ def subcommand(argv: list[str]) -> tuple[str, ...]:
     if words[0] in NESTED:
         nxt = words[1] if len(words) > 1 and words[1] in NESTED[words[0]] else None
         path += (nxt or ("run" if words[0] == "bench" else ""),)
+    if path == ("bench", "run") and "--api" in words[:-1]:  # `cosine-bench run --api X` has a parser of its own
+        path += ("--api", words[words.index("--api") + 1])
     return tuple(p for p in path if p)
 
 
@@ -107,3 +109,5 @@ def test_the_checker_finds_commands_and_wrong_options(tmp_path):
     assert "--remote-worker" in options_of(subcommand(got[1][1]))
     assert subcommand(["cosine-bench", "--prompts", "x"]) == ("bench", "run")
     assert subcommand(["cosine-bench", "chaos"]) == ("bench", "chaos")
+    assert subcommand(["cosine-bench", "run", "--api", "openai", "--mode", "x"]) == ("bench", "run", "--api", "openai")
+    assert "--mode" in options_of(("bench", "run", "--api", "openai")) and "--mode" not in options_of(("bench", "run"))
