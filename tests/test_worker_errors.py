@@ -371,25 +371,25 @@ def test_unknown_worker_name_fails_at_startup(engine_dir: Path, worker_config) -
 
 def test_engine_failure_is_internal_and_worker_keeps_serving(engine_dir: Path, worker_config,
                                                              tmp_path: Path) -> None:
-    """A real fault: the manifest claims a larger vocabulary than the graph's embedding, so
-    an id past the real table passes validation and the ONNX Runtime run fails."""
+    """A real fault: the manifest claims a longer context than the graph's rotary table, so
+    a position past the real table passes validation and the ONNX Runtime run fails."""
     import json
     import shutil
 
     broken = tmp_path / "engine"
     shutil.copytree(engine_dir, broken)
     m = json.loads((broken / "manifest.json").read_text())
-    real_v = m["vocab_size"]
-    m["vocab_size"] = real_v + 1000
+    real = m["max_positions"]
+    m["max_positions"] = real + 1000
     (broken / "manifest.json").write_text(json.dumps(m))
     w = Live(worker_config(broken))
     try:
         with pytest.raises(WorkerError) as e:
-            w.client.call("extend", {"requests": [{"rid": "keeper", "n": 1}]}, {"tokens": i32([real_v + 999])})
+            w.client.call("prefill", {"requests": [{"rid": "long", "n": real + 10}]}, {"tokens": i32([3] * (real + 10))})
         assert e.value.code == "internal"
         w.assert_intact()
         s, _ = w.client.call("stats")
-        assert s["errors"]["extend"] == 1
+        assert s["errors"]["prefill"] == 1 and s["requests_held"] == 1  # the failed prefill left nothing behind
     finally:
         assert w.close() == 0
     assert "Traceback" in "\n".join(w.proc.output_tail)
