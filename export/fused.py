@@ -38,9 +38,10 @@ def linear(g: GraphBuilder, x: str, w: np.ndarray | NBits, name: str, bias: np.n
 
 
 def _nbits_weights(g: GraphBuilder, w: NBits, name: str) -> tuple[str, str, str | None]:
-    """The initializers of one NBits matrix (written once, shared by a tied embedding and
-    LM head): packed q [N, blocks, bytes], scales [N * blocks], offsets [blocks, N]."""
-    key = ("nbits", id(w))
+    """The initializers of one NBits matrix named ``name`` (written once: a tied embedding
+    and LM head share them): packed q [N, blocks, bytes], scales [N * blocks], offsets
+    [blocks, N]."""
+    key = ("nbits", name)
     if key not in g.memo:
         g.memo[key] = (g.weight(name + ".q", w.packed(), np.uint8),
                        g.weight(name + ".scales", w.scale.reshape(-1), np.float32),

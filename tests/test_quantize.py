@@ -43,6 +43,12 @@ def test_quantized_engine_records_agreement_and_runs(quantized, mode: str) -> No
     assert left == [] and sum(n.op_type == "MatMulNBits" for n in g.node) >= 2 * 4 + 1, left
     if mode == "int8":
         assert q["top1_agreement"] >= 0.9  # 8-bit blocks barely move a tiny model's argmax
+    # the tiny qwen2 ties its head to the embedding: one set of blocks serves both, gathered
+    # row by row for the embedding (no float table) and multiplied for the logits
+    blocks = sorted(t.name for t in g.initializer if t.name.endswith(".q"))
+    assert "model.embed_tokens.q" in blocks and not any(b.startswith("lm_head") for b in blocks)
+    assert "model.embed_tokens.weight" not in consts
+    assert len(blocks) == len(set(blocks)) == 1 + 2 * 4  # embedding/head + per layer qkv, o, gate|up, down
 
 
 def test_gguf_quantization_needs_a_gguf_file(tiny_models, tmp_path: Path) -> None:
