@@ -303,8 +303,8 @@ class LocalCluster:
             for c in self.workers.values():
                 c.wait_ready(deadline)
             self._spawn_serve().wait_ready(time.monotonic() + self.start_timeout_s)
-            if self.has_gateway:  # readiness is its own business: a gateway that fails is restarted
-                self._spawn_gateway()
+            if self.has_gateway:  # ready means READY printed: its port is bound, so clients can start
+                self._spawn_gateway().wait_ready(time.monotonic() + self.start_timeout_s)
         except BaseException:
             self.stop()
             raise
