@@ -88,6 +88,18 @@ def variants(runs: dict[str, dict]) -> list[dict[str, Any]]:
     return rows
 
 
+def comparison(runs: dict[str, dict]) -> list[dict[str, Any]]:
+    """tokens/s of the main config (1 routed drafter) beside 2 and 3 routed drafters and CUDA graphs."""
+    def tps(run: str, key: str) -> float | None:
+        return (((runs.get(run) or {}).get("summary") or {}).get(key) or {}).get("tokens_per_s")
+
+    rows = [("1 routed drafter (shipped)", "bench-c1", "bench-c16"), ("2 routed drafters", "routing-2", "routing-2"),
+            ("3 routed drafters", "routing-3", "routing-3"), ("CUDA graphs on the verifier", "cuda-graph", "cuda-graph")]
+    return [{"variant": label, **{f"{m}@{c}": tps(r1 if c == 1 else r16, f"{m}@{c}")
+                                  for m in ("cosine", "autoregressive") for c in (1, 16)}}
+            for label, r1, r16 in rows]
+
+
 def _md(summary: dict[str, Any]) -> str:
     L = ["# GPU measurement" + (" (REHEARSAL: tiny models on CPU, the numbers mean nothing)"
                                 if summary["rehearsal"] else ""), "",
@@ -103,6 +115,11 @@ def _md(summary: dict[str, Any]) -> str:
           "| step | status | seconds | detail |", "|---|---|---|---|"]
     for s in summary["prepare"] + summary["steps"]:
         L.append(f"| {s['name']} | {s['status']} | {s.get('seconds') or 0:.0f} | {s.get('detail', '')} |")
+    cols = ("cosine@1", "cosine@16", "autoregressive@1", "autoregressive@16")
+    L += ["", "## Routed drafters and CUDA graphs (tok/s)", "", "| variant | " + " | ".join(cols) + " |",
+          "|---" * 5 + "|"]
+    for r in summary["comparison"]:
+        L.append(f"| {r['variant']} | " + " | ".join("-" if r[c] is None else f"{r[c]:.1f}" for c in cols) + " |")
     L += ["", "## Throughput by run", "", "| run | mode@concurrency | tok/s | mean accepted length |",
           "|---|---|---|---|"]
     for r in summary["variants"]:
@@ -122,7 +139,7 @@ def summarize(runs_dir: Path, rehearsal: bool) -> dict[str, Any]:
     runs = {n: r for n in BENCH_RUNS if (r := load(runs_dir / n / "results.json"))}
     summary = {"rehearsal": rehearsal, "goals": evaluate(worker, runs), "lossless": lossless(runs),
                "steps": load(runs_dir / "steps.json") or [], "prepare": load(runs_dir / "prepare.json") or [],
-               "variants": variants(runs), "worker": {k: (worker or {}).get(k) for k in ("decode", "verify", "floor")},
+               "variants": variants(runs), "comparison": comparison(runs), "worker": {k: (worker or {}).get(k) for k in ("decode", "verify", "floor")},
                "environment": (runs.get("bench-c1") or {}).get("environment") or (worker or {}).get("environment")}
     (runs_dir / "summary.json").write_text(json.dumps(summary, indent=1))
     (runs_dir / "summary.md").write_text(_md(summary))

@@ -91,8 +91,8 @@ def _value(v: Any) -> str:
         return "true" if v else "false"
     if isinstance(v, (int, float)):
         return repr(v)
-    if isinstance(v, str):
-        return json.dumps(v)  # JSON string escapes are TOML basic-string escapes
+    if isinstance(v, str):  # JSON's escapes are TOML's; TOML also wants DEL escaped, and no surrogate pairs
+        return json.dumps(v, ensure_ascii=False).replace("\x7f", "\\u007f")
     if isinstance(v, list):
         return "[" + ", ".join(_value(x) for x in v) + "]"
     raise TypeError(f"cannot write {type(v).__name__} to TOML")

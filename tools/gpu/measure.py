@@ -4,9 +4,11 @@ tools/gpu/measure.sh, on the GPU host, from the repo's working copy:
 
     measure.sh put N           keep carried part N (.device/bundle.partNN + .device/bundle.json);
                                starts the preparation in the background (install, exports)
-    measure.sh run [--budget S]   wait for the preparation, then measure, within S seconds
+    measure.sh run [--budget S] [--steps A,B]
+                               wait for the preparation, then measure, within S seconds
                                (default 330): worker, bench-c1, bench-c16, routing-2, routing-3,
-                               cuda-graph, summary; results into $OUT after every step
+                               cuda-graph, summary; results into $OUT after every step.
+                               --steps: a rerun of some steps (the others' results stay)
     measure.sh status          what is staged, prepared and measured
     measure.sh --rehearse      all of it on this CPU: stage.sh --rehearse builds a tiny bundle,
                                one `put` per part (each a new process, as device calls are), `run`
@@ -59,14 +61,14 @@ def cmd_put(host: Host, n: int) -> int:
     return 0
 
 
-def cmd_run(host: Host, budget_s: float) -> int:
+def cmd_run(host: Host, budget_s: float, only: tuple[str, ...]) -> int:
     host.runs.mkdir(parents=True, exist_ok=True)
     LOG_FILE.append(host.runs / "measure.log")
     host.link_source()
     out = Path(os.environ["OUT"]) if os.environ.get("OUT") else None
     log(f"measuring on {host.provider}/{host.device}{' (rehearsal)' if host.rehearse else ''}, budget {budget_s:.0f} s,"
         f" work {host.work}, results {out or host.runs}")
-    rc = steps.Runner(host, budget_s, out).run()
+    rc = steps.Runner(host, budget_s, out, only).run()
     print((host.runs / "summary.md").read_text())
     return rc
 
@@ -111,6 +113,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--work", type=Path)
     ap.add_argument("--carried", type=Path)
     ap.add_argument("--budget", type=float)
+    ap.add_argument("--steps", default=",".join(steps.STEPS), help="run only these steps (a rerun); the "
+                    "results of the others stay")
     a = ap.parse_args(argv)
     if a.command is None and not a.rehearse:
         ap.error("give a command (put N, run, status) or --rehearse")
@@ -130,7 +134,10 @@ def main(argv: list[str] | None = None) -> int:
     if a.command == "prepare":
         return pipeline.daemon(host, PREPARE_DEADLINE_S[a.rehearse])
     if a.command == "run":
-        return cmd_run(host, budget)
+        only = tuple(x for x in a.steps.split(",") if x)
+        if not only or set(only) - set(steps.STEPS):
+            ap.error(f"--steps takes some of {','.join(steps.STEPS)}; got {a.steps!r}")
+        return cmd_run(host, budget, only)
     return cmd_status(host)
 
 

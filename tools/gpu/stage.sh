@@ -135,7 +135,7 @@ print("target", c.target_model().source); print("drafter", d.source)')
 stage_pack() { "$PY" "$HERE/bundle.py" pack "$SRC" "$OUTDIR" --part-bytes "$PART_BYTES" || die "packing failed"; }
 
 tree_bytes() {  # what travels with every call besides the carried paths
-  { git ls-files -z -co --exclude-standard; [[ -d shared ]] && find shared -type f -print0; } \
+  { git ls-files -z -co --exclude-standard; if [[ -d shared ]]; then find shared -type f -print0; fi; } \
     | xargs -0 -r stat -c %s 2>/dev/null | awk '{s += $1} END {print s + 0}'
 }
 

@@ -19,18 +19,33 @@ from hostenv import REPO, TIMED_OUT, Host, log, run_logged, tail
 RESERVE_S = 15.0          # kept for the summary and the copy to $OUT
 DOMAINS = "code,docs,prose,german"
 ALL_MODES = "autoregressive,speculative,specinfer,cosine"
+STEPS = ("worker", "bench-c1", "bench-c16", "routing-2", "routing-3", "cuda-graph")
 OUT_FILES = ("summary.json", "summary.md", "worker.json", "bench-c1.json", "bench-c16.json", "measure.log",
              "results.tar.gz")  # the device returns at most 8 files
 
 
 class Runner:
-    def __init__(self, host: Host, budget_s: float, out: Path | None) -> None:
-        self.host, self.out = host, out
+    def __init__(self, host: Host, budget_s: float, out: Path | None, only: tuple[str, ...] = STEPS) -> None:
+        self.host, self.out, self.only = host, out, set(only)
         self.t_end = time.monotonic() + budget_s
         self.profile = plan.REHEARSAL if host.rehearse else plan.GPU
         self.speeds = self.profile.guess
         self.tokens = self.profile.tokens[0]
-        self.records: list[dict] = []
+        self.records = self._earlier()
+
+    def _earlier(self) -> list[dict]:
+        """A rerun's steps start afresh; the results of the steps it does not rerun stay."""
+        try:
+            earlier = json.loads((self.host.runs / "steps.json").read_text())
+        except (OSError, ValueError):
+            earlier = []
+        for name in self.only:
+            shutil.rmtree(self.host.runs / name, ignore_errors=True)
+            (self.host.logs / f"{name}.log").unlink(missing_ok=True)
+        if "worker" in self.only:
+            for f in ("worker.json", "worker.md"):
+                (self.host.runs / f).unlink(missing_ok=True)
+        return [r for r in earlier if r["name"] in STEPS and r["name"] not in self.only]
 
     def remaining(self) -> float:
         return self.t_end - time.monotonic() - RESERVE_S
@@ -38,6 +53,7 @@ class Runner:
     # ---- bookkeeping
     def record(self, name: str, status: str, seconds: float, detail: str = "") -> None:
         self.records.append({"name": name, "status": status, "seconds": round(seconds, 1), "detail": detail})
+        self.records.sort(key=lambda r: STEPS.index(r["name"]))
         log(f"step {name}: {status} ({seconds:.0f} s){' - ' + detail if detail else ''}")
         self.host.runs.mkdir(parents=True, exist_ok=True)
         (self.host.runs / "steps.json").write_text(json.dumps(self.records, indent=1))
@@ -62,16 +78,33 @@ class Runner:
         tmp.replace(self.out / "results.tar.gz")
 
     # ---- one step
+    def await_jobs(self, jobs: tuple[str, ...], est: float) -> float:
+        """Wait while the preparation still works on ``jobs`` and the step would still fit."""
+        t0 = time.monotonic()
+        final = ("ok", "failed")
+        while any(self.host.status_of(j)["status"] not in final for j in jobs) and self.remaining() > est / plan.SAFETY:
+            if not pipeline.running(self.host):  # died, or not yet holding its lock: look again, then restart it
+                time.sleep(1.0)
+                if not pipeline.running(self.host) and not pipeline.finished(self.host):
+                    pipeline.start(self.host, Path(__file__).parent / "measure.py")
+            time.sleep(pipeline.POLL_S)
+        return time.monotonic() - t0
+
     def step(self, name: str, needs: tuple[str, ...], cmd: Callable[[float], list[str]] | None,
-             skip: str = "") -> bool:
-        """Run ``cmd(timeout)`` unless a job it needs failed, the budget is short, or ``skip`` says why not."""
-        blocked = [f"{j} {self.host.status_of(j)['status']}" for j in needs if self.host.status_of(j)["status"] != "ok"]
+             skip: str = "", soft: tuple[str, ...] = ()) -> bool:
+        """Run ``cmd(timeout)`` once the jobs it needs are done, unless one failed, the budget
+        is short, or ``skip`` says why not. ``soft`` jobs are waited for but not required."""
+        if name not in self.only:
+            return False
         est = plan.estimate(name, self.tokens, self.profile, self.speeds)
-        why = skip or (f"needs {', '.join(blocked)}" if blocked else "") or \
+        waited = 0.0 if skip else self.await_jobs(needs + soft, est)
+        wait_note = f"waited {waited:.0f} s for {', '.join(needs + soft)}; " if waited >= 1 else ""
+        blocked = [f"{j} {self.host.status_of(j)['status']}" for j in needs if self.host.status_of(j)["status"] != "ok"]
+        why = skip or (f"{wait_note}needs {', '.join(blocked)}" if blocked else "") or \
             (f"budget: {max(0.0, self.remaining()):.0f} s left, the step takes ~{est / plan.SAFETY:.0f} s"
              if self.remaining() < est / plan.SAFETY else "")
         if why:
-            self.record(name, "skipped", 0.0, why)
+            self.record(name, "skipped", waited, why)
             return False
         limit = plan.timeout(name, self.tokens, self.remaining(), self.profile, self.speeds)
         log(f"step {name}: up to {limit:.0f} s (estimate {est:.0f} s, {self.remaining():.0f} s left)")
@@ -79,15 +112,15 @@ class Runner:
         try:
             argv = cmd(limit)
         except Exception as e:  # recorded; the later steps still run
-            self.record(name, "failed", 0.0, f"could not set the step up: {e}")
+            self.record(name, "failed", waited, f"{wait_note}could not set the step up: {e}")
             return False
         rc, secs = run_logged(argv, logfile, self.host.env(), timeout_s=limit)
         if rc == 0:
-            self.record(name, "ok", secs)
+            self.record(name, "ok", secs, wait_note.rstrip("; "))
         elif rc == TIMED_OUT:
-            self.record(name, "timed out", secs, f"stopped at its limit of {limit:.0f} s; log {logfile.name}")
+            self.record(name, "timed out", secs, f"{wait_note}stopped at its limit of {limit:.0f} s; log {logfile.name}")
         else:
-            self.record(name, "failed", secs, f"exit {rc}: " + tail(logfile, 4).replace("\n", " | "))
+            self.record(name, "failed", secs, f"{wait_note}exit {rc}: " + tail(logfile, 4).replace("\n", " | "))
         return rc == 0
 
     # ---- the commands
@@ -126,33 +159,28 @@ class Runner:
         return cmd
 
     # ---- the whole run
-    def wait_prepare(self) -> None:
-        t0 = time.monotonic()
-        pipeline.start(self.host, Path(__file__).parent / "measure.py")
-        keep = plan.estimate("worker", self.tokens, self.profile, self.speeds)
-        while not pipeline.finished(self.host) and self.remaining() > keep:
-            if not pipeline.running(self.host):  # it died, or has not taken its lock yet
-                time.sleep(1.0)
-                if not pipeline.running(self.host) and not pipeline.finished(self.host):
-                    pipeline.start(self.host, Path(__file__).parent / "measure.py")
-            time.sleep(pipeline.POLL_S)
-        status = "ok" if pipeline.finished(self.host) else "timed out"
-        self.record("prepare (wait)", status, time.monotonic() - t0, pipeline.progress(self.host))
-
-    def run(self) -> int:
-        self.wait_prepare()
-        self.step("worker", ("target",), self.worker_cmd)
+    def plan_benchmarks(self) -> tuple[str, ...]:
+        """Speeds from the worker step, the new-token budget, and the time plan, printed."""
         try:
             worker = json.loads((self.host.runs / "worker.json").read_text())
         except (OSError, ValueError):
             worker = None
         self.speeds = plan.measured(self.profile, worker)
-        todo = plan.BENCH_STEPS if not self.host.rehearse else plan.BENCH_STEPS[:-1]
+        todo = tuple(x for x in plan.BENCH_STEPS if x in self.only and not (self.host.rehearse and x == "cuda-graph"))
         self.tokens = plan.choose_tokens(self.remaining(), todo, self.profile, self.speeds)
-        log(f"benchmark runs: {4 * self.profile.per_domain} prompts, {self.tokens} new tokens each "
-            f"(decode {self.speeds.decode_b1_ms:.2f} ms at batch 1, {self.remaining():.0f} s left)")
-        need = ("target", "drafter", "ngram", "data")
-        self.step("bench-c1", need, self.bench_cmd("bench-c1", ALL_MODES, "1", True))
+        est = {s: plan.estimate(s, self.tokens, self.profile, self.speeds) for s in todo}
+        log(f"plan: {4 * self.profile.per_domain} prompts x {self.tokens} new tokens per run (batch-1 decode "
+            f"{self.speeds.decode_b1_ms:.2f} ms, cluster start ~{self.speeds.cluster_start_s:.0f} s); "
+            + ", ".join(f"{k} ~{v:.0f} s" for k, v in est.items())
+            + f"; {sum(est.values()):.0f} s of the {self.remaining():.0f} s left")
+        return todo
+
+    def run(self) -> int:
+        pipeline.start(self.host, Path(__file__).parent / "measure.py")
+        self.step("worker", ("install", "target"), self.worker_cmd)
+        self.plan_benchmarks()
+        need, soft = ("install", "target", "drafter", "ngram", "data"), ("peers-target", "peers-drafter")
+        self.step("bench-c1", need, self.bench_cmd("bench-c1", ALL_MODES, "1", True), soft=soft)
         self.step("bench-c16", need, self.bench_cmd("bench-c16", ALL_MODES, "16", False))
         for k in (2, 3):
             self.step(f"routing-{k}", need, self.bench_cmd(f"routing-{k}", "cosine", "1,16", False,
@@ -161,8 +189,9 @@ class Runner:
                                                      "--cuda-graph"),
                   skip="CUDA-only: [workers] cuda_graph needs provider cuda; the rehearsal runs on cpu"
                   if self.host.rehearse else "")
-        bad = [r["name"] for r in self.records if r["status"] not in ("ok",)
-               and not r["detail"].startswith("CUDA-only")]
-        log(f"done: {len(self.records) - len(bad)} of {len(self.records)} steps ok"
-            + (f"; not ok: {', '.join(bad)}" if bad else ""))
+        ok = [r["name"] for r in self.records if r["status"] == "ok"]
+        na = [r["name"] for r in self.records if r["detail"].startswith("CUDA-only")]
+        bad = [r["name"] for r in self.records if r["name"] not in ok + na]
+        log(f"done: {len(ok)} steps ok" + (f", {len(na)} not applicable here ({', '.join(na)})" if na else "")
+            + (f", NOT OK: {', '.join(bad)}" if bad else ""))
         return 1 if bad else 0
