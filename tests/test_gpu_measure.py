@@ -169,6 +169,23 @@ def test_lossless_flags_any_mismatch() -> None:
     assert ll["status"] == "MISMATCH" and list(ll["mismatches"]) == ["routing-2"] and ll["outputs_compared"] == 16
 
 
+def test_node_placement_is_read_from_onnxruntimes_report() -> None:
+    placement = load_tool("placement")
+    log = ("2026 [V:onnxruntime:, session_state.cc:1598 VerifyEachNodeIsAssignedToAnEp] Node placements\n"
+           "2026 [V:onnxruntime:, session_state.cc:1601 VerifyEachNodeIsAssignedToAnEp]  Node(s) placed on "
+           "[CUDAExecutionProvider]. Number of nodes: 300\n"
+           "2026 [V:onnxruntime:, session_state.cc:1605 VerifyEachNodeIsAssignedToAnEp]   MatMul (m0)\n"
+           "2026 [V:onnxruntime:, session_state.cc:1601 VerifyEachNodeIsAssignedToAnEp]  Node(s) placed on "
+           "[CPUExecutionProvider]. Number of nodes: 2\n"
+           "2026 [V:onnxruntime:, session_state.cc:1605 VerifyEachNodeIsAssignedToAnEp]   RotaryEmbedding (r0)\n"
+           "2026 [V:onnxruntime:, session_state.cc:1605 VerifyEachNodeIsAssignedToAnEp]   Shape (s0)\n")
+    got = placement.parse(log)
+    assert got["placements"] == {"CUDAExecutionProvider": 300, "CPUExecutionProvider": 2}
+    assert got["nodes"]["CPUExecutionProvider"] == ["RotaryEmbedding", "Shape"]
+    assert placement.parse("... All nodes placed on [CPUExecutionProvider]. Number of nodes: 58")["placements"] == \
+        {"CPUExecutionProvider": 58}
+
+
 # ---------------------------------------------------------------- a failing step does not stop the run
 
 def test_failed_and_overrunning_steps_are_recorded_and_the_run_goes_on(tmp_path: Path) -> None:
@@ -199,6 +216,18 @@ def test_failed_and_overrunning_steps_are_recorded_and_the_run_goes_on(tmp_path:
     assert got["bench-c16"]["status"] == "timed out"
     assert time.monotonic() - t0 < 60  # the overrun was stopped at its limit, not left to finish
     assert {p.name for p in (tmp_path / "out").iterdir()} >= {"summary.json", "summary.md", "results.tar.gz"}
+
+
+def test_processes_left_behind_by_a_step_are_stopped(tmp_path: Path) -> None:
+    marker = str(tmp_path / "runs" / "bench-c1" / "config.toml")
+    p = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)", marker], start_new_session=True)
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)", "unrelated"])
+    try:
+        assert hostenv.reap(marker, grace_s=5.0) == [p.pid]
+        assert p.wait(timeout=10) != 0 and other.poll() is None
+    finally:
+        other.kill()
+        other.wait()
 
 
 def test_a_step_the_budget_cannot_hold_is_skipped_saying_so(tmp_path: Path) -> None:

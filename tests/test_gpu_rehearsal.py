@@ -78,6 +78,8 @@ def test_rehearsal_measures_every_step_and_returns_the_same_files(rehearsal) -> 
     assert "max_drafters_per_request = 3" in cfg and 'name = "ngram-german"' in cfg
     md = (out / "summary.md").read_text()
     assert "REHEARSAL" in md and "3 routed drafters" in md
+    assert s["placement"]["placements"]["CPUExecutionProvider"] > 10 and not s["placement"]["elsewhere"]
+    assert "Graph node placement (drafter engine" in md
     # the background preparation has finished: nothing of it is left running
     assert not _alive(int((work / "state" / "prepare.pid").read_text()))
     # what each call printed: parts staged, the preparation started and progressing

@@ -109,6 +109,13 @@ def _md(summary: dict[str, Any]) -> str:
         op = "<=" if g["goal"] == "decode-floor" else ">="
         L.append(f"| {g['text']} | **{g['status']}** | {v} | {op} {g['threshold']} {g['unit']} | {g['source']} | "
                  f"{g['note']} |")
+    pl = summary.get("placement") or {}
+    if pl.get("placements"):
+        where = ", ".join(f"{n} on {k}" for k, n in pl["placements"].items())
+        off = "; NOT on the session's provider: " + ", ".join(
+            f"{k} ({', '.join(pl['nodes'].get(k, [])) or 'op types not listed'})" for k in pl["elsewhere"]) \
+            if pl.get("elsewhere") else ""
+        L += ["", f"Graph node placement ({pl['engine'].rsplit('/', 1)[-1]} engine, the target's op types): {where}{off}"]
     ll = summary["lossless"]
     L += ["", f"Greedy outputs equal to autoregressive's: **{ll['status']}** ({ll['outputs_compared']} outputs "
               f"compared in {', '.join(ll['runs']) or 'no run'})", "", "## Steps", "",
@@ -139,7 +146,8 @@ def summarize(runs_dir: Path, rehearsal: bool) -> dict[str, Any]:
     runs = {n: r for n in BENCH_RUNS if (r := load(runs_dir / n / "results.json"))}
     summary = {"rehearsal": rehearsal, "goals": evaluate(worker, runs), "lossless": lossless(runs),
                "steps": load(runs_dir / "steps.json") or [], "prepare": load(runs_dir / "prepare.json") or [],
-               "variants": variants(runs), "comparison": comparison(runs), "worker": {k: (worker or {}).get(k) for k in ("decode", "verify", "floor")},
+               "variants": variants(runs), "comparison": comparison(runs), "placement": load(runs_dir / "placement.json"),
+               "worker": {k: (worker or {}).get(k) for k in ("decode", "verify", "floor")},
                "environment": (runs.get("bench-c1") or {}).get("environment") or (worker or {}).get("environment")}
     (runs_dir / "summary.json").write_text(json.dumps(summary, indent=1))
     (runs_dir / "summary.md").write_text(_md(summary))

@@ -119,6 +119,29 @@ def _stop_group(p: subprocess.Popen) -> None:
             continue
 
 
+def reap(marker: str, grace_s: float = 10.0) -> list[int]:
+    """Stop the processes whose command line holds ``marker`` (a step's own config path): a
+    cluster's workers run in sessions of their own, so a step stopped at its limit may leave
+    them behind, holding the GPU. SIGTERM, then SIGKILL after ``grace_s``. Returns their pids."""
+    pids = []
+    for d in Path("/proc").glob("[0-9]*"):
+        try:
+            if int(d.name) != os.getpid() and marker in (d / "cmdline").read_bytes().decode(errors="replace"):
+                pids.append(int(d.name))
+        except (OSError, ValueError):
+            continue
+    for sig, wait in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 0.0)):
+        for pid in pids:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        end = time.monotonic() + wait
+        while time.monotonic() < end and any(Path(f"/proc/{p}").exists() for p in pids):
+            time.sleep(0.2)
+    return pids
+
+
 def tail(path: Path, lines: int = 12) -> str:
     try:
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])

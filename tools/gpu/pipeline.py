@@ -8,7 +8,8 @@
                  from site/, a MatMul on its CUDA provider)
   data           the corpora and prompts, unpacked
   target         target staged and installed: cosine-export fp16, parity on the GPU provider
-  drafter        likewise for the 0.5B drafter
+  drafter        likewise for the 0.5B drafter; then which provider each node of its graph
+                 (the target's op types) is placed on (placement.py), a diagnostic
   ngram          data and target done: the n-gram drafters, counted with the target's tokenizer
   peers-target   target staged: its Hugging Face model saved as fp16 safetensors (peer_models.py)
   peers-drafter  likewise for the drafter
@@ -111,6 +112,10 @@ class Prepare:
         self.sh(f"export-{role}", [self.host.python, "-m", "cosine.export", "--model", str(model_path(self.host, role)),
                                    "--out", str(self.host.engines / role), "--name", self.names[role][0],
                                    "--dtype", "float16", "--provider", self.host.provider, "--quiet"])
+        if role == "drafter":  # same op types as the target's graph, and off the critical path: a diagnostic
+            run_logged([self.host.python, str(HERE / "placement.py"), "--engine", str(self.host.engines / role),
+                        "--provider", self.host.provider, "--json", str(self.host.runs / "placement.json")],
+                       self.host.logs / "placement.log", self.host.env(), timeout_s=300)
 
     def peers(self, role: str) -> None:
         self.group(role)

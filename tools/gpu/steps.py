@@ -14,7 +14,7 @@ from typing import Callable
 import goals
 import pipeline
 import plan
-from hostenv import REPO, TIMED_OUT, Host, log, run_logged, tail
+from hostenv import REPO, TIMED_OUT, Host, log, reap, run_logged, tail
 
 RESERVE_S = 15.0          # kept for the summary and the copy to $OUT
 DOMAINS = "code,docs,prose,german"
@@ -118,7 +118,9 @@ class Runner:
         if rc == 0:
             self.record(name, "ok", secs, wait_note.rstrip("; "))
         elif rc == TIMED_OUT:
-            self.record(name, "timed out", secs, f"{wait_note}stopped at its limit of {limit:.0f} s; log {logfile.name}")
+            left = reap(str(self.host.runs / name / "config.toml"))  # its cluster, if it outlived it
+            self.record(name, "timed out", secs, f"{wait_note}stopped at its limit of {limit:.0f} s"
+                        + (f", {len(left)} leftover process(es) stopped" if left else "") + f"; log {logfile.name}")
         else:
             self.record(name, "failed", secs, f"{wait_note}exit {rc}: " + tail(logfile, 4).replace("\n", " | "))
         return rc == 0
