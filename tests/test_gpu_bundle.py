@@ -19,6 +19,7 @@ import pytest
 from tests.gpu_tools import ROOT, load_tool
 
 bundle = load_tool("bundle")
+wheels = load_tool("wheels")
 PART = 8192
 
 
@@ -163,13 +164,13 @@ def test_closure_and_needs_judge_against_the_hosts_packages(tmp_path: Path) -> N
     _wheel(d, "alpha", "1.0", ("beta>=2", "numpy>=1.20", 'gamma; python_version < "3.0"'))
     host = tmp_path / "host.txt"
     host.write_text("# comment\nnumpy==2.5.2\n")
-    assert any("beta" in p for p in bundle.closure(d, bundle.read_host(host)))
+    assert any("beta" in p for p in wheels.closure(d, wheels.read_host(host)))
     host.write_text("numpy==1.19\nbeta\n")
-    problems = bundle.closure(d, bundle.read_host(host))
+    problems = wheels.closure(d, wheels.read_host(host))
     assert problems == ["alpha-1.0-py3-none-any.whl needs numpy>=1.20 but the host has numpy 1.19"]
     _wheel(d, "numpy", "2.0")
-    assert bundle.closure(d, bundle.read_host(host)) == []
+    assert wheels.closure(d, wheels.read_host(host)) == []
     # what cosine needs beyond the real host's list: the packages the bundle must bring
-    real = bundle.read_host(ROOT / "tools" / "gpu" / "host-packages.txt")
-    need = bundle.needs(ROOT / "pyproject.toml", real, ["export"], {"torch", "onnxruntime", "starlette", "uvicorn"})
+    real = wheels.read_host(ROOT / "tools" / "gpu" / "host-packages.txt")
+    need = wheels.needs(ROOT / "pyproject.toml", real, ["export"], {"torch", "onnxruntime", "starlette", "uvicorn"})
     assert sorted(n.split(">")[0].split("=")[0] for n in need) == ["gguf", "pykka", "pyzmq"]

@@ -2,8 +2,9 @@
 the tiny test models, exactly as the device calls run it (stage.sh --rehearse builds the
 bundle, one `measure.sh put N` process per part starts the preparation in the background,
 `measure.sh run` measures and writes $OUT). CUDA-only steps are skipped, saying why. Then
-`run` again on the same host: short of time (steps skipped for the budget, the summary
-still written), and with an engine gone (steps fail, recorded, the rest goes on)."""
+`run` again on the same host: for one step, short of time (steps skipped for the budget,
+the summary still written), with an engine gone (steps fail, recorded, the rest goes on),
+and repaired (--retry-failed prepares the failed job again)."""
 
 from __future__ import annotations
 
@@ -126,3 +127,12 @@ def test_a_failing_step_is_recorded_and_the_later_steps_still_run(rehearsal) -> 
     for name in ("bench-c1", "bench-c16", "routing-2", "routing-3"):
         assert st[name]["status"] == "failed" and "ngram-code" in st[name]["detail"], st[name]
     assert "NOT OK: bench-c1, bench-c16, routing-2, routing-3" in r.stderr
+    # the repair inside the lease: the n-gram job counted again, then only the step that needs it
+    state = work / "state" / "ngram.json"
+    state.write_text(json.dumps({**json.loads(state.read_text()), "status": "failed", "detail": "simulated"}))
+    r = _measure("run", "--rehearse", "--work", str(work), "--retry-failed", "--steps", "bench-c16", out=out,
+                 timeout=400)
+    assert "retrying the failed preparation job ngram" in r.stderr
+    assert (work / "engines" / "ngram-code" / "manifest.json").is_file()
+    st = {x["name"]: x for x in json.loads((out / "summary.json").read_text())["steps"]}
+    assert st["bench-c16"]["status"] == "ok" and st["bench-c1"]["status"] == "failed"

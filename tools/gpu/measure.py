@@ -4,11 +4,12 @@ tools/gpu/measure.sh, on the GPU host, from the repo's working copy:
 
     measure.sh put N           keep carried part N (.device/bundle.partNN + .device/bundle.json);
                                starts the preparation in the background (install, exports)
-    measure.sh run [--budget S] [--steps A,B]
+    measure.sh run [--budget S] [--steps A,B] [--retry-failed]
                                wait for the preparation, then measure, within S seconds
                                (default 330): worker, bench-c1, bench-c16, routing-2, routing-3,
                                cuda-graph, summary; results into $OUT after every step.
-                               --steps: a rerun of some steps (the others' results stay)
+                               --steps: a rerun of some steps (the others' results stay);
+                               --retry-failed: prepare again the jobs that failed
     measure.sh status          what is staged, prepared and measured
     measure.sh --rehearse      all of it on this CPU: stage.sh --rehearse builds a tiny bundle,
                                one `put` per part (each a new process, as device calls are), `run`
@@ -61,10 +62,19 @@ def cmd_put(host: Host, n: int) -> int:
     return 0
 
 
-def cmd_run(host: Host, budget_s: float, only: tuple[str, ...]) -> int:
+def cmd_run(host: Host, budget_s: float, only: tuple[str, ...], retry: bool) -> int:
     host.runs.mkdir(parents=True, exist_ok=True)
     LOG_FILE.append(host.runs / "measure.log")
     host.link_source()
+    try:
+        log("; ".join(line.strip() for line in bundle.status(host.stage)))
+    except bundle.BundleError as e:
+        log(f"no bundle staged here: {e}")
+    if retry and not pipeline.running(host):
+        for name in pipeline.JOBS:
+            if host.status_of(name)["status"] == "failed":
+                log(f"retrying the failed preparation job {name}")
+                (host.state / f"{name}.json").unlink()
     out = Path(os.environ["OUT"]) if os.environ.get("OUT") else None
     log(f"measuring on {host.provider}/{host.device}{' (rehearsal)' if host.rehearse else ''}, budget {budget_s:.0f} s,"
         f" work {host.work}, results {out or host.runs}")
@@ -105,14 +115,15 @@ def rehearse(host: Host, budget_s: float) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="measure.sh", description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    ap = argparse.ArgumentParser(prog="measure.sh", formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 epilog=__doc__)
     ap.add_argument("command", nargs="?", choices=("put", "prepare", "run", "status"))
     ap.add_argument("part", nargs="?", type=int)
     ap.add_argument("--rehearse", action="store_true")
     ap.add_argument("--work", type=Path)
     ap.add_argument("--carried", type=Path)
     ap.add_argument("--budget", type=float)
+    ap.add_argument("--retry-failed", action="store_true", help="run: prepare again what failed (after a fix)")
     ap.add_argument("--steps", default=",".join(steps.STEPS), help="run only these steps (a rerun); the "
                     "results of the others stay")
     a = ap.parse_args(argv)
@@ -137,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
         only = tuple(x for x in a.steps.split(",") if x)
         if not only or set(only) - set(steps.STEPS):
             ap.error(f"--steps takes some of {','.join(steps.STEPS)}; got {a.steps!r}")
-        return cmd_run(host, budget, only)
+        return cmd_run(host, budget, only, a.retry_failed)
     return cmd_status(host)
 
 

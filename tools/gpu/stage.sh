@@ -8,7 +8,7 @@
 #
 # Into .device/ (git-ignored) it writes bundle.part00.. and bundle.json, holding in order:
 #   wheels   onnxruntime-gpu and the few packages cosine needs that the host lacks
-#            (bundle.py needs: cosine's requirements against tools/gpu/host-packages.txt),
+#            (wheels.py needs: cosine's requirements against tools/gpu/host-packages.txt),
 #            versions pinned to the dev venv's; their closure is checked against the host
 #   data     data.tar.xz: DIR/train/*.txt (the n-gram drafters' corpora) and DIR/prompts.json
 #   target   the target's GGUF (config.toml's target `source`, from the cosine model cache)
@@ -71,7 +71,7 @@ EOF
 
 stage_wheels() {
   local d="$SRC/wheels" reqs=("onnxruntime-gpu==$ORT_GPU_VERSION") r key
-  mapfile -t need < <("$PY" "$HERE/bundle.py" needs pyproject.toml --host "$HERE/host-packages.txt" \
+  mapfile -t need < <("$PY" "$HERE/wheels.py" needs pyproject.toml --host "$HERE/host-packages.txt" \
                         --extras export --skip torch,onnxruntime,starlette,uvicorn)
   for r in "${need[@]}"; do reqs+=("$(pinned "$r")"); done
   key="$(printf '%s\n' "${reqs[@]}" | sha256sum | cut -c1-16)"
@@ -85,7 +85,7 @@ stage_wheels() {
     --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 \
     --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d "$d" "${reqs[@]}" \
     2> >(grep -v 'neither a file nor a directory' >&2) || die "pip download failed (see above)"
-  "$PY" "$HERE/bundle.py" closure "$d" --host "$HERE/host-packages.txt" \
+  "$PY" "$HERE/wheels.py" closure "$d" --host "$HERE/host-packages.txt" \
     || die "the bundled wheels need packages the host lacks (above): add them to the bundle"
   echo "$key" > "$OUTDIR/wheels.key"
   ls -l "$d" | awk 'NR > 1 {printf "  %12d  %s\n", $5, $9}'

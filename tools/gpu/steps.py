@@ -20,8 +20,6 @@ RESERVE_S = 15.0          # kept for the summary and the copy to $OUT
 DOMAINS = "code,docs,prose,german"
 ALL_MODES = "autoregressive,speculative,specinfer,cosine"
 STEPS = ("worker", "bench-c1", "bench-c16", "routing-2", "routing-3", "cuda-graph")
-OUT_FILES = ("summary.json", "summary.md", "worker.json", "bench-c1.json", "bench-c16.json", "measure.log",
-             "results.tar.gz")  # the device returns at most 8 files
 
 
 class Runner:
@@ -60,6 +58,7 @@ class Runner:
         self.publish()
 
     def publish(self) -> None:
+        """The summary, and into $OUT seven files (the device returns at most eight)."""
         runs = self.host.runs
         pipeline.write_record(self.host)
         goals.summarize(runs, self.host.rehearse)
@@ -196,4 +195,5 @@ class Runner:
         bad = [r["name"] for r in self.records if r["name"] not in ok + na]
         log(f"done: {len(ok)} steps ok" + (f", {len(na)} not applicable here ({', '.join(na)})" if na else "")
             + (f", NOT OK: {', '.join(bad)}" if bad else ""))
+        self.publish()
         return 1 if bad else 0
