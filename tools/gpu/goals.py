@@ -102,7 +102,7 @@ def comparison(runs: dict[str, dict]) -> list[dict[str, Any]]:
 
 def _md(summary: dict[str, Any]) -> str:
     L = ["# GPU measurement" + (" (REHEARSAL: tiny models on CPU, the numbers mean nothing)"
-                                if summary["rehearsal"] else ""), "",
+                                if summary["rehearsal"] else ""), "", f"GPU: {summary.get('gpu') or 'unknown'}", "",
          "| goal | status | measured | target | from | note |", "|---|---|---|---|---|---|"]
     for g in summary["goals"]:
         v = "-" if g["value"] is None else f"{g['value']:.3f} {g['unit']}"
@@ -144,7 +144,8 @@ def summarize(runs_dir: Path, rehearsal: bool) -> dict[str, Any]:
 
     worker = load(runs_dir / "worker.json")
     runs = {n: r for n in BENCH_RUNS if (r := load(runs_dir / n / "results.json"))}
-    summary = {"rehearsal": rehearsal, "goals": evaluate(worker, runs), "lossless": lossless(runs),
+    gpu = (runs_dir / "gpu.txt").read_text().strip() if (runs_dir / "gpu.txt").is_file() else None
+    summary = {"rehearsal": rehearsal, "gpu": gpu, "goals": evaluate(worker, runs), "lossless": lossless(runs),
                "steps": load(runs_dir / "steps.json") or [], "prepare": load(runs_dir / "prepare.json") or [],
                "variants": variants(runs), "comparison": comparison(runs), "placement": load(runs_dir / "placement.json"),
                "worker": {k: (worker or {}).get(k) for k in ("decode", "verify", "floor")},

@@ -68,7 +68,7 @@ class Host:
         e["PYTHONPATH"] = os.pathsep.join([str(self.src), str(self.site)] + ([e["PYTHONPATH"]] if e.get("PYTHONPATH") else []))
         # `python -m` from the repo root must not import ./cosine, which lacks control/ workers/ export/
         e.update(PYTHONSAFEPATH="1", PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
-                 HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+                 HF_DATASETS_OFFLINE="1", TQDM_DISABLE="1")  # logs, not bars
         return e
 
     # ---- job states: state/<name>.json {"status": ok|failed|running, "seconds", "detail"}

@@ -111,7 +111,7 @@ class Prepare:
         self.job("install")
         self.sh(f"export-{role}", [self.host.python, "-m", "cosine.export", "--model", str(model_path(self.host, role)),
                                    "--out", str(self.host.engines / role), "--name", self.names[role][0],
-                                   "--dtype", "float16", "--provider", self.host.provider, "--quiet"])
+                                   "--dtype", "float16", "--provider", self.host.provider])  # logs its phases
         if role == "drafter":  # same op types as the target's graph, and off the critical path: a diagnostic
             run_logged([self.host.python, str(HERE / "placement.py"), "--engine", str(self.host.engines / role),
                         "--provider", self.host.provider, "--json", str(self.host.runs / "placement.json")],

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
 import tarfile
 import time
 from pathlib import Path
@@ -20,6 +21,15 @@ RESERVE_S = 15.0          # kept for the summary and the copy to $OUT
 DOMAINS = "code,docs,prose,german"
 ALL_MODES = "autoregressive,speculative,specinfer,cosine"
 STEPS = ("worker", "bench-c1", "bench-c16", "routing-2", "routing-3", "cuda-graph")
+
+
+def _nvidia_smi() -> str:
+    try:
+        p = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader"],
+                           capture_output=True, text=True, timeout=30)
+        return p.stdout.strip() or p.stderr.strip() or "nvidia-smi printed nothing"
+    except (OSError, subprocess.SubprocessError) as e:
+        return f"unknown (nvidia-smi: {e})"
 
 
 class Runner:
@@ -178,6 +188,9 @@ class Runner:
 
     def run(self) -> int:
         pipeline.start(self.host, Path(__file__).parent / "measure.py")
+        gpu = "none (rehearsal on CPU)" if self.host.rehearse else _nvidia_smi()
+        (self.host.runs / "gpu.txt").write_text(gpu + "\n")
+        log(f"GPU: {gpu}")
         self.step("worker", ("install", "target"), self.worker_cmd)
         self.plan_benchmarks()
         need, soft = ("install", "target", "drafter", "ngram", "data"), ("peers-target", "peers-drafter")
