@@ -12,6 +12,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from tests.conftest import write_cluster_config
 
@@ -202,3 +204,27 @@ def test_unknown_pinned_drafter_is_a_clear_error(control_cluster) -> None:
             c.generate("hello", max_tokens=4, drafters=["nope"])
         r = c.generate("hello", max_tokens=4, mode="speculative", drafters=["poor"])
         assert r.stats["drafters_used"] in (["poor"], [])
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["code", "docs", "prose"]), st.text(max_size=4)), max_size=20),
+       st.integers(0, 4))
+def test_peer_prompts_are_the_first_of_each_domain_in_order(items: list, k: int) -> None:
+    from cosine.bench.run import peer_items
+
+    got = peer_items(items, k)
+    if k == 0:
+        assert got == items
+        return
+    it = iter(items)
+    assert all(x in it for x in got)  # a subsequence, order kept
+    for d in ("code", "docs", "prose"):
+        assert [x for x in got if x[0] == d] == [x for x in items if x[0] == d][:k]
+
+
+def test_peer_device_is_checked(bench_config: Path, tmp_path: Path) -> None:
+    from cosine.bench import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["run", "--config", str(bench_config), "--peer-device", "gpu0", "--out", str(tmp_path / "x")])
+    assert e.value.code == 2 and not (tmp_path / "x").exists()

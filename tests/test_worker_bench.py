@@ -4,7 +4,6 @@ engine), then checks on its JSON, markdown and table; plus the one-line setting 
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -130,15 +129,6 @@ def test_shapes_beyond_the_context_fail_before_anything_starts(tmp_path: Path,
     assert "context of 64" in _error(capsys, ["--engine", str(tmp_path), "--quick", "--prefill-lengths", "65"])
     assert "context of 64" in _error(capsys, ["--engine", str(tmp_path), "--quick", "--prefix", "60"])
     assert "not an engine directory" in _error(capsys, ["--engine", str(tmp_path / "nope")])
-
-
-def test_gpu_wrapper_defaults_to_cuda(capsys: pytest.CaptureFixture[str]) -> None:
-    spec = importlib.util.spec_from_file_location("gpu_worker_bench", REPO / "tools" / "airgap" / "gpu_worker_bench.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    # no --provider given: the wrapper adds cuda, which does not go with --device cpu
-    assert "provider 'cuda'" in _error(capsys, ["--device", "cpu"], mod.main)
-    assert "integers" in _error(capsys, ["--provider", "cpu", "--batches", "x"], mod.main)
 
 
 def test_tree_shapes() -> None:

@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import platform
+import re
 import subprocess
 import sys
 import threading
@@ -219,7 +220,22 @@ def summarize(records: list[dict], wall: float) -> dict:
     return s
 
 
+def peer_items(items: list[tuple[str, str]], per_domain: int) -> list[tuple[str, str]]:
+    """The first ``per_domain`` prompts of each domain (0 = all), in the run's order."""
+    if per_domain <= 0:
+        return items
+    seen: dict[str, int] = {}
+    out = []
+    for d, p in items:
+        seen[d] = seen.get(d, 0) + 1
+        if seen[d] <= per_domain:
+            out.append((d, p))
+    return out
+
+
 def run_peers(cfg: cfgmod.Config, items: list[tuple[str, str]], args) -> list[dict]:
+    """Greedy generate() and assisted generation on --peer-device in --peer-dtype, after one
+    untimed warm-up generation each (a GPU's kernels and allocator are not generation time)."""
     from cosine import models
     from cosine.bench import peers
 
@@ -230,19 +246,22 @@ def run_peers(cfg: cfgmod.Config, items: list[tuple[str, str]], args) -> list[di
     target_src = cfg.target_model().source
     drafters = [m for m in cfg.models if m.role == "drafter" and m.kind == "neural" and m.source]
     resolve = lambda s: Path(s) if Path(s).exists() else (models.cached_path(s) or models.fetch(s))  # noqa: E731
-    target = peers.load(resolve(target_src))
-    assistant = peers.load(resolve(drafters[0].source)) if drafters else None
+    device, dtype = args.peer_device, args.peer_dtype
+    target = peers.load(resolve(target_src), device, dtype)
+    assistant = peers.load(resolve(drafters[0].source), device, dtype) if drafters else None
     out = []
     wanted = set((args.peers or "").split(","))
     for name, asst in (("hf", None), ("hf-assisted", assistant)):
         if name not in wanted or (name == "hf-assisted" and asst is None):
             continue
-        for d, p in items:
+        for i, (d, p) in enumerate(items):
             ids = target.tokenizer(p)["input_ids"]
+            if i == 0:
+                peers.generate(target, ids, min(8, args.max_tokens), assistant=asst)  # warm-up, untimed
             new, secs = peers.generate(target, ids, args.max_tokens, assistant=asst)
             out.append({"peer": name, "mode": name, "domain": d, "prompt": p[:60], "tokens": len(new),
-                        "token_ids": new, "wall_s": secs, "concurrency": 1})
-            log.info("%s [%s] %d tokens in %.2f s", name, d, len(new), secs)
+                        "token_ids": new, "wall_s": secs, "concurrency": 1, "device": device, "dtype": dtype})
+            log.info("%s [%s] %d tokens in %.2f s on %s", name, d, len(new), secs, device)
     return out
 
 
@@ -259,6 +278,10 @@ def main(argv: list[str] | None = None) -> int:
                     help="llama-server binary for the llamacpp-draft peer (llama.cpp's draft-model speculation)")
     ap.add_argument("--llama-threads", type=int, default=os.cpu_count() or 2,
                     help="threads of the llama.cpp peers (default: every core, as the cluster's workers share them)")
+    ap.add_argument("--peer-device", default="cpu", help="where the HF peers run: cpu | cuda:N")
+    ap.add_argument("--peer-dtype", default="float32", choices=("float32", "float16", "bfloat16"))
+    ap.add_argument("--peer-per-domain", type=int, default=0,
+                    help="the HF peers generate for the first N prompts of each domain only (0 = all)")
     ap.add_argument("--domains", default="code,docs,prose,german")
     ap.add_argument("--prompts", type=Path, default=None, help="prompts JSON from `cosine datasets build`")
     ap.add_argument("--per-domain", type=int, default=0, help="prompts per domain (0 = all)")
@@ -292,6 +315,8 @@ def main(argv: list[str] | None = None) -> int:
     llama_names = [p for p in peer_names if p in LLAMACPP]
     if llama_names and not args.interleave:
         ap.error("llama.cpp peers run interleaved with the modes: add --interleave")
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", args.peer_device):
+        ap.error(f"--peer-device must be cpu or cuda:N, got {args.peer_device!r}")
     levels = [int(c) for c in args.concurrency.split(",") if c]
     items = promptsets.load(args.domains.split(","), args.prompts, args.per_domain)
     out = args.out or Path("docs/benchmarks") / f"{dt.date.today().isoformat()}-{platform.node() or 'host'}"
@@ -342,7 +367,7 @@ def main(argv: list[str] | None = None) -> int:
         peer.close()
     records += [{"peer": s["peer"], "skipped": s["reason"]} for s in skipped]
     if {"hf", "hf-assisted"} & set(peer_names):
-        peer_recs = run_peers(cfg, items, args)
+        peer_recs = run_peers(cfg, peer_items(items, args.peer_per_domain), args)
         records += peer_recs
         for name in ("hf", "hf-assisted"):
             rs = [r for r in peer_recs if r.get("peer") == name]
