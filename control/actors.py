@@ -32,7 +32,7 @@ import pykka
 from cosine.config import Config
 from cosine.control import rounds
 from cosine.control.fusion import Calibration, make_rule, weighted
-from cosine.control.pool import Request
+from cosine.control.request import Mode, Request
 from cosine.control.proxies import DraftJob, DraftOut, Timed
 from cosine.control.routing import Router
 from cosine.control.scheduling import CostModel, PendingRequest, select_batch
@@ -411,7 +411,7 @@ class ControllerActor(pykka.ThreadingActor):
         plans = self._plans([r for r in reqs if r.phase == "draft"])
         # cosine requests pipeline; one that does not speculate this round (no live drafter,
         # speculation switched off) is verified right away like the sequential modes
-        pipelined = [r for r in reqs if self.pipelined and r.params.mode == "cosine"
+        pipelined = [r for r in reqs if self.pipelined and r.params.mode is Mode.COSINE
                      and (r.phase == "verify" or plans[r.rid].speculate)]
         sequential = [r for r in reqs if r not in pipelined]
 
@@ -447,7 +447,7 @@ class ControllerActor(pykka.ThreadingActor):
         wall = time.perf_counter() - t_start
         s = self.stats_
         s.wall_s += wall
-        if any(r.params.mode == "cosine" for r in reqs):
+        if any(r.params.mode is Mode.COSINE for r in reqs):
             self.goodput_gate.observe(s.tokens - tokens_before, wall)
         s.verify_busy_s += verify_busy
         s.draft_wall_s += draft_s + seq_draft_s
@@ -516,7 +516,7 @@ class ControllerActor(pykka.ThreadingActor):
                     if rid in self.requests:
                         self.requests[rid].warmed.add(d.name)
             if d.warm is None and d.alive and d.probe is None and d.name in self.model_drafters:
-                todo = [r for r in self.requests.values() if r.params.mode == "cosine" and d.name not in r.warmed
+                todo = [r for r in self.requests.values() if r.params.mode is Mode.COSINE and d.name not in r.warmed
                         and (not r.params.drafters or d.name in r.params.drafters)
                         and self._fits(d, len(r.committed), 1) and self._engaged(r, d)]
                 if todo:
@@ -547,7 +547,7 @@ class ControllerActor(pykka.ThreadingActor):
 
     def _warming(self, r: Request, d: DrafterSlot) -> bool:
         """Is ``d`` busy with a background prefill, or still to prefill ``r``'s prompt?"""
-        return (self.background_prefill and r.params.mode == "cosine" and d.name in self.model_drafters
+        return (self.background_prefill and r.params.mode is Mode.COSINE and d.name in self.model_drafters
                 and (d.warm is not None or d.name not in r.warmed))
 
     def _mark_dead(self, d: DrafterSlot, why: str) -> None:
@@ -648,11 +648,11 @@ class ControllerActor(pykka.ThreadingActor):
         """Plain batched decoding for this round's cosine requests when, by the cost model
         (measured verify calls and draft steps; the start-up profile before those exist),
         speculation would commit fewer tokens per second (under load)."""
-        cos = [r.rid for r in reqs if r.params.mode == "cosine" and self.cc.speculation.adaptive
+        cos = [r.rid for r in reqs if r.params.mode is Mode.COSINE and self.cc.speculation.adaptive
                and plans[r.rid].speculate]
         gate = self.cc.speculation.gate
         if not cos or gate == "off":
-            if any(r.params.mode == "cosine" for r in reqs):  # none could draft: the gate has nothing
+            if any(r.params.mode is Mode.COSINE for r in reqs):  # none could draft: the gate has nothing
                 self.batch_plain = False                       # to weigh, so engagement must not wait on it
             return plans
         if gate == "model" and len(plans) == 1:
@@ -714,9 +714,9 @@ class ControllerActor(pykka.ThreadingActor):
         plans: dict[str, DraftPlan] = {}
         for r in reqs:
             mode = r.params.mode
-            if mode == "autoregressive" or not self._usable(r):
+            if mode is Mode.AUTOREGRESSIVE or not self._usable(r):
                 plans[r.rid] = DraftPlan(False, 0, 1)
-            elif mode == "cosine" and sc.adaptive:
+            elif mode is Mode.COSINE and sc.adaptive:
                 plans[r.rid] = self.spec.plan(r.rid, r.domain)
                 if log.isEnabledFor(logging.DEBUG):
                     log.debug("plan rid=%s %s %s", r.rid, plans[r.rid], self.spec.explain(r.rid))
@@ -732,8 +732,8 @@ class ControllerActor(pykka.ThreadingActor):
             p = plans[r.rid]
             # every draft step adds up to one node per drafter (times the width for expansions)
             n_use = max(1, len(self._usable(r)))
-            per_step = {"speculative": 1, "specinfer": n_use * max(1, p.tree_width),
-                        "cosine": min(n_use, self.cc.routing.max_drafters_per_request)}.get(r.params.mode, 1)
+            per_step = {Mode.SPECULATIVE: 1, Mode.SPECINFER: n_use * max(1, p.tree_width),
+                        Mode.COSINE: min(n_use, self.cc.routing.max_drafters_per_request)}.get(r.params.mode, 1)
             n = min(p.draft_len, self._room(r), (max_nodes - 1) // per_step) if p.speculate else 0
             width = 1 if r.params.temperature > 0 else p.tree_width
             plans[r.rid] = DraftPlan(n > 0, n, width)
@@ -746,7 +746,7 @@ class ControllerActor(pykka.ThreadingActor):
         pool = []
         for r in cands:
             planned = r.tree.n if r.tree is not None else 1 + (plans[r.rid].draft_len if r.rid in plans else 0) * \
-                max(1, len(self.drafters) if r.params.mode == "specinfer" else 1)
+                max(1, len(self.drafters) if r.params.mode is Mode.SPECINFER else 1)
             pool.append(PendingRequest(rid=r.rid, seq_len=len(r.committed), planned_tokens=planned,
                                        waiting_s=now - r.wait_since, cache_tokens=len(r.committed) + planned))
         sch = self.cc.scheduling
@@ -768,14 +768,14 @@ class ControllerActor(pykka.ThreadingActor):
         """Alive drafters this request may use (GenParams.drafters pins a subset)."""
         pin = r.params.drafters
         return [d for d in self.drafters if d.alive and (not pin or d.name in pin)
-                and (r.params.mode != "cosine" or self._engaged(r, d) and not self._warming(r, d))]
+                and (r.params.mode is not Mode.COSINE or self._engaged(r, d) and not self._warming(r, d))]
 
     def _draft(self, reqs: list[Request], plans: dict[str, DraftPlan]) -> None:
         """Build ``r.tree`` for every request (root only when it does not speculate)."""
         if not reqs:
             return
-        fused = [r for r in reqs if r.params.mode == "cosine" and plans[r.rid].speculate]
-        chains = [r for r in reqs if r.params.mode in ("speculative", "specinfer") and plans[r.rid].speculate]
+        fused = [r for r in reqs if r.params.mode is Mode.COSINE and plans[r.rid].speculate]
+        chains = [r for r in reqs if r.params.mode in (Mode.SPECULATIVE, Mode.SPECINFER) and plans[r.rid].speculate]
         for r in reqs:
             r.tree, r.draft_dists, r.drafters, r.proposals = rounds.root_tree(r.committed[-1]), {}, [], {}
             r.cands = []
@@ -841,7 +841,7 @@ class ControllerActor(pykka.ThreadingActor):
             p = plans[r.rid]
             cand = pick[r.rid] if pick is not None else self._usable(r)
             alive = [d for d in cand if d.alive and self._fits(d, len(r.committed), p.draft_len)]
-            use = alive[:1] if r.params.mode == "speculative" else alive
+            use = alive[:1] if r.params.mode is Mode.SPECULATIVE else alive
             stops = self._chain_stops(r, p.draft_len) if pick is not None else None
             for d in use:
                 stop = stops if d.name in self.model_drafters else None
@@ -1036,7 +1036,7 @@ class ControllerActor(pykka.ThreadingActor):
         every candidate: dropping a sample for its own low probability would bias the
         distribution multi-step speculative sampling relies on."""
         sc = self.cc.speculation
-        return sc.prune and sc.adaptive and r.params.mode == "cosine" and r.params.temperature <= 0
+        return sc.prune and sc.adaptive and r.params.mode is Mode.COSINE and r.params.temperature <= 0
 
     def _prune(self, reqs: list[Request]) -> None:
         """Drop each tree's nodes whose acceptance chance is below the node gain floor;
@@ -1137,17 +1137,17 @@ class ControllerActor(pykka.ThreadingActor):
                     while match < len(toks) and match < len(tokens) and toks[match] == tokens[match]:
                         match += 1
                     upd.append((r.rid, name, float(np.mean(probs)), match, len(toks)))
-            if r.drafters and r.params.mode == "cosine":
+            if r.drafters and r.params.mode is Mode.COSINE:
                 rnd.append((r.rid, n_acc))
             if log.isEnabledFor(logging.DEBUG):
                 log.debug("round rid=%s mode=%s nodes=%d accepted=%d draft_s=%.3f verify_s=%.3f drafters=%s "
                           "agreed=%s", r.rid, r.params.mode, r.tree.n, n_acc, r.draft_s, res.busy_s, r.drafters,
                           {u[1]: f"{u[3]}/{u[4]}@{u[2]:.2f}" for u in upd if u[0] == r.rid})
             verify_share = res.busy_s * r.tree.n / max(n_total, 1)
-            if r.params.mode == "cosine" and self.engagement is not None:
+            if r.params.mode is Mode.COSINE and self.engagement is not None:
                 for arm in [n for n in r.drafters if n in self.model_drafters] or [FREE]:
                     self.engagement.observe(r.domain, arm, n_acc + 1.0, r.draft_s + verify_share)
-            if r.params.mode == "cosine" and drafted:
+            if r.params.mode is Mode.COSINE and drafted:
                 # depth: the positions verified (early stop and pruning may end short of the plan)
                 self.spec.observe(r.rid, drafted, n_acc, r.draft_s, verify_share,
                                   depth=int(r.tree.depths().max()), overlapped_s=r.draft_overlap_s,

@@ -37,7 +37,7 @@ from cosine import config as cfgmod
 from cosine.config import MODES, Config
 from cosine.control.actors import ControllerActor, DrafterSlot, FuserActor, RouterActor, VerifierSlot
 from cosine.control.domains import NgramClassifier, make_classifier
-from cosine.control.pool import Detokenizer, GenParams, Request
+from cosine.control.request import Detokenizer, GenParams, Mode, Request
 from cosine.control.proxies import DrafterProxyActor, DraftJob, VerifierProxyActor
 from cosine.control.routing import DrafterInfo, Router
 from cosine.control.scheduling import CostModel
@@ -323,7 +323,7 @@ class Server:
             raise ProtocolError("too_long", f"prompt has {len(ids)} tokens; the model's context is "
                                             f"{self.max_positions} positions, which leaves no room to generate")
         params = GenParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, stop=tuple(stop),
-                           mode=mode, stream=stream, seed=seed, ignore_eos=ignore_eos, drafters=tuple(drafters))
+                           mode=Mode(mode), stream=stream, seed=seed, ignore_eos=ignore_eos, drafters=tuple(drafters))
         return rid, params, ids, text
 
     # -- serving ---------------------------------------------------------------------------

@@ -7,9 +7,20 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Any, Callable
 
 import numpy as np
+
+
+class Mode(StrEnum):
+    """How a request is decoded; chosen once, when the frontend accepts it (the values are
+    the wire names of config.MODES)."""
+
+    AUTOREGRESSIVE = "autoregressive"  # plain decoding: the target verifies its root alone
+    SPECULATIVE = "speculative"        # one drafter's chain per round
+    SPECINFER = "specinfer"            # every drafter's chain, merged into one tree
+    COSINE = "cosine"                  # routed drafters, fused per step, adaptive speculation
 
 
 @dataclass(frozen=True)
@@ -18,7 +29,7 @@ class GenParams:
     temperature: float = 0.0
     top_p: float = 1.0
     stop: tuple[str, ...] = ()
-    mode: str = "cosine"
+    mode: Mode = Mode.COSINE
     stream: bool = False
     seed: int | None = None
     ignore_eos: bool = False  # benchmarks: run to max_tokens
@@ -174,5 +185,5 @@ class Request:
             "ttft_s": (self.first_token_at or now) - self.arrived,
             "latency_s": latency,
             "tokens_per_s": n / latency if latency > 0 else 0.0,
-            "mode": self.params.mode,
+            "mode": str(self.params.mode),
         }
