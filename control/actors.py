@@ -35,10 +35,11 @@ from cosine.control.fusion import Calibration, make_rule, weighted
 from cosine.control.request import Mode, Request
 from cosine.control.proxies import DraftJob, DraftOut, Timed
 from cosine.control.routing import Router
-from cosine.control.scheduling import CostModel, PendingRequest, select_batch
+from cosine.control.costs import CostBook, CostModel
+from cosine.control.scheduling import PendingRequest, select_batch
 from cosine.control.engagement import FREE, Engagement
 from cosine.control.guide import pick_guide, still_valid
-from cosine.control.speculation import DraftPlan, GoodputGate, ewma, SpeculationController, VerifyFit, speculation_pays
+from cosine.control.speculation import DraftPlan, GoodputGate, SpeculationController, speculation_pays
 from cosine.protocol import VERSION
 
 log = logging.getLogger("cosine.control.actors")
@@ -207,8 +208,9 @@ class ControllerActor(pykka.ThreadingActor):
         self.fuser = fuser
         self.emit_factory = emit_factory
         self.emit: Emit = lambda a, h: None
-        self.cost = cost or CostModel.default()
-        self.spec = SpeculationController.from_config(self.cc.speculation, self.cc.scheduling.max_verify_tokens)
+        self.costs = CostBook(profile=cost or CostModel.default())
+        self.spec = SpeculationController.from_config(self.cc.speculation, self.cc.scheduling.max_verify_tokens,
+                                                      costs=self.costs)
         self.gated_streak: dict[str, int] = {}  # rid -> consecutive rounds the batch gate ran plain
         self.probe_gap: dict[str, int] = {}     # rid -> gated rounds before its next probe
         sc = self.cc.speculation
@@ -225,15 +227,6 @@ class ControllerActor(pykka.ThreadingActor):
         self.prefill_s = 0.0             # drafters' prompt prefill inside the current _draft call
         self.pipelined = cfg.pipelined()
         self.background_prefill = cfg.background_prefills()
-        # Verify call time against the call's total tokens, measured on every round: the
-        # batch gate's cost of a plain and of a speculative round (the start-up profile
-        # sees one request only and misses what batching and contention cost).
-        self.call_fit = VerifyFit(0.9)
-        # Seconds per prompt token of a drafter's prompt prefill (measured on the model
-        # drafters): what a request that never drafted costs before its first speculative
-        # round. The batch gate charges 1/probe_every of it per round (speculation must last
-        # about that long to repay it), and never probes a request that never drafted.
-        self.prefill_tok_s: float | None = None
         self.model_drafters = cfg.model_drafters()
         self.engagement = Engagement() if self.cc.routing.engage_by_cost else None
         # Did the batch gate's last decision over several requests keep them plain? While it
@@ -334,7 +327,7 @@ class ControllerActor(pykka.ThreadingActor):
         return len(pending)
 
     def set_cost_model(self, cost: CostModel) -> None:
-        self.cost = cost
+        self.costs.profile = cost
 
     # -- replies -----------------------------------------------------------------------
     def _reply_error(self, client: Any, code: str, message: str) -> None:
@@ -511,7 +504,7 @@ class ControllerActor(pykka.ThreadingActor):
                     log.warning("drafter %s refused a background prefill (%s)", d.name, res.message)
                 elif res.value:
                     self.stats_.background_prefills += len(rids)
-                    self.prefill_tok_s = ewma(self.prefill_tok_s, res.busy_s / res.value, 0.5)
+                    self.costs.observe_prefill(res.busy_s, res.value)
                 for rid in rids:
                     if rid in self.requests:
                         self.requests[rid].warmed.add(d.name)
@@ -533,7 +526,7 @@ class ControllerActor(pykka.ThreadingActor):
         if self.engagement is None:
             r.engaged.add(d.name)
             return True
-        pf = self.prefill_tok_s * len(r.committed) if self.prefill_tok_s is not None else 0.0
+        pf = self.costs.prefill_token_s * len(r.committed) if self.costs.prefill_token_s is not None else 0.0
         if d.name in r.params.drafters or self.engagement.decide(
                 r.domain, d.name, r.domain in d.domains, r.params.max_tokens - len(r.output), pf):
             r.engaged.add(d.name)
@@ -664,17 +657,17 @@ class ControllerActor(pykka.ThreadingActor):
         wide = {rid: DraftPlan(p.speculate, p.draft_len, p.tree_width * width) for rid, p in plans.items()}
         B, S = len(plans), len(cos)  # the batch verifies together; the S speculating requests draft together
 
-        measured = self.call_fit.spread() > 0.25  # both plain and speculative calls seen
+        measured = self.costs.calls_measured()
         step = self.spec.draft_step_global
 
         def model_says() -> bool:
-            verify = ((lambda n: self.call_fit.predict(n, 0.0) or 0.0) if measured else
-                      (lambda n: self.cost.verify_s(B, max(1, round(n / B)), seq)))
-            draft = (lambda k: step * k) if step is not None else (lambda k: self.cost.draft_s(S, k, seq))
+            verify = (self.costs.call_verify_s if measured else
+                      (lambda n: self.costs.profile.verify_s(B, max(1, round(n / B)), seq)))
+            draft = (lambda k: step * k) if step is not None else (lambda k: self.costs.profile.draft_s(S, k, seq))
             fresh = sum(len(r.committed) for r in reqs if r.rid in cos and not r.drafted)
             return speculation_pays(wide, {rid: self.spec.rates(rid) for rid in cos}, verify, draft,
                                     self.cc.speculation.disable_below_ratio,
-                                    fresh * (self.prefill_tok_s or 0.0) / self.spec.probe_every)
+                                    fresh * (self.costs.prefill_token_s or 0.0) / self.spec.probe_every)
 
         if gate == "measured":  # the measured gate explores by itself: no per-request probes
             self.batch_plain = not self.goodput_gate.decide(len(self.requests), model_says)
@@ -691,7 +684,7 @@ class ControllerActor(pykka.ThreadingActor):
         self.stats_.gated_rounds += 1
         if log.isEnabledFor(logging.DEBUG):
             log.debug("gate: plain round for %s (rates %s, draft step %s, prefill/token %s, measured line %s)",
-                      cos, {rid: self.spec.rates(rid) for rid in cos}, step, self.prefill_tok_s, measured)
+                      cos, {rid: self.spec.rates(rid) for rid in cos}, step, self.costs.prefill_token_s, measured)
         # A gated request learns nothing about its acceptance rate, so after probe_every
         # gated rounds it speculates once anyway (else one pessimistic estimate would lock
         # it out). A probe that changes nothing doubles the wait for the next (up to 8x):
@@ -751,7 +744,7 @@ class ControllerActor(pykka.ThreadingActor):
                                        waiting_s=now - r.wait_since, cache_tokens=len(r.committed) + planned))
         sch = self.cc.scheduling
         budget = sum(self.cfg.worker(v.name).kv_budget_tokens for v in self.verifiers)
-        chosen = select_batch(pool, self.cost, max_batch=sch.max_batch * len(self.verifiers),
+        chosen = select_batch(pool, self.costs.profile, max_batch=sch.max_batch * len(self.verifiers),
                               max_verify_tokens=sch.max_verify_tokens * len(self.verifiers),
                               memory_budget_tokens=budget, latency_weight=sch.latency_weight,
                               latency_bound_s=sch.latency_bound_ms / 1000.0 if sch.latency_bound_ms else None)
@@ -817,7 +810,7 @@ class ControllerActor(pykka.ThreadingActor):
             self.prefill_s = max(self.prefill_s, res.extra.get("prefill_s", 0.0))
             n_pre = res.extra.get("prefill_tokens", 0)
             if n_pre and d.name in self.model_drafters:  # the drafter that bounds prefill time
-                self.prefill_tok_s = ewma(self.prefill_tok_s, res.extra["prefill_s"] / n_pre, 0.5)
+                self.costs.observe_prefill(res.extra["prefill_s"], n_pre)
             if res.error == "dead":
                 self._mark_dead(d, res.message)
             elif res.error:
@@ -1091,8 +1084,8 @@ class ControllerActor(pykka.ThreadingActor):
 
     def _apply_verify(self, v: VerifierSlot, rs: list[Request], res: Timed) -> float:
         v.busy_s += res.busy_s
-        if not res.error and res.busy_s > 0:
-            self.call_fit.add(float(sum(r.tree.n for r in rs)), res.busy_s)
+        if not res.error:
+            self.costs.observe_call(sum(r.tree.n for r in rs), res.busy_s)
         if res.error:
             code = "unavailable" if res.error == "dead" else {"too_long": "too_long", "capacity": "overloaded"}.get(
                 res.extra.get("code"), "internal")

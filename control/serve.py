@@ -40,7 +40,7 @@ from cosine.control.domains import NgramClassifier, make_classifier
 from cosine.control.request import Detokenizer, GenParams, Mode, Request
 from cosine.control.proxies import DrafterProxyActor, DraftJob, VerifierProxyActor
 from cosine.control.routing import DrafterInfo, Router
-from cosine.control.scheduling import CostModel
+from cosine.control.costs import CostModel
 from cosine.log import setup
 from cosine.protocol import VERSION, ProtocolError, decode, encode, error_reply, ok_reply
 from cosine.security import CurveKeys, secure_server, stop_authenticators
