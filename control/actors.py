@@ -30,17 +30,18 @@ import numpy as np
 import pykka
 
 from cosine.config import Config
-from cosine.control import rounds
-from cosine.control.fusion import Calibration, make_rule, weighted
-from cosine.control.request import Mode, Request
-from cosine.control.proxies import DraftJob, DraftOut, Timed
-from cosine.control.routing import Router
-from cosine.control.costs import CostBook, CostModel
-from cosine.control.scheduling import PendingRequest, select_batch
-from cosine.control.engagement import FREE, Engagement
-from cosine.control.guide import pick_guide, still_valid
-from cosine.control.speculation import DraftPlan, GoodputGate, SpeculationController, speculation_pays
 from cosine.protocol import VERSION
+
+from .costs import CostBook, CostModel
+from .drafting import trees as rounds
+from .drafting.engagement import FREE, Engagement
+from .drafting.fusion import Calibration, make_rule, weighted
+from .drafting.guide import pick_guide, still_valid
+from .drafting.routing import Router
+from .proxies import DraftJob, DraftOut, Timed
+from .request import Mode, Request
+from .scheduling import PendingRequest, select_batch
+from .speculation import DraftPlan, GoodputGate, SpeculationController, speculation_pays
 
 log = logging.getLogger("cosine.control.actors")
 

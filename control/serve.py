@@ -35,16 +35,17 @@ from tokenizers import Tokenizer
 
 from cosine import config as cfgmod
 from cosine.config import MODES, Config
-from cosine.control.actors import ControllerActor, DrafterSlot, FuserActor, RouterActor, VerifierSlot
-from cosine.control.domains import NgramClassifier, make_classifier
-from cosine.control.request import Detokenizer, GenParams, Mode, Request
-from cosine.control.proxies import DrafterProxyActor, DraftJob, VerifierProxyActor
-from cosine.control.routing import DrafterInfo, Router
-from cosine.control.costs import CostModel
 from cosine.log import setup
 from cosine.protocol import VERSION, ProtocolError, decode, encode, error_reply, ok_reply
 from cosine.security import CurveKeys, secure_server, stop_authenticators
 from cosine.workers.client import WorkerClient, WorkerError
+
+from .actors import ControllerActor, DrafterSlot, FuserActor, RouterActor, VerifierSlot
+from .costs import CostModel
+from .drafting.domains import NgramClassifier, make_classifier
+from .drafting.routing import DrafterInfo, Router
+from .proxies import DrafterProxyActor, DraftJob, VerifierProxyActor
+from .request import Detokenizer, GenParams, Mode, Request
 
 log = logging.getLogger("cosine.control.serve")
 

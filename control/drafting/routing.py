@@ -15,7 +15,7 @@ from typing import Collection, Sequence
 import numpy as np
 
 from cosine.config import RoutingConfig
-from cosine.control.domains import DomainClassifier, KeywordClassifier
+from .domains import DomainClassifier, KeywordClassifier
 
 
 ALL_DOMAINS = "*"  # the priors' key for a drafter's record over every domain

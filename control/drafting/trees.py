@@ -12,9 +12,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from cosine.control.fusion import Candidate, DraftStep, fuse_step
-from cosine.control.verify import VerifyResult, target_distribution, verify_greedy, verify_stochastic
 from cosine.tree import TokenTree, merge_trees
+
+from ..verify import VerifyResult, target_distribution, verify_greedy, verify_stochastic
+from .fusion import Candidate, DraftStep, fuse_step
 
 
 def root_tree(root: int) -> TokenTree:
