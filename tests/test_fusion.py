@@ -150,11 +150,12 @@ def test_calibration_confidence_is_a_probability(obs, p) -> None:
 
 
 def test_agreement_labels_every_candidate_on_its_own_prefix() -> None:
-    from cosine.control.drafting.trees import agreement
+    from cosine.control.drafting.trees import Proposal, agreement
 
     # root 0 -> a(1) -> b(2); root -> c(3). Target argmax per node: after root 7, after a 8.
     argmax = np.array([7, 8, 5, 6])
-    cands = [(0, 0.9, 7, 0), (0, 0.8, 9, 1), (1, 0.4, 3, 0), (1, 0.5, 8, 1)]
+    cands = [Proposal(drafter=d, token=t, prob=p, parent=u) for d, p, t, u in
+             [(0, 0.9, 7, 0), (0, 0.8, 9, 1), (1, 0.4, 3, 0), (1, 0.5, 8, 1)]]
     assert agreement(cands, argmax) == [(0, 0.9, True), (0, 0.8, False), (1, 0.4, False), (1, 0.5, True)]
 
 
