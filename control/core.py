@@ -31,7 +31,7 @@ from .request import Mode, Request
 from .scheduling import RoundBatch, Scheduler
 from .speculation import DraftPlan, SpeculationController
 from .stats import ControllerStats, RoundClock
-from .verification import Verification
+from .verification import Verification, Verified
 from .wire import CancelReply, Done, Event, Failed
 
 log = logging.getLogger("cosine.control.core")
@@ -94,13 +94,7 @@ class ControlCore:
         calls = self.verification.issue([(r, self.waiting.pop(r.rid)) for r in batch.verify])  # verification.py
         clock.along_at, clock.along_s = self._draft(batch.alongside, plans)  # pipelining: drafts overlap the verify
         verified = self.verification.collect(calls)
-        clock.verify_s = verified.busy_s
-        for r in batch.alongside:
-            self.waiting[r.rid].overlap_s = min(self.waiting[r.rid].draft_s, verified.busy_s)
-        for f in verified.failed:
-            self._fail(f.request, f.code, f.message)
-        for r in self.committer.commit(verified.outcomes):                                     # commit.py
-            self._finish(r)
+        self._commit(verified, batch, clock)                                                  # commit.py
         self._end_round(clock, reqs, batch)
 
     def _draft(self, reqs: list[Request], plans: dict[str, DraftPlan]) -> tuple[float, float]:
@@ -117,6 +111,17 @@ class ControlCore:
             d.draft_s = max(0.0, wall - prefill_s)  # the drafters' prompt prefill is paid once
         self.waiting.update(drafts)
         return t, wall
+
+    def _commit(self, verified: Verified, batch: RoundBatch, clock: RoundClock) -> None:
+        """Commit and stream the verified rounds (commit.py); end the requests that failed
+        or finished."""
+        clock.verify_s = verified.busy_s
+        for r in batch.alongside:  # the part of their drafting hidden behind the verify
+            self.waiting[r.rid].overlap_s = min(self.waiting[r.rid].draft_s, verified.busy_s)
+        for f in verified.failed:
+            self._fail(f.request, f.code, f.message)
+        for r in self.committer.commit(verified.outcomes):
+            self._finish(r)
 
     def _end_round(self, clock: RoundClock, reqs: list[Request], batch: RoundBatch) -> None:
         """The round's totals; the batch gate and the pipeline bias learn from it."""
