@@ -25,10 +25,9 @@ from .drafting import Drafting
 from .drafting.drafters import DrafterSlot, Drafters
 from .drafting.engagement import Engagement
 from .drafting.trees import Draft
-from .planning import BatchGate, Planner
+from .planning import BatchGate, Planner, RoundBatch, Scheduler
 from .ports import Waits
 from .request import Mode, Request
-from .scheduling import RoundBatch, Scheduler
 from .speculation import DraftPlan, SpeculationController
 from .stats import ControllerStats, RoundClock
 from .verification import Verification, Verified
@@ -88,7 +87,7 @@ class ControlCore:
             return
         reqs = list(self.requests.values())
         plans = self.planner.plan([r for r in reqs if r.rid not in self.waiting], len(reqs))  # planning.py
-        batch = self.scheduler.schedule(reqs, self.waiting, plans)                            # scheduling.py
+        batch = self.scheduler.schedule(reqs, self.waiting, plans)                            # planning.py
         clock.first_at, clock.first_s = self._draft(batch.draft_first, plans)                 # drafting/
         clock.verify_at = time.perf_counter()
         calls = self.verification.issue([(r, self.waiting.pop(r.rid)) for r in batch.verify])  # verification.py

@@ -1,19 +1,26 @@
-"""The planning phase: each drafting request's plan for this round (speculate or not, draft
-length, tree width), from its mode, the speculation controller, the verify-token cap and
-the batch gate (docs/algorithms.md, "Adaptive speculation control", "Batch-level
-speculation gate").
+"""The planning phase: what this round does.
+
+- ``Planner.plan``: each drafting request's plan (speculate or not, draft length, tree
+  width), from its mode, the speculation controller, the verify-token cap and the batch
+  gate (docs/algorithms.md, "Adaptive speculation control", "Batch-level speculation gate");
+- ``Scheduler.schedule``: which requests verify this round (``scheduling.select_batch``
+  under the round's caps) and which draft meanwhile (pipelining).
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Callable
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Mapping, Sequence
 
 from cosine.config import Config, SpeculationConfig
 
 from .costs import CostBook
 from .drafting.drafters import Drafters
+from .drafting.trees import Draft
 from .request import Mode, Request
+from .scheduling import PendingRequest, select_batch
 from .speculation import OFF, DraftPlan, GoodputGate, SpeculationController, speculation_pays
 from .stats import ControllerStats
 
@@ -151,3 +158,65 @@ class Planner:
 def room(r: Request) -> int:
     """Draft tokens that still fit: positions and the remaining output budget."""
     return max(0, min(r.context_limit - len(r.committed), r.params.max_tokens - len(r.output)))
+
+
+@dataclass
+class RoundBatch:
+    """Who does what this round."""
+
+    draft_first: list[Request] = field(default_factory=list)  # drafted now, verified right after
+    verify: list[Request] = field(default_factory=list)       # verified this round (their trees)
+    alongside: list[Request] = field(default_factory=list)    # pipelined: drafting while the verifier works
+    held_back: int = 0                                        # pipelined requests left to draft next round
+
+
+class Scheduler:
+    def __init__(self, cfg: Config, costs: CostBook, pipelined: bool, n_drafters: int, verifiers: Sequence[str]):
+        self.cfg, self.costs = cfg, costs
+        self.pipelined = pipelined
+        self.n_drafters = n_drafters
+        self.n_verifiers = len(verifiers)
+        self.kv_budget = sum(cfg.worker(n).kv_budget_tokens for n in verifiers)
+
+    def schedule(self, reqs: list[Request], waiting: Mapping[str, Draft], plans: dict[str, DraftPlan]) -> RoundBatch:
+        """Pipelined cosine requests alternate: those holding a tree (``waiting``) verify
+        while the others draft. A cosine request that does not speculate this round (no
+        live drafter, speculation switched off) is verified right away like the
+        sequential modes, which draft right before they verify."""
+        pipelined = [r for r in reqs if self.pipelined and r.params.mode is Mode.COSINE
+                     and (r.rid in waiting or plans[r.rid].speculate)]
+        sequential = [r for r in reqs if r not in pipelined]
+        candidates = [r for r in pipelined if r.rid in waiting] + sequential
+        chosen = self.choose(candidates, waiting, plans)
+        out = RoundBatch(draft_first=[r for r in sequential if r.rid in chosen],
+                         verify=[r for r in candidates if r.rid in chosen])
+        # Balance the groups: when far more requests wait to draft than to verify, hold
+        # some back a round.
+        to_draft = [r for r in pipelined if r.rid not in waiting]
+        out.held_back = max(0, (len(to_draft) - len(out.verify)) // 2) if len(to_draft) > 1 else 0
+        out.alongside = to_draft[:len(to_draft) - out.held_back]
+        return out
+
+    def choose(self, cands: list[Request], waiting: Mapping[str, Draft], plans: dict[str, DraftPlan]) -> set[str]:
+        """The candidates that verify this round (``select_batch`` under the round's caps);
+        never none: the oldest request always goes."""
+        if not cands:
+            return set()
+        now = time.monotonic()
+        pool = []
+        for r in cands:
+            d = waiting.get(r.rid)
+            planned = d.tree.n if d is not None else 1 + (plans[r.rid].draft_len if r.rid in plans else 0) * \
+                max(1, self.n_drafters if r.params.mode is Mode.SPECINFER else 1)
+            pool.append(PendingRequest(rid=r.rid, seq_len=len(r.committed), planned_tokens=planned,
+                                       waiting_s=now - r.wait_since, cache_tokens=len(r.committed) + planned))
+        sch = self.cfg.controller.scheduling
+        n = self.n_verifiers
+        chosen = select_batch(pool, self.costs.profile, max_batch=sch.max_batch * n,
+                              max_verify_tokens=sch.max_verify_tokens * n, memory_budget_tokens=self.kv_budget,
+                              latency_weight=sch.latency_weight,
+                              latency_bound_s=sch.latency_bound_ms / 1000.0 if sch.latency_bound_ms else None)
+        ids = set(chosen)
+        if not ids:  # never starve: the oldest request always goes
+            ids = {max(pool, key=lambda p: p.waiting_s).rid}
+        return ids
