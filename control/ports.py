@@ -12,13 +12,30 @@ overhead, reported in the serve stats (``actor_wait``).
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
-from typing import Any, Callable
+from typing import Any, Callable, TypeVar
 
 log = logging.getLogger("cosine.control.ports")
 
 KINDS = ("router", "fuser", "drafters", "verifiers")
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def told(method: F) -> F:
+    """For the methods the core calls as tells: an error is logged, never raised. A tell
+    has no future to carry it, and a Pykka actor that raises on a tell stops."""
+
+    @functools.wraps(method)
+    def safe(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return method(*args, **kwargs)
+        except Exception:  # noqa: BLE001 - see above
+            log.exception("%s failed", method.__qualname__)
+            return None
+    return safe  # type: ignore[return-value]
 
 
 class Done:

@@ -22,6 +22,8 @@ import numpy as np
 from cosine.security import CurveKeys
 from cosine.workers.client import WorkerClient, WorkerError
 
+from .ports import told
+
 log = logging.getLogger("cosine.control.proxies")
 
 
@@ -157,6 +159,7 @@ class VerifierProxy(WorkerProxy):
             off += n
         return Timed(out, time.perf_counter() - t0)
 
+    @told
     def release(self, rids: list[str]) -> None:
         if rids:
             try:
@@ -277,6 +280,7 @@ class DrafterProxy(WorkerProxy):
         except (WorkerError, TimeoutError, OSError):
             pass
 
+    @told
     def release(self, rids: list[str]) -> None:
         mine = [r for r in rids if r in self.cached]
         for r in mine:

@@ -302,3 +302,20 @@ def test_in_process_core_has_no_actor_wait_to_speak_of(tmp_path: Path) -> None:
     st = h.core.stats()
     assert st["ticks"] > 0 and st["actor_wait"]["gets_per_round"]["router"] > 0
     assert st["actor_wait"]["per_round_ms"]["router"] < 5.0
+
+
+def test_a_failing_tell_leaves_its_actor_running() -> None:
+    """A Pykka actor stops when a tell raises; the methods the core tells (ports.told) log
+    the error instead, so a bad update cannot take the router down with every later round."""
+    from cosine.control.actors import RouterActor
+
+    router = Router([DrafterInfo("a"), DrafterInfo("b")], classifier=KeywordClassifier())
+    ref = RouterActor.start(router)
+    try:
+        port = ref.proxy().service
+        port.start("r", "x").get(timeout=5)
+        port.update_many.defer([("r", "a", 0.5)], [])  # malformed: raises inside the actor
+        assert port.select_many([("r", 1, {"a", "b"})]).get(timeout=5) == {"r": ["a"]}
+        assert ref.is_alive()
+    finally:
+        ref.stop()

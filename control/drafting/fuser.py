@@ -11,6 +11,7 @@ import numpy as np
 
 from cosine.tree import TokenTree
 
+from ..ports import told
 from .fusion import Calibration, make_rule, weighted
 from .guide import pick_guide
 from .trees import Proposal, fuse_candidates
@@ -77,6 +78,7 @@ class Fuser:
         chance of being accepted is below min_gain tokens are not worth their verify cost."""
         return [tree.prune(self.confidence(tree, domain), gain) for tree, domain, gain in items]
 
+    @told
     def observe(self, labels: list[tuple[str, int, float, bool]]) -> None:
         """Verified candidates (domain, drafter, its prob, target agreed) teach calibration."""
         if self.calibration is not None:

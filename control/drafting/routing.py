@@ -15,6 +15,8 @@ from typing import Collection, Sequence
 import numpy as np
 
 from cosine.config import RoutingConfig
+
+from ..ports import told
 from .domains import DomainClassifier, KeywordClassifier
 
 
@@ -210,6 +212,7 @@ class Router:
         """``select`` for many requests; asks: (rid, how many, the drafters it may use now)."""
         return {rid: list(self.select(rid, available=avail, k=k, anchor=anchor)) for rid, k, avail in asks if avail}
 
+    @told
     def update_many(self, updates: Sequence[tuple[str, str, float, int, int]],
                     rounds: Sequence[tuple[str, int]]) -> None:
         """``update`` (rid, drafter, confidence, accepted, proposed) and ``record_round``
@@ -226,6 +229,7 @@ class Router:
             except KeyError:
                 pass
 
+    @told
     def finish_many(self, rids: Sequence[str]) -> None:
         for rid in rids:
             self.finish(rid)
