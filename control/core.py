@@ -226,7 +226,7 @@ class ControlCore:
         drafters = {d.name: {"alive": d.alive, "busy_s": d.busy_s,
                              "idle_frac": max(0.0, 1.0 - d.busy_s / wall) if s.wall_s else None}
                     for d in self.drafters.slots}
-        calibration = self.waits.get(self.fuser.calibration_table(), "fuser")
+        calibration = self.fuser.calibration_table().get()  # between rounds: not the round's wait
         return {
             "uptime_s": time.monotonic() - s.started, "mode": self.cc.mode, "pipelined": self.pipelined,
             "active_requests": len(self.requests), "queued_requests": len(self.incoming),

@@ -81,7 +81,7 @@ class Drafters:
                 continue
             if d.probe is not None:
                 try:
-                    ok = self.waits.get(d.probe, "drafters", timeout=0)
+                    ok = d.probe.get(timeout=0)  # a poll: the round never waits on a probe
                 except pykka.Timeout:
                     continue
                 d.probe = None
@@ -165,7 +165,7 @@ class Drafters:
         assert d.warm is not None
         fut, rids = d.warm
         try:
-            res: Timed = self.waits.get(fut, "drafters", timeout=0)
+            res: Timed = fut.get(timeout=0)  # a poll: the round never waits on a background prefill
         except pykka.Timeout:
             return
         d.warm = None
