@@ -68,7 +68,8 @@ class ControlCore:
                  + ("" if cc.pipeline != "auto" else
                     (" (drafters and verifiers on separate hardware)" if self.pipelined else
                      " (a drafter shares a host and device with a verifier)"))
-                 + f"; model drafters prefill new prompts {'in the background' if self.drafters.background else 'inline'}")
+                 + "; model drafters prefill new prompts "
+                 + ("in the background" if self.drafters.background else "inline"))
 
     # -- the round -----------------------------------------------------------------------
     def step(self) -> None:

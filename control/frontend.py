@@ -90,7 +90,8 @@ def parse_params(h: dict[str, Any], cc: ControllerConfig, lim: LimitsConfig, dra
     """The client's rid and the generation parameters of a generate header."""
     unknown = sorted(str(k) for k in set(h) - GENERATE_KEYS)  # keys may be bytes: never compare mixed types
     if unknown:
-        raise _bad(f"unknown field(s) {unknown}; generate takes {sorted(GENERATE_KEYS - {'v', 'op', 'seq', 'arrays'})}")
+        takes = sorted(GENERATE_KEYS - {"v", "op", "seq", "arrays"})
+        raise _bad(f"unknown field(s) {unknown}; generate takes {takes}")
     rid = h.get("rid", None)
     if rid is None:
         rid = uuid.uuid4().hex
@@ -123,8 +124,9 @@ def parse_params(h: dict[str, Any], cc: ControllerConfig, lim: LimitsConfig, dra
     drafters = h.get("drafters", None) or []
     if not isinstance(drafters, list) or not all(isinstance(n, str) for n in drafters):
         raise _bad("drafters must be a list of drafter worker names")
-    if set(drafters) - drafter_names:
-        raise _bad(f"unknown drafter(s) {sorted(set(drafters) - drafter_names)}; this server has {sorted(drafter_names)}")
+    unknown = sorted(set(drafters) - drafter_names)
+    if unknown:
+        raise _bad(f"unknown drafter(s) {unknown}; this server has {sorted(drafter_names)}")
     seed = h.get("seed", None)
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2 ** 63):
         raise _bad("seed must be a non-negative integer or absent")
@@ -198,7 +200,8 @@ class Frontend:
         op = h.get("op")
         try:
             if h.get("v") != VERSION:
-                raise ProtocolError("version", f"protocol version {h.get('v')!r} not supported; this server speaks {VERSION}")
+                raise ProtocolError("version", f"protocol version {h.get('v')!r} not supported; "
+                                               f"this server speaks {VERSION}")
             if not isinstance(h.get("seq"), int) or isinstance(h.get("seq"), bool):
                 raise ProtocolError("bad_request", "header needs an integer 'seq'")
             ops = {"generate": self._generate, "cancel": self._cancel, "health": self._health, "stats": self._stats}

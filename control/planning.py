@@ -85,7 +85,8 @@ class BatchGate:
         profile = self.costs.profile
 
         def pays() -> bool:
-            verify = self.costs.call_verify_s if measured else (lambda n: profile.verify_s(B, max(1, round(n / B)), seq))
+            verify = (self.costs.call_verify_s if measured
+                      else (lambda n: profile.verify_s(B, max(1, round(n / B)), seq)))
             draft = (lambda k: step * k) if step is not None else (lambda k: profile.draft_s(S, k, seq))
             fresh = sum(len(r.committed) for r in reqs if r.rid in cos and not r.drafted)
             return speculation_pays(wide, {rid: self.spec.rates(rid) for rid in cos}, verify, draft,

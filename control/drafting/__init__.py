@@ -44,7 +44,8 @@ class Drafting:
         self.stats, self.waits = stats, waits
         self._prefill_s = 0.0
 
-    def draft(self, reqs: list[Request], plans: dict[str, DraftPlan], n_requests: int) -> tuple[dict[str, Draft], float]:
+    def draft(self, reqs: list[Request], plans: dict[str, DraftPlan],
+              n_requests: int) -> tuple[dict[str, Draft], float]:
         """A draft per request (the root alone where it does not speculate), and the longest
         drafter prompt prefill the ops included (not drafting: paid once per request)."""
         self._prefill_s = 0.0

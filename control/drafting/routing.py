@@ -208,7 +208,8 @@ class Router:
         return picks
 
     # -- batches: one message each to the router's actor -----------------------------------
-    def select_many(self, asks: Sequence[tuple[str, int, Collection[str]]], anchor: bool = True) -> dict[str, list[str]]:
+    def select_many(self, asks: Sequence[tuple[str, int, Collection[str]]],
+                    anchor: bool = True) -> dict[str, list[str]]:
         """``select`` for many requests; asks: (rid, how many, the drafters it may use now)."""
         return {rid: list(self.select(rid, available=avail, k=k, anchor=anchor)) for rid, k, avail in asks if avail}
 
