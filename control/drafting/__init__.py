@@ -13,7 +13,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from typing import Any
 
@@ -27,7 +26,7 @@ from ..stats import ControllerStats
 from .chain import draft_chains
 from .drafters import DrafterSlot, Drafters
 from .fused import draft_fused
-from .trees import Draft
+from .trees import Draft, Proposal
 
 log = logging.getLogger("cosine.control.drafting")
 
@@ -136,7 +135,7 @@ class Drafting:
             new = {int(o): i for i, o in enumerate(kept)}
             self.stats.pruned_nodes += d.tree.n - tree.n
             d.tree = tree
-            d.labels = [dataclasses.replace(p, parent=new[p.parent]) for p in d.labels if p.parent in new]
+            d.labels = [Proposal(p.drafter, p.token, p.prob, new[p.parent], p.q) for p in d.labels if p.parent in new]
 
     # -- per-request policies ------------------------------------------------------------
     def siblings(self, r: Request) -> int:
