@@ -1,9 +1,13 @@
-"""Worker proxy actors: each owns one worker's DEALER socket (created on the actor thread).
+"""The objects behind the worker proxy actors: each owns one worker's DEALER connection.
 
-DrafterProxyActor also owns the bookkeeping of what its worker's cache holds per request,
+``DrafterProxy`` also keeps the bookkeeping of what its worker's cache holds per request,
 so callers only say "draft k tokens after this context" and the proxy works out
 ``keep``/``feed`` by the system convention (docs/design.md): the cache never holds the
 context's last token; it is rolled back to the longest common prefix and the rest is fed.
+
+Pure apart from the connection, which ``connect`` makes (a ``WorkerClient`` by default;
+``connect=`` gives tests a fake worker). The actors (control/actors.py) connect on their
+own thread, since a ZeroMQ socket belongs to one thread.
 """
 
 from __future__ import annotations
@@ -11,15 +15,26 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable, Protocol
 
 import numpy as np
-import pykka
 
 from cosine.security import CurveKeys
 from cosine.workers.client import WorkerClient, WorkerError
 
+from .ports import told
+
 log = logging.getLogger("cosine.control.proxies")
+
+
+class Connection(Protocol):
+    """What a proxy needs of a worker connection (``WorkerClient`` has it)."""
+
+    def call(self, op: str, header_fields: dict[str, Any] | None = None,
+             arrays: dict[str, np.ndarray] | None = None,
+             timeout_s: float | None = None) -> tuple[dict[str, Any], dict[str, np.ndarray]]: ...
+
+    def close(self) -> None: ...
 
 
 # Worker errors about particular requests, not about the worker: the drafter stays in use.
@@ -75,20 +90,21 @@ class Timed:
     extra: dict = field(default_factory=dict)
 
 
-class _WorkerProxy(pykka.ThreadingActor):
-    def __init__(self, name: str, endpoint: str, timeout_s: float, curve: CurveKeys | None = None):
-        super().__init__()
+class WorkerProxy:
+    """One worker's connection, made by ``connect`` on the thread that will use it."""
+
+    def __init__(self, name: str, endpoint: str, timeout_s: float, curve: CurveKeys | None = None,
+                 connect: Callable[[], Connection] | None = None):
         self.name, self.endpoint, self.timeout_s, self.curve = name, endpoint, timeout_s, curve
-        self.client: WorkerClient | None = None
+        self._connect = connect or (lambda: WorkerClient(endpoint, timeout_s, curve=curve))
+        self.client: Connection | None = None
 
-    def on_start(self) -> None:
-        self.client = WorkerClient(self.endpoint, self.timeout_s, curve=self.curve)
+    def connect(self) -> None:
+        if self.client is None:
+            self.client = self._connect()
 
-    def on_stop(self) -> None:
-        self._close()
-
-    def _close(self) -> None:
-        if self.client is not None and hasattr(self.client, "close"):
+    def close(self) -> None:
+        if self.client is not None:
             try:
                 self.client.close()
             except Exception:  # noqa: BLE001 - closing a broken socket must not mask the real error
@@ -96,6 +112,7 @@ class _WorkerProxy(pykka.ThreadingActor):
 
     def call(self, op: str, fields: dict[str, Any], arrays: dict[str, np.ndarray] | None = None,
              timeout_s: float | None = None) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+        self.connect()
         assert self.client is not None
         return self.client.call(op, fields, arrays or {}, timeout_s=timeout_s)
 
@@ -106,7 +123,7 @@ class _WorkerProxy(pykka.ThreadingActor):
         return self.call("stats", {})[0]
 
 
-class VerifierProxyActor(_WorkerProxy):
+class VerifierProxy(WorkerProxy):
     """Target worker: prefill, tree verify (with inline commit), release. Stateless."""
 
     def prefill(self, items: list[tuple[str, list[int]]]) -> Timed:
@@ -142,6 +159,7 @@ class VerifierProxyActor(_WorkerProxy):
             off += n
         return Timed(out, time.perf_counter() - t0)
 
+    @told
     def release(self, rids: list[str]) -> None:
         if rids:
             try:
@@ -150,13 +168,12 @@ class VerifierProxyActor(_WorkerProxy):
                 log.warning("release on verifier %s failed: %s", self.name, e)
 
 
-class DrafterProxyActor(_WorkerProxy):
+class DrafterProxy(WorkerProxy):
     """Drafter worker plus a mirror of what its cache holds for each request."""
 
-    def __init__(self, name: str, endpoint: str, timeout_s: float, index: int, curve: CurveKeys | None = None,
-                 context_window: int = 0):
-        super().__init__(name, endpoint, timeout_s, curve)
-        self.index = index
+    def __init__(self, name: str, endpoint: str, timeout_s: float, curve: CurveKeys | None = None,
+                 context_window: int = 0, connect: Callable[[], Connection] | None = None):
+        super().__init__(name, endpoint, timeout_s, curve, connect)
         self.cached: dict[str, list[int]] = {}  # rid -> tokens in the worker's cache
         # A drafter only proposes, so it may see just the last ``context_window`` prompt
         # tokens (0 = all): its prompt prefill then costs a fixed amount however long the
@@ -167,7 +184,6 @@ class DrafterProxyActor(_WorkerProxy):
         # that timed out or failed in transport. Their messages may still arrive (a link that
         # comes back delivers what was queued), so they are released when a probe succeeds.
         self.unsure: set[str] = set()
-        self.busy_s = 0.0
 
     def draft(self, jobs: list[DraftJob]) -> Timed:
         """One draft op for all jobs (after a prefill op for requests new to this worker)."""
@@ -205,7 +221,6 @@ class DrafterProxyActor(_WorkerProxy):
                                       dists=np.asarray(a["probs"][sl]) if j.return_probs and "probs" in a else None)
             off += k
         dt = time.perf_counter() - t0
-        self.busy_s += dt
         # the prompt prefill is paid once per request: speculation control must not count it
         # as the cost of drafting
         return Timed(out, dt, extra={"prefill_s": prefill_s, "prefill_tokens": prefill_tokens})
@@ -235,13 +250,10 @@ class DrafterProxyActor(_WorkerProxy):
             n = self._prefill_new(items)
         except (WorkerError, TimeoutError, OSError) as e:
             return self._failed(e, [rid for rid, _ in items], t0)
-        dt = time.perf_counter() - t0
-        self.busy_s += dt
-        return Timed(n, dt)  # value: prompt tokens prefilled
+        return Timed(n, time.perf_counter() - t0)  # value: prompt tokens prefilled
 
     def _failed(self, e: Exception, rids: list[str], t0: float) -> Timed:
         dt = time.perf_counter() - t0
-        self.busy_s += dt
         if isinstance(e, WorkerError) and e.code in SOFT_CODES:
             # The batch failed as a whole and changed nothing on the worker, but our mirror
             # may be stale (worker restarted or freed idle requests): drop those requests
@@ -268,6 +280,7 @@ class DrafterProxyActor(_WorkerProxy):
         except (WorkerError, TimeoutError, OSError):
             pass
 
+    @told
     def release(self, rids: list[str]) -> None:
         mine = [r for r in rids if r in self.cached]
         for r in mine:
@@ -298,7 +311,3 @@ class DrafterProxyActor(_WorkerProxy):
                 return False
         self.unsure.clear()
         return True
-
-    def take_busy(self) -> float:
-        b, self.busy_s = self.busy_s, 0.0
-        return b

@@ -1,79 +1,13 @@
-"""Batch scheduling: profiled linear cost models and the greedy choice of which pending
-requests verify in the next round. Formulas: docs/algorithms.md, "Batch scheduling"."""
+"""Batch scheduling: the greedy choice of which pending requests verify in the next round,
+ranked by the profiled cost model (control/costs.py). Formulas: docs/algorithms.md,
+"Batch scheduling". The planning phase (control/planning.py, ``Scheduler``) calls it."""
 
 from __future__ import annotations
 
-import itertools
 from dataclasses import dataclass
 from typing import Sequence
 
-import numpy as np
-
-Coef = tuple[float, float, float]  # (constant, per batch*tokens, per batch*seq_len), seconds
-
-
-def _nnls3(x: np.ndarray, y: np.ndarray) -> np.ndarray:
-    """Non-negative least squares for a handful of features, exactly: the NNLS optimum is
-    the unconstrained least-squares fit on its own support, so try every support (2^3 here)
-    with numpy.linalg.lstsq and keep the best feasible one. Ties (collinear features, few
-    samples) go to the smaller support, then to the one listed first (constant first)."""
-    n_feat = x.shape[1]
-    best, best_key = np.zeros(n_feat), (float(np.sum(y * y)), 0, ())
-    tol = 1e-12 * max(1.0, best_key[0])
-    for size in range(1, n_feat + 1):
-        for support in itertools.combinations(range(n_feat), size):
-            sol, *_ = np.linalg.lstsq(x[:, support], y, rcond=None)
-            if np.any(sol < 0):
-                continue
-            coef = np.zeros(n_feat)
-            coef[list(support)] = sol
-            res = float(np.sum((x @ coef - y) ** 2))
-            if res < best_key[0] - tol:
-                best, best_key = coef, (res, size, support)
-    return best
-
-
-def _fit(samples: Sequence[tuple[float, float, float, float]], default: Coef) -> Coef:
-    if not samples:
-        return default
-    a = np.asarray(samples, dtype=np.float64).reshape(-1, 4)
-    batch, work, seq, secs = a.T
-    x = np.stack([np.ones_like(batch), batch * work, batch * seq], axis=1)
-    c = _nnls3(x, np.maximum(secs, 0.0))
-    return (float(c[0]), float(c[1]), float(c[2]))
-
-
-def _predict(c: Coef, batch: float, work: float, seq_len: float) -> float:
-    return max(0.0, c[0] + c[1] * batch * work + c[2] * batch * seq_len)
-
-
-@dataclass
-class CostModel:
-    """t = c0 + c1*batch*tokens + c2*batch*seq_len for a verify call (tokens: tree nodes
-    per request, seq_len: longest sequence) and likewise for a draft call (steps)."""
-    verify_coef: Coef = (0.02, 5e-4, 1e-6)
-    draft_coef: Coef = (1e-3, 5e-3, 1e-7)
-
-    def verify_s(self, batch: int, tokens: int, seq_len: int) -> float:
-        return _predict(self.verify_coef, batch, tokens, seq_len)
-
-    def draft_s(self, batch: int, steps: int, seq_len: int) -> float:
-        return _predict(self.draft_coef, batch, steps, seq_len)
-
-    @classmethod
-    def default(cls) -> "CostModel":
-        """Placeholder shape (a mostly flat verify, a per-step draft) for when no profile
-        exists; only ratios matter to select_batch, so rough magnitudes are fine."""
-        return cls()
-
-    @classmethod
-    def fit(cls, samples_verify: Sequence[tuple[int, int, int, float]],
-            samples_draft: Sequence[tuple[int, int, int, float]]) -> "CostModel":
-        """Least squares with non-negative coefficients over [1, batch*tokens, batch*seq_len].
-        Samples are (batch, tokens, seq_len, seconds) and (batch, steps, seq_len, seconds);
-        a model without samples keeps the default."""
-        d = cls.default()
-        return cls(_fit(samples_verify, d.verify_coef), _fit(samples_draft, d.draft_coef))
+from .costs import CostModel
 
 
 @dataclass(frozen=True)

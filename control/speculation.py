@@ -14,6 +14,8 @@ from typing import Callable, Mapping, Sequence
 
 from cosine.config import SpeculationConfig
 
+from .costs import CostBook, VerifyFit, ewma
+
 
 @dataclass(frozen=True)
 class DraftPlan:
@@ -50,47 +52,6 @@ def expected_tokens(alpha: float, k: int, alpha_next: float | Sequence[float] | 
         reach *= alpha if i == 0 else later[min(i - 1, len(later) - 1)]
         e += reach
     return e
-
-
-def ewma(old: float | None, new: float, keep: float) -> float:
-    return new if old is None else keep * old + (1.0 - keep) * new
-
-
-class VerifyFit:
-    """Exponentially weighted least squares of verify time on tree size n:
-    t(n) = a + b*n. Shared by all requests: it is a property of the verifier."""
-
-    def __init__(self, decay: float):
-        self.decay = decay
-        self.w = self.sn = self.st = self.snn = self.snt = 0.0
-
-    def add(self, n: float, t: float) -> None:
-        d = self.decay
-        self.w = d * self.w + 1.0
-        self.sn = d * self.sn + n
-        self.st = d * self.st + t
-        self.snn = d * self.snn + n * n
-        self.snt = d * self.snt + n * t
-
-    def spread(self) -> float:
-        """Weighted variance of the sizes seen: 0 until two different sizes were measured."""
-        if self.w == 0.0:
-            return 0.0
-        mn = self.sn / self.w
-        return max(0.0, self.snn / self.w - mn * mn)
-
-    def predict(self, n: float, token_frac: float) -> float | None:
-        if self.w == 0.0:
-            return None
-        mn, mt = self.sn / self.w, self.st / self.w
-        var = self.snn / self.w - mn * mn
-        if var > 1e-6 * max(1.0, mn * mn):
-            b = max(0.0, (self.snt / self.w - mn * mt) / var)
-        else:
-            # One tree size seen so far: assume each extra token costs token_frac of the mean.
-            b = token_frac * mt / max(mn, 1.0)
-        a = max(0.0, mt - b * mn)
-        return a + b * n
 
 
 class _Rates:
@@ -148,7 +109,8 @@ class SpeculationController:
                  ema: float = 0.5, alpha_init: float = 0.6, min_rounds: int = 2,
                  idle_high: float = 0.25, queue_high: int = 8, bias_step: float = 0.5,
                  bias_decay: float = 0.9, verify_decay: float = 0.95, verify_token_frac: float = 0.05,
-                 alpha_keep: float = 0.85, alpha_prior: float = 4.0, min_gain: float = 0.0):
+                 alpha_keep: float = 0.85, alpha_prior: float = 4.0, min_gain: float = 0.0,
+                 costs: CostBook | None = None):
         if not 1 <= min_draft_len <= draft_len <= max_draft_len:
             raise ValueError("SpeculationController: need 1 <= min_draft_len <= draft_len <= max_draft_len, got "
                              f"{min_draft_len}, {draft_len}, {max_draft_len}")
@@ -165,7 +127,6 @@ class SpeculationController:
         self.min_rounds = max(1, min_rounds)
         self.idle_high, self.queue_high = idle_high, queue_high
         self.bias_step, self.bias_decay = bias_step, bias_decay
-        self.verify_token_frac = verify_token_frac
         self.min_gain = min_gain
         # Pipeline bias in draft steps; beyond the draft-length range it spills into tree width.
         self.bias_limit = float((max_draft_len - min_draft_len) + (max_tree_width - 1))
@@ -181,9 +142,9 @@ class SpeculationController:
         # (shrunk towards the global ones), so a code request after a German one does not
         # open with German-length drafts.
         self._d_rates: dict[str, _Rates] = {}
-        self.draft_step_global: float | None = None
-        self.plain_tok_s: float | None = None  # EMA of a plain (one-token) target step
-        self._verify = VerifyFit(verify_decay)
+        # The verify line, the plain step and the global draft step live in the cost book
+        # (shared with the batch gate when the controller passes its own).
+        self.costs = costs or CostBook(verify_trees=VerifyFit(verify_decay), token_frac=verify_token_frac, keep=ema)
         self._reqs: dict[str, _ReqState] = {}
 
     @classmethod
@@ -209,13 +170,20 @@ class SpeculationController:
     def forget(self, rid: str) -> None:
         self._reqs.pop(rid, None)
 
-    # -- cost model ----------------------------------------------------------------------
+    # -- cost model (control/costs.py) -----------------------------------------------------
     def verify_s(self, n_tokens: int) -> float:
         """Predicted verify time of an n-token tree (0 before any measurement)."""
-        t = self._verify.predict(n_tokens, self.verify_token_frac)
-        if t is None and self.plain_tok_s is not None:
-            t = self.plain_tok_s * (1.0 + self.verify_token_frac * (n_tokens - 1))
-        return t or 0.0
+        return self.costs.tree_verify_s(n_tokens)
+
+    @property
+    def draft_step_global(self) -> float | None:
+        """One draft step over all requests (a new request's first estimate)."""
+        return self.costs.draft_step_s
+
+    @property
+    def plain_tok_s(self) -> float | None:
+        """EMA of a plain (one-token) target step."""
+        return self.costs.plain_step_s
 
     def best_draft_len(self, rid: str, tree_width: int = 1) -> int:
         """argmax over k in [min, max] of E(k) / (verify_s(1 + k*width) + draft_step_s*k);
@@ -323,9 +291,7 @@ class SpeculationController:
 
     # -- feedback ------------------------------------------------------------------------
     def observe_plain(self, verify_s_single_token: float) -> None:
-        if verify_s_single_token > 0:
-            self.plain_tok_s = ewma(self.plain_tok_s, float(verify_s_single_token), self.ema)
-            self._verify.add(1.0, float(verify_s_single_token))
+        self.costs.observe_plain_step(verify_s_single_token)
 
     def observe(self, rid: str, drafted: int, accepted: int, draft_s: float, verify_s: float,
                 depth: int | None = None, overlapped_s: float = 0.0, steps: int = 0) -> None:
@@ -353,9 +319,9 @@ class SpeculationController:
             st.est = st.rates.rates(self.prior(st.domain), self.alpha_prior)
             per_step = draft_s / max(depth, int(steps))
             st.draft_step_s = ewma(st.draft_step_s, per_step, self.ema)
-            self.draft_step_global = ewma(self.draft_step_global, per_step, self.ema)
+            self.costs.observe_draft_step(per_step)
         if verify_s > 0:
-            self._verify.add(1.0 + drafted, verify_s)
+            self.costs.observe_tree(1.0 + drafted, verify_s)
         st.tok_ema = ewma(st.tok_ema, accepted + 1.0, self.ema)
         st.time_ema = ewma(st.time_ema, verify_s + draft_s, self.ema)
         st.rounds_on += 1

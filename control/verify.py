@@ -187,3 +187,12 @@ def verify_stochastic(tree: TokenTree, target_probs: np.ndarray,
             return _result(tree, nodes, _sample(p, rng))  # all rejected: correction token
         nodes.append(accepted)
         u = accepted
+
+
+def accept(tree: TokenTree, argmax: np.ndarray, logits: np.ndarray | None, temperature: float, top_p: float,
+           dists: Mapping, rng: np.random.Generator) -> VerifyResult:
+    """The accepted path of a verified tree: greedy matching, or multi-step speculative
+    sampling against the drafters' distributions ``dists`` when sampling."""
+    if temperature <= 0 or logits is None:
+        return verify_greedy(tree, argmax)
+    return verify_stochastic(tree, target_distribution(logits, temperature, top_p), dists, rng)

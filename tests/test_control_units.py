@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from hypothesis import given, strategies as st
 
-from cosine.control.pool import Detokenizer, GenParams, Request
+from cosine.control.request import Detokenizer, GenParams, Request
 from cosine.control.proxies import plan_feed
 
 WORDS = {i: w for i, w in enumerate(["a", "b", "c", " ", "é"[0], "x", "yz", "\n", "st", "op"])}

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from cosine.control.engagement import FREE, Engagement
+from cosine.control.drafting.engagement import FREE, Engagement
 
 
 def test_declared_drafter_is_engaged_before_any_data():

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from cosine.control.fusion import (FUSION_RULES, Candidate, DraftStep, fuse_step, make_rule,
+from cosine.control.drafting.fusion import (FUSION_RULES, Candidate, DraftStep, fuse_step, make_rule,
                                    max_confidence, prob_sum, vote)
 from cosine.tree import TokenTree
 
@@ -103,7 +103,7 @@ def test_fusion_builds_union_with_fused_path(steps, rule_name):
 
 
 def test_weighted_rule_trusts_track_record_over_raw_confidence() -> None:
-    from cosine.control.fusion import weighted
+    from cosine.control.drafting.fusion import weighted
 
     cands = [Candidate(0, 11, 0.6), Candidate(1, 22, 0.8)]
     base = make_rule("max")
@@ -118,7 +118,7 @@ def test_weighted_rule_trusts_track_record_over_raw_confidence() -> None:
 def test_calibration_learns_which_drafter_to_trust() -> None:
     """A drafter that states 0.9 but is right 20% of the time loses fusion to one that
     states 0.6 and is right 80% of the time, once the verified examples say so; per domain."""
-    from cosine.control.fusion import Calibration, max_confidence
+    from cosine.control.drafting.fusion import Calibration, max_confidence
 
     cal = Calibration()
     cands = [Candidate(0, 10, 0.9), Candidate(1, 11, 0.6)]
@@ -138,7 +138,7 @@ def test_calibration_learns_which_drafter_to_trust() -> None:
 @settings(max_examples=50, deadline=None)
 @given(st.lists(st.tuples(st.integers(0, 2), st.floats(0, 1), st.booleans()), max_size=60), st.floats(0, 1))
 def test_calibration_confidence_is_a_probability(obs, p) -> None:
-    from cosine.control.fusion import Calibration
+    from cosine.control.drafting.fusion import Calibration
 
     cal = Calibration(cap=10.0)
     for d, q, ok in obs:
@@ -150,16 +150,17 @@ def test_calibration_confidence_is_a_probability(obs, p) -> None:
 
 
 def test_agreement_labels_every_candidate_on_its_own_prefix() -> None:
-    from cosine.control.rounds import agreement
+    from cosine.control.drafting.trees import Proposal, agreement
 
     # root 0 -> a(1) -> b(2); root -> c(3). Target argmax per node: after root 7, after a 8.
     argmax = np.array([7, 8, 5, 6])
-    cands = [(0, 0.9, 7, 0), (0, 0.8, 9, 1), (1, 0.4, 3, 0), (1, 0.5, 8, 1)]
+    cands = [Proposal(drafter=d, token=t, prob=p, parent=u) for d, p, t, u in
+             [(0, 0.9, 7, 0), (0, 0.8, 9, 1), (1, 0.4, 3, 0), (1, 0.5, 8, 1)]]
     assert agreement(cands, argmax) == [(0, 0.9, True), (0, 0.8, False), (1, 0.4, False), (1, 0.5, True)]
 
 
 def test_calibrated_confidences_prune_the_drafter_that_is_never_right() -> None:
-    from cosine.control.fusion import Calibration
+    from cosine.control.drafting.fusion import Calibration
 
     cal = Calibration()
     for _ in range(200):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from cosine.control.guide import guide_length, pick_guide, still_valid
+from cosine.control.drafting.guide import guide_length, pick_guide, still_valid
 
 
 @pytest.mark.parametrize("seed", range(20))

@@ -11,9 +11,9 @@ from hypothesis import strategies as st
 
 from cosine.bench.prompts import BUILTIN
 from cosine.config import RoutingConfig
-from cosine.control.domains import (DomainClassifier, KeywordClassifier, NgramClassifier, features, make_classifier,
+from cosine.control.drafting.domains import (DomainClassifier, KeywordClassifier, NgramClassifier, features, make_classifier,
                                     sample_text)
-from cosine.control.routing import DrafterInfo, Router, harmonic_mean
+from cosine.control.drafting.routing import DrafterInfo, Router, harmonic_mean
 
 DRAFTERS = [DrafterInfo("general"), DrafterInfo("coder", ("code",)), DrafterInfo("writer", ("prose", "docs")),
             DrafterInfo("deutsch", ("german",))]

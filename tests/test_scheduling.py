@@ -7,7 +7,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cosine.control.scheduling import CostModel, PendingRequest, select_batch
+from cosine.control.costs import CostModel
+from cosine.control.scheduling import PendingRequest, select_batch
 
 
 def req(rid, seq=100, tokens=5, wait=0.0, cache=None):

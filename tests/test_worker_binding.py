@@ -14,7 +14,7 @@ from cosine.config import LimitsConfig, ModelConfig, WorkerConfig
 from cosine.tree import ancestor_mask, depths
 from cosine.workers.engine import Engine
 from cosine.workers.kvcache import KVCache
-from cosine.workers.ops import Ops
+from cosine.workers.neural import NeuralOps
 from cosine.workers.stats import Stats
 
 torch = pytest.importorskip("torch")
@@ -23,14 +23,14 @@ PROMPTS = {"a": [3, 1, 4, 1, 5, 9, 2, 6, 5], "b": [2, 7, 1, 8]}
 PARENTS = [-1, 0, 0, 1, 1, 2]
 
 
-def _ops(engine_dir: Path, kind: str, buckets: bool = False) -> Ops:
+def _ops(engine_dir: Path, kind: str, buckets: bool = False) -> NeuralOps:
     e = Engine(engine_dir, threads=1, kv_arrays=kind, buckets=buckets)
     cache = KVCache(e.num_layers, e.num_kv_heads, e.head_dim, e.dtype, budget_tokens=4096,
                     max_tokens=e.max_positions, chunk_tokens=8, arrays=e.arrays)
-    return Ops(e, cache, WorkerConfig("w", "m"), ModelConfig("m", "target", engine="x"), LimitsConfig(), Stats())
+    return NeuralOps(e, cache, WorkerConfig("w", "m"), ModelConfig("m", "target", engine="x"), LimitsConfig(), Stats())
 
 
-def _scenario(ops: Ops) -> list:
+def _scenario(ops: NeuralOps) -> list:
     """prefill (batched), a greedy draft, extend, a batched tree verify, commit, and a
     verify with an inline commit; returns every reply's arrays and lengths."""
     out = []

@@ -294,22 +294,22 @@ def test_drafter_proxy_mirror_follows_chains_that_stopped_early(client: WorkerCl
     """The control plane's drafter proxy keeps a mirror of the worker's cache: after a chain
     that stopped early it must record all drafted tokens but the last, so that the next op,
     on the accepted tokens plus a bonus, feeds exactly what the worker lacks."""
-    from cosine.control.proxies import DrafterProxyActor, DraftJob
+    from cosine.control.proxies import DrafterProxy, DraftJob
 
     rng = np.random.default_rng(12)
     p = prompt(rng, 8, V)
     full = ref_greedy(engine, p, 6)
-    proxy = DrafterProxyActor.start("d", client.endpoint, 30.0, 0).proxy()
+    proxy = DrafterProxy("d", client.endpoint, 30.0)
     try:
-        out = proxy.draft([DraftJob("x0", p, 6, min_reach=[1.0] * 6)]).get()
+        out = proxy.draft([DraftJob("x0", p, 6, min_reach=[1.0] * 6)])
         assert out.error is None and out.value["x0"].tokens == full[:1]  # no probability is 1: stop at once
-        assert proxy.cached.get().get("x0") == p  # the stopped step's token was not fed
+        assert proxy.cached.get("x0") == p  # the stopped step's token was not fed
         ctx = p + full[:2]  # its token accepted, then the target's bonus
-        out = proxy.draft([DraftJob("x0", ctx, 3)]).get()
+        out = proxy.draft([DraftJob("x0", ctx, 3)])
         assert out.error is None and out.value["x0"].tokens == full[2:5]
     finally:
-        proxy.release(["x0"]).get()
-        proxy.stop()
+        proxy.release(["x0"])
+        proxy.close()
 
 
 def test_sampling_is_reproducible_per_seed(client: WorkerClient, V: int) -> None:

@@ -15,17 +15,14 @@ import sys
 import threading
 
 from cosine.config import Config, ConfigError, load
+from cosine.log import setup
 
 log = logging.getLogger("cosine.worker")
 
 
-def _setup_logging(cfg: Config | None, level: str | None) -> None:
-    lvl = (level or (cfg.logging.level if cfg else "INFO")).upper()
-    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
-    if cfg and cfg.logging.file:
-        handlers.append(logging.FileHandler(cfg.logging.file))
-    logging.basicConfig(level=lvl, handlers=handlers, force=True,
-                        format="%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s")
+def _setup_logging(cfg: Config | None, level: str | None, name: str = "worker") -> None:
+    """cosine.log's set-up; the worker's name and pid tell the processes of one log file apart."""
+    setup(level or (cfg.logging.level if cfg else "INFO"), cfg.logging.file if cfg else "", f"{name}[{os.getpid()}]")
 
 
 def pin(cpus: tuple[int, ...], threads: int) -> int:
@@ -57,7 +54,7 @@ def _build_ops(cfg: Config, wcfg, mcfg):
         if mcfg.kind != "neural" else {}
     if mcfg.kind == "neural":
         from .kvcache import KVCache
-        from .ops import Ops
+        from .neural import NeuralOps
 
         engine_dir = cfg.engine_dir(mcfg)
         log.info("worker %s starting: model %s (%s), engine %s, provider %s on %s, threads %s",
@@ -66,9 +63,9 @@ def _build_ops(cfg: Config, wcfg, mcfg):
                         kv_arrays=wcfg.kv_arrays, cuda_graph=wcfg.cuda_graph)
         cache = KVCache(engine.num_layers, engine.num_kv_heads, engine.head_dim, engine.dtype,
                         budget_tokens=wcfg.kv_budget_tokens, max_tokens=engine.max_positions, arrays=engine.arrays)
-        return Ops(engine, cache, wcfg, mcfg, cfg.limits, stats), cache, stats
+        return NeuralOps(engine, cache, wcfg, mcfg, cfg.limits, stats), cache, stats
 
-    from .history import HistoryOps, HistoryStore
+    from .weightfree import HistoryStore, WeightFreeOps
 
     if mcfg.kind == "ngram":
         from .ngram import NgramModel
@@ -88,7 +85,23 @@ def _build_ops(cfg: Config, wcfg, mcfg):
     summary = {"name": mcfg.name, "architecture": mcfg.kind, "vocab_size": V, "num_layers": 0,
                "dtype": "none", "max_positions": int(target["max_positions"])}
     store = HistoryStore(wcfg.kv_budget_tokens, int(target["max_positions"]))
-    return HistoryOps(drafter, store, V, wcfg, mcfg, stats, summary), store, stats
+    return WeightFreeOps(drafter, store, V, wcfg, mcfg, stats, summary), store, stats
+
+
+def _stop_on_signals(name: str) -> threading.Event:
+    """An event set by SIGTERM, SIGINT, and SIGHUP (its ssh session ended: `cosine up
+    --hosts` runs it under ssh -tt) unless nohup ignores that one."""
+    stop = threading.Event()
+
+    def on_signal(signum: int, _frame: object) -> None:
+        log.info("worker %s: %s, shutting down", name, signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    if signal.getsignal(signal.SIGHUP) is not signal.SIG_IGN:
+        signal.signal(signal.SIGHUP, on_signal)
+    return stop
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -107,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
         _setup_logging(None, args.log_level)
         log.error("%s", e)
         return 2
-    _setup_logging(cfg, args.log_level)
+    _setup_logging(cfg, args.log_level, wcfg.name)
 
     # Heavy imports after argument/config errors, which should be instant.
     from cosine.security import stop_authenticators
@@ -123,16 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     server = WorkerServer(ops, cache, stats, wcfg.endpoint, cfg.limits.max_message_bytes, wcfg.idle_timeout_s,
                           security=cfg.security)
 
-    stop = threading.Event()
-
-    def on_signal(signum: int, _frame: object) -> None:
-        log.info("worker %s: %s, shutting down", wcfg.name, signal.Signals(signum).name)
-        stop.set()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
-    if signal.getsignal(signal.SIGHUP) is not signal.SIG_IGN:  # nohup keeps it running
-        signal.signal(signal.SIGHUP, on_signal)  # its ssh session ended (`cosine up --hosts` runs it under ssh -tt)
+    stop = _stop_on_signals(wcfg.name)
     try:
         server.start()
     except RuntimeError as e:

@@ -32,7 +32,7 @@ from .ops import WorkerOps
 from .stats import Stats
 
 if TYPE_CHECKING:
-    from .history import HistoryStore
+    from .weightfree import HistoryStore
 
 log = logging.getLogger("cosine.worker.server")
 

@@ -15,7 +15,9 @@ from typing import Collection, Sequence
 import numpy as np
 
 from cosine.config import RoutingConfig
-from cosine.control.domains import DomainClassifier, KeywordClassifier
+
+from ..ports import told
+from .domains import DomainClassifier, KeywordClassifier
 
 
 ALL_DOMAINS = "*"  # the priors' key for a drafter's record over every domain
@@ -204,6 +206,38 @@ class Router:
             if low:
                 req.window.clear()
         return picks
+
+    # -- batches: one message each to the router's actor -----------------------------------
+    def select_many(self, asks: Sequence[tuple[str, int, Collection[str]]],
+                    anchor: bool = True) -> dict[str, list[str]]:
+        """``select`` for many requests; asks: (rid, how many, the drafters it may use now)."""
+        return {rid: list(self.select(rid, available=avail, k=k, anchor=anchor)) for rid, k, avail in asks if avail}
+
+    @told
+    def update_many(self, updates: Sequence[tuple[str, str, float, int, int]],
+                    rounds: Sequence[tuple[str, int]]) -> None:
+        """``update`` (rid, drafter, confidence, accepted, proposed) and ``record_round``
+        (rid, accepted) for a verified round's requests; one that ended meanwhile (a cancel)
+        has nothing left to learn."""
+        for rid, drafter, conf, acc, prop in updates:
+            try:
+                self.update(rid, drafter, conf, acc, prop)
+            except KeyError:
+                pass
+        for rid, acc in rounds:
+            try:
+                self.record_round(rid, acc)
+            except KeyError:
+                pass
+
+    @told
+    def finish_many(self, rids: Sequence[str]) -> None:
+        for rid in rids:
+            self.finish(rid)
+
+    def scores_many(self, rids: Sequence[str]) -> dict[str, dict[str, float]]:
+        """Current scores per request (empty for one that finished meanwhile)."""
+        return {rid: dict(self._reqs[rid].scores) if rid in self._reqs else {} for rid in rids}
 
     # -- inspection --------------------------------------------------------------------
     def scores(self, rid: str) -> dict[str, float]:

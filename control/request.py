@@ -7,9 +7,20 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Any, Callable
 
 import numpy as np
+
+
+class Mode(StrEnum):
+    """How a request is decoded; chosen once, when the frontend accepts it (the values are
+    the wire names of config.MODES)."""
+
+    AUTOREGRESSIVE = "autoregressive"  # plain decoding: the target verifies its root alone
+    SPECULATIVE = "speculative"        # one drafter's chain per round
+    SPECINFER = "specinfer"            # every drafter's chain, merged into one tree
+    COSINE = "cosine"                  # routed drafters, fused per step, adaptive speculation
 
 
 @dataclass(frozen=True)
@@ -18,7 +29,7 @@ class GenParams:
     temperature: float = 0.0
     top_p: float = 1.0
     stop: tuple[str, ...] = ()
-    mode: str = "cosine"
+    mode: Mode = Mode.COSINE
     stream: bool = False
     seed: int | None = None
     ignore_eos: bool = False  # benchmarks: run to max_tokens
@@ -76,20 +87,10 @@ class Request:
     text: str = ""               # text emitted so far (concatenation of chunks)
     pending_text: str = ""       # decoded but held back (may start a stop string)
     finish_reason: str | None = None
-    # round bookkeeping
-    phase: str = "draft"         # "draft": needs drafts; "verify": has a tree waiting
-    tree: Any = None             # TokenTree built by the drafting half of a round
-    draft_dists: dict = field(default_factory=dict)
-    drafters: list[str] = field(default_factory=list)
-    draft_s: float = 0.0
-    draft_overlap_s: float = 0.0                     # part of draft_s hidden behind verification
-    prefilled: bool = False
-    proposals: dict = field(default_factory=dict)   # drafter name -> (tokens, probs) this round
-    routed: list[str] = field(default_factory=list)  # the drafters the router picked this round
-    cands: list = field(default_factory=list)       # (drafter index, prob, token, parent node) this round
+    # across rounds (a round's own scratch travels in its Draft, control/drafting/trees.py)
     drafted: bool = False                            # has speculated at least once (drafters hold its prompt)
     warmed: set[str] = field(default_factory=set)    # model drafters done prefilling it (or that never will)
-    engaged: set[str] = field(default_factory=set)   # model drafters that draft for it (control/engagement.py)
+    engaged: set[str] = field(default_factory=set)   # model drafters that draft for it (control/drafting/engagement.py)
     commit_nodes: list[int] | None = None            # accepted nodes of the last verify (inline commit)
     client_key: Any = None
     domain: str = ""
@@ -101,7 +102,7 @@ class Request:
     rounds: int = 0
     accepted_drafts: int = 0
     drafters_used: set[str] = field(default_factory=set)
-    wait_since: float = field(default_factory=time.monotonic)
+    wait_since: float = field(default_factory=time.monotonic)  # ready to verify since (scheduling)
 
     def __post_init__(self) -> None:
         if not self.committed:
@@ -174,5 +175,14 @@ class Request:
             "ttft_s": (self.first_token_at or now) - self.arrived,
             "latency_s": latency,
             "tokens_per_s": n / latency if latency > 0 else 0.0,
-            "mode": self.params.mode,
+            "mode": str(self.params.mode),
         }
+
+
+@dataclass
+class Failure:
+    """A request a phase could not serve: the client gets ``code`` and ``message``."""
+
+    request: Request
+    code: str
+    message: str

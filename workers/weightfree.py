@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -22,10 +22,8 @@ from cosine.config import ModelConfig, WorkerConfig
 from cosine.protocol import ProtocolError
 
 from . import validate as val
-from .ops import WorkerOps
+from .ops import Handler, Reply, WorkerOps
 from .stats import Stats
-
-Reply = tuple[dict[str, Any], dict[str, np.ndarray]]
 
 
 class TokenDrafter(Protocol):
@@ -91,12 +89,14 @@ class HistoryStore:
         return gone
 
 
-class HistoryOps(WorkerOps):
+class WeightFreeOps(WorkerOps):
+    """A weight-free drafter: prefill, extend, rollback and draft over token histories."""
+
     def __init__(self, drafter: TokenDrafter, store: HistoryStore, vocab_size: int, worker: WorkerConfig,
                  model: ModelConfig, stats: Stats, summary: dict[str, Any]):
         self.drafter, self.cache, self.V = drafter, store, vocab_size
         self.worker, self.model, self.stats, self.summary = worker, model, stats, summary
-        self.handlers: dict[str, Callable[[dict[str, Any], dict[str, np.ndarray]], Reply]] = {
+        self.handlers: dict[str, Handler] = {
             "prefill": self.prefill, "draft": self.draft, "extend": self.extend, "rollback": self.rollback,
             "release": self.release, "health": self.health, "stats": self.stats_op,
         }

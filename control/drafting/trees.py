@@ -1,4 +1,5 @@
-"""Pure glue between drafter outputs, token trees and verification (no actors, no I/O).
+"""Drafts as token trees: the draft phase's typed hand-off (``Draft``, ``Proposal``) and
+the pure glue from drafter outputs to trees (no actors, no I/O).
 
 Greedy trees may merge equal siblings (verify_greedy only asks "is the argmax among the
 children"). Stochastic trees must NOT: multi-step speculative sampling tests every
@@ -12,9 +13,41 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from cosine.control.fusion import Candidate, DraftStep, fuse_step
-from cosine.control.verify import VerifyResult, target_distribution, verify_greedy, verify_stochastic
 from cosine.tree import TokenTree, merge_trees
+
+from .fusion import Candidate, DraftStep, fuse_step
+
+
+@dataclass(frozen=True)
+class Proposal:
+    """One drafter's candidate token at one tree position: fusion weighs it, and once the
+    target has scored the tree it labels the drafter (routing, calibration)."""
+
+    drafter: int                  # drafter index
+    token: int
+    prob: float                   # the drafter's own probability of the token
+    parent: int                   # the tree node it continues
+    q: np.ndarray | None = None   # the drafter's distribution there (sampling)
+
+
+@dataclass
+class Draft:
+    """One request's drafted tree, from the draft phase to verification and commit. A
+    request that does not speculate this round has the root alone (a plain step)."""
+
+    tree: TokenTree
+    dists: dict = field(default_factory=dict)      # (drafter, parent node) -> q, for verify_stochastic
+    drafters: list[str] = field(default_factory=list)  # the drafters that drafted (names)
+    # drafter name -> its chain this round (tokens, probs): credit by match when no labels
+    proposals: dict[str, tuple[list[int], list[float]]] = field(default_factory=dict)
+    labels: list[Proposal] = field(default_factory=list)  # routed rounds: every candidate drafted
+    routed: list[str] = field(default_factory=list)       # the drafters the router picked
+    draft_s: float = 0.0      # drafting wall time (the drafters' prompt prefill left out)
+    overlap_s: float = 0.0    # the part of draft_s hidden behind verification (pipelining)
+
+    @classmethod
+    def root(cls, token: int) -> "Draft":
+        return cls(root_tree(token))
 
 
 def root_tree(root: int) -> TokenTree:
@@ -66,36 +99,30 @@ def chains_tree(root: int, chains: list[ChainDraft], stochastic: bool, width: in
     return Drafted(tree, dists)
 
 
-def fuse_candidates(tree: TokenTree, parent: int, cands: list[tuple[int, int, float, np.ndarray | None]],
+def fuse_candidates(tree: TokenTree, parent: int, proposals: list[Proposal],
                     rule, stochastic: bool, dists: dict) -> tuple[TokenTree, int | None]:
-    """One fusion step: every candidate (drafter, token, prob, q) enters the tree as a child
-    of ``parent``; returns the fused node the drafters continue from (None = stop)."""
-    step = DraftStep([Candidate(d, int(t), float(p)) for d, t, p, _ in cands])
+    """One fusion step: every proposal enters the tree as a child of ``parent``; returns
+    the fused node the drafters continue from (None = stop)."""
+    step = DraftStep([Candidate(p.drafter, int(p.token), float(p.prob)) for p in proposals])
     if not stochastic:
         return fuse_step(tree, parent, step, rule)
     # Sampling: the same rule picks the winner, but every attempt stays its own child.
     win = rule(step.candidates)
     win_node = None
-    for d, t, p, q in cands:
-        if q is not None:
-            dists[(d, parent)] = q
-        tree, node = add_child(tree, parent, t, d, p)
-        if win is not None and win_node is None and t == win.token:
+    for p in proposals:
+        if p.q is not None:
+            dists[(p.drafter, parent)] = p.q
+        tree, node = add_child(tree, parent, p.token, p.drafter, p.prob)
+        if win is not None and win_node is None and p.token == win.token:
             win_node = node
     return tree, win_node
 
 
-def verify(tree: TokenTree, argmax: np.ndarray, logits: np.ndarray | None, temperature: float, top_p: float,
-           dists: dict, rng: np.random.Generator) -> VerifyResult:
-    if temperature <= 0 or logits is None:
-        return verify_greedy(tree, argmax)
-    return verify_stochastic(tree, target_distribution(logits, temperature, top_p), dists, rng)
-
-
-def agreement(cands: list[tuple[int, float, int, int]], target_argmax: np.ndarray) -> list[tuple[int, float, bool]]:
-    """Label every drafted candidate (drafter, prob, token, parent node): did the target's
-    argmax after the candidate's parent equal its token? The tree forward scores every
-    node, so each candidate is judged on its own prefix whether or not that branch won.
-    These are the examples calibration and routing learn from."""
+def agreement(labels: list[Proposal], target_argmax: np.ndarray) -> list[tuple[int, float, bool]]:
+    """Label every drafted candidate: (drafter, prob, did the target's argmax after the
+    candidate's parent equal its token?). The tree forward scores every node, so each
+    candidate is judged on its own prefix whether or not that branch won. These are the
+    examples calibration and routing learn from."""
     am = np.asarray(target_argmax).reshape(-1)
-    return [(int(d), float(p), bool(0 <= u < am.size and int(am[u]) == int(t))) for d, p, t, u in cands]
+    return [(int(p.drafter), float(p.prob), bool(0 <= p.parent < am.size and int(am[p.parent]) == int(p.token)))
+            for p in labels]

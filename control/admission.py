@@ -1,0 +1,133 @@
+"""The admission phase: place each new request on a verifier with KV room for its worst
+case, prefill the target with its prompt (all but the last token, the root of its first
+tree), and let the router classify it meanwhile (docs/design.md, "A round").
+
+Backpressure: a request is prefilled only once a verifier has room, so admitted requests
+never run out of cache mid-way; the rest wait in FIFO order (bounded by
+max_pending_requests, timed out by request_timeout_s).
+
+``place`` is where requests meet verifiers: a verifier's health and a request's move to
+another verifier (re-prefilled from its committed tokens) belong there.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict, deque
+from dataclasses import dataclass, field
+from typing import Any
+
+from cosine.config import Config
+
+from .ports import Waits
+from .proxies import Timed
+from .request import Failure, Request
+from .stats import ControllerStats
+from .wire import client_code
+
+
+@dataclass
+class VerifierSlot:
+    name: str
+    port: Any                        # VerifierPort (control/actors.py) or Inline(VerifierProxy)
+    load: int = 0                    # requests placed on it
+    busy_s: float = 0.0
+    reserved: int = 0                # KV tokens reserved by its admitted requests (worst case)
+
+
+@dataclass
+class Admitted:
+    running: list[Request] = field(default_factory=list)   # prefilled: they run from the next round
+    failed: list[Failure] = field(default_factory=list)
+
+
+class Admission:
+    def __init__(self, cfg: Config, verifiers: list[VerifierSlot], router: Any, waits: Waits,
+                 stats: ControllerStats):
+        self.verifiers = verifiers
+        self.budgets = [max(1, cfg.worker(v.name).kv_budget_tokens) for v in verifiers]
+        self.max_tree_nodes = cfg.limits.max_tree_nodes
+        self.max_prefill_tokens = cfg.controller.scheduling.max_prefill_tokens
+        self.router = router          # RouterPort
+        self.waits, self.stats = waits, stats
+
+    def kv_need(self, r: Request, i: int) -> int:
+        """Worst-case KV tokens of a request on verifier i: prompt + all its output (up to the
+        context) + the largest pending tree; capped at the budget so a huge request still
+        runs, alone."""
+        final = min(len(r.prompt) + r.params.max_tokens, r.context_limit)
+        return min(self.budgets[i], final + self.max_tree_nodes)
+
+    def place(self, r: Request) -> int | None:
+        """The verifier with the most free KV budget that has room for ``r``'s worst case
+        (an idle verifier always has room), or None: then it waits in the queue."""
+        best, free_best = None, -1
+        for i, v in enumerate(self.verifiers):
+            free = self.budgets[i] - v.reserved
+            if (self.kv_need(r, i) <= free or v.load == 0) and free > free_best:
+                best, free_best = i, free
+        return best
+
+    def admit(self, incoming: deque[Request]) -> Admitted:
+        """Prefill the requests at the head of ``incoming`` that have a place (one prefill op
+        per verifier); a request the worker turned away for room waits again at the head."""
+        out = Admitted()
+        by_v = self._take(incoming)
+        if not by_v:
+            return out
+        futs = {i: self.verifiers[i].port.prefill([(r.rid, r.prompt[:-1]) for r in rs]) for i, rs in by_v.items()}
+        # Asked now, collected after the prefill: the router classifies while the target prefills.
+        domains = {r.rid: self.router.start(r.rid, r.prompt_text) for rs in by_v.values() for r in rs}
+        for i, rs in by_v.items():
+            v = self.verifiers[i]
+            res: Timed = self.waits.get(futs[i], "verifiers")
+            if res.error == "soft" and len(rs) > 1:  # isolate the bad request: one by one
+                results = [(r, self.waits.get(v.port.prefill([(r.rid, r.prompt[:-1])]), "verifiers")) for r in rs]
+            else:
+                results = [(r, res) for r in rs]
+            for r, res1 in results:
+                if res1.error is None:
+                    r.domain = self.waits.get(domains[r.rid], "router")
+                    out.running.append(r)
+                    continue
+                self.router.finish_many.defer([r.rid])  # classified for nothing
+                v.load -= 1
+                v.reserved -= r.kv_reserved
+                if res1.extra.get("code") == "capacity" and v.load > 0:
+                    # the worker has less room than reserved for (e.g. it is shared): wait
+                    r.verifier, r.kv_reserved = 0, 0
+                    incoming.appendleft(r)
+                    continue
+                out.failed.append(Failure(r, client_code(res1.error, res1.extra.get("code")),
+                                          f"prefill on verifier {v.name} failed: {res1.message}"))
+        return out
+
+    def _take(self, incoming: deque[Request]) -> dict[int, list[Request]]:
+        """Place the head of the queue, in order, while there is room. One prefill op per
+        tick holds at most max_prefill_tokens prompt tokens (at least one request): a burst
+        of long prompts must not become one forward that outlasts worker_timeout_s (16 x 128
+        tokens took over 30 s for the 1.5B on 2 CPU cores)."""
+        by_v: dict[int, list[Request]] = defaultdict(list)
+        budget = self.max_prefill_tokens
+        while incoming and (budget > 0 or not by_v):
+            i = self.place(incoming[0])
+            if i is None:  # head of line waits: later (smaller) requests must not starve it
+                r = incoming[0]
+                if not r.queued:
+                    r.queued = True
+                    self.stats.queue_waits += 1
+                break
+            r = incoming.popleft()
+            r.verifier = i
+            r.kv_reserved = self.kv_need(r, i)
+            self.verifiers[i].load += 1
+            self.verifiers[i].reserved += r.kv_reserved
+            by_v[i].append(r)
+            budget -= len(r.prompt)
+        return by_v
+
+    def release(self, r: Request) -> None:
+        """A running request ended: free its place and its cache on the verifier (a tell)."""
+        v = self.verifiers[r.verifier]
+        v.load -= 1
+        v.reserved -= r.kv_reserved
+        v.port.release.defer([r.rid])
