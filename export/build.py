@@ -294,6 +294,8 @@ def export_engine(model: str | Path, out_dir: str | Path, dtype: str = "float32"
         with _phase("parity reference (PyTorch)"):
             ref, case = par.reference_case(torch_model, facts, seed=parity_seed)
             text = par.reference_text(torch_model, out, spec.vocab_size) if quantize != "none" else None
+            if dtype == "float16" and parity_tolerance is None:
+                parity_tolerance = par.float16_tolerance(torch_model, case, ref, provider)
         del torch_model, tensor, weights, blocks
         gc.collect()  # the ONNX session below should not coexist with the PyTorch weights
         if dtype == "float16" and provider == "cpu" and not _cpu_runs_fp16(out):

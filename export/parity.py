@@ -266,3 +266,23 @@ def text_agreement(engine_dir: Path, text: dict[str, np.ndarray], manifest_facts
     return {"top1_agreement": float((lp.argmax(-1) == top).mean()),
             "mean_abs_logprob_diff_at_reference_top1": float(np.abs(np.take_along_axis(lp - ref, top[:, None], -1)).mean()),
             "positions": int(n)}
+
+
+def float16_tolerance(model: Any, case: ParityCase, ref: list[dict[str, np.ndarray]], provider: str) -> float:
+    """The float16 tolerance for this model: PyTorch's own float16 run of the same case
+    against its float32 run, doubled (at least TOLERANCE["float16"]). A fixed 1e-2 is too
+    tight for models with large activations on random-token cases: Qwen2.5-Coder-0.5B in
+    PyTorch float16 is 1.27 log-prob off its float32 (argmax unchanged). So a float16
+    engine passes when it is as faithful as float16 allows. The model is cast in place
+    (on the GPU when the provider is one and torch sees it); call it last."""
+    import torch
+
+    on_gpu = provider in ("cuda", "tensorrt") and torch.cuda.is_available()
+    model.to("cuda" if on_gpu else "cpu", torch.float16)
+    t0 = time.perf_counter()
+    own = compare(ref, {"torch-float16": reference_logprobs(model, case)}, TOLERANCE["float16"])
+    tol = TOLERANCE["float16"] * max(1.0, 2.0 * own["worst_diff_over_allowed"])
+    log.info("parity: PyTorch's own float16 is %.3g log-prob off its float32 (%.2f of 1e-2) in %.1fs on %s: "
+             "float16 tolerance %.3g", own["max_abs_logprob_diff"], own["worst_diff_over_allowed"],
+             time.perf_counter() - t0, "cuda" if on_gpu else "cpu", tol)
+    return tol
