@@ -115,6 +115,7 @@ def start_fuser(cfg: Config) -> FuserPort:
 class VerifierPort:
     prefill = proxy_method(VerifierProxy.prefill)
     verify = proxy_method(VerifierProxy.verify)
+    probe = proxy_method(VerifierProxy.probe)
     stats = proxy_method(VerifierProxy.stats)
 
 

@@ -78,7 +78,8 @@ class ControlCore:
         """One round: the table of contents of the control plane."""
         clock = RoundClock(tokens_before=self.stats_.tokens)
         self.drafters.check_health(self.requests)   # dead drafters that answer again are back
-        self._expire()                              # request_timeout_s
+        self.admission.check_health(self._parked())  # ... and dead verifiers
+        self._expire()                              # request_timeout_s, verifier_grace_s
         if self._admit():                           # admission.py: KV room, then prefill
             # Requests that arrived during the prefill wait in the mailbox: end the round so
             # the next admits them before any round is planned (else the first of a burst,
@@ -87,6 +88,8 @@ class ControlCore:
             return
         self.drafters.warm(self.requests)           # background prefill of model drafters
         if not self.requests:
+            if self.incoming:  # nothing placeable (every verifier dead or full): no hot loop
+                time.sleep(0.05)
             return
         reqs = list(self.requests.values())
         plans = self.planner.plan([r for r in reqs if r.rid not in self.waiting], len(reqs))  # planning.py
@@ -122,6 +125,12 @@ class ControlCore:
             self.waiting[r.rid].overlap_s = min(self.waiting[r.rid].draft_s, verified.busy_s)
         for f in verified.failed:
             self._fail(f.request, f.code, f.message)
+        for r, why in verified.lost:
+            self.park(r, why)
+        for i, why in verified.dead.items():  # every request on a dead verifier waits for one that answers
+            self.admission.mark_dead(self.verifiers[i], why)
+            for r in [r for r in self.requests.values() if r.verifier == i]:
+                self.park(r, f"{self.verifiers[i].name}: marked dead")
         for r in self.committer.commit(verified.outcomes):
             self._finish(r)
 
@@ -145,12 +154,38 @@ class ControlCore:
             self._fail(f.request, f.code, f.message)
         for r in admitted.running:
             self.requests[r.rid] = r
-            self.metrics.on_admit(r.rid, r.params.mode.value, len(r.prompt), r.arrived)
+            if r not in admitted.resumed:
+                self.metrics.on_admit(r.rid, r.params.mode.value, len(r.prompt), r.arrived)
         return len(admitted.running)
 
+    def park(self, r: Request, why: str) -> None:
+        """``r``'s verifier lost it: wait at the head of the queue until a verifier with room
+        answers, then be prefilled again from the committed tokens and continue (admission)."""
+        if r.rid not in self.requests:
+            return
+        log.warning("request %s parked after %d tokens: its verifier lost it (%s)", r.rid, len(r.output), why)
+        del self.requests[r.rid]
+        self.waiting.pop(r.rid, None)
+        self.admission.park(r)
+        r.commit_nodes = None  # the tree it would commit inline is gone with the verifier
+        r.parked_since, r.parked_on = time.monotonic(), why.split(":", 1)[0]
+        self.incoming.appendleft(r)
+
+    def _parked(self) -> dict[str, list[str]]:
+        """Verifier name -> rids parked off it (freed there when its probe answers)."""
+        out: dict[str, list[str]] = {}
+        for r in self.incoming:
+            if r.parked_since is not None:
+                out.setdefault(r.parked_on, []).append(r.rid)
+        return out
+
     def _expire(self) -> None:
-        limit = self.cc.request_timeout_s
+        limit, grace = self.cc.request_timeout_s, self.cc.verifier_grace_s
         now = time.monotonic()
+        for r in list(self.incoming):
+            if r.parked_since is not None and now - r.parked_since > grace:
+                self._fail(r, "unavailable", f"verifier {r.parked_on} lost the request after {len(r.output)} tokens "
+                                             f"and no verifier took it within verifier_grace_s = {grace} s")
         for r in list(self.requests.values()) + list(self.incoming):
             if now - r.arrived > limit:
                 where = "running" if r.rid in self.requests else "waiting in the queue for KV room"
@@ -222,8 +257,10 @@ class ControlCore:
         if req in self.incoming:
             self.incoming.remove(req)
         self.waiting.pop(req.rid, None)
-        if self.requests.pop(req.rid, None) is not None:
+        running = self.requests.pop(req.rid, None) is not None
+        if running:
             self.admission.release(req)
+        if running or req.parked_since is not None:  # a parked request still has drafter and router state
             self.drafters.release(req.rid)
             self.router.finish_many.defer([req.rid])
             self.spec.forget(req.rid)
@@ -244,6 +281,7 @@ class ControlCore:
             "pruned_nodes": s.pruned_nodes, "background_prefills": s.background_prefills,
             "guided_steps": s.guided_steps, "rescued_rounds": s.rescued_rounds, "stopped_chains": s.stopped_chains,
             "refused_drafts": s.refused_drafts, "requests_failed": s.requests_failed,
+            "resumed_requests": s.resumed_requests, "parked_requests": sum(map(len, self._parked().values())),
             "mean_accepted_length": 1.0 + s.accepted_drafts / s.rounds if s.rounds else 1.0,
             "busy_wall_s": s.wall_s, "draft_wall_s": s.draft_wall_s, "verify_busy_s": s.verify_busy_s,
             "pipeline_overlap_s": s.overlap_s, "last_round": s.last_round,
@@ -251,7 +289,8 @@ class ControlCore:
             "drafter_idle_frac": (sum(v["idle_frac"] for v in drafters.values()) / len(drafters)
                                   if drafters and s.wall_s else None),
             "drafters": drafters,
-            "verifiers": {v.name: {"load": v.load, "busy_s": v.busy_s, "kv_reserved": v.reserved, "kv_budget": b}
+            "verifiers": {v.name: {"alive": v.alive, "load": v.load, "busy_s": v.busy_s, "kv_reserved": v.reserved,
+                                   "kv_budget": b}
                           for v, b in zip(self.verifiers, self.admission.budgets)},
             "queue_waits": s.queue_waits, "gate_goodput": self.gate.goodput.snapshot(),
             # domain -> "free" or model drafter -> goodput of its rounds (engagement's evidence)

@@ -243,7 +243,7 @@ class Frontend:
         st = self.controller.stats().get(timeout=self.answer_s)
         self._send(ident, ok_reply(h, name="cosine-serve", status="ok", session=self.session,
                                    mode=self.cfg.controller.mode, target=self.target.name,
-                                   verifiers=list(st["verifiers"]),
+                                   verifiers={n: v["alive"] for n, v in st["verifiers"].items()},
                                    drafters={n: d["alive"] for n, d in st["drafters"].items()},
                                    max_positions=self.target.max_positions, vocab_size=self.target.vocab))
 

@@ -167,6 +167,19 @@ class VerifierProxy(WorkerProxy):
             except (WorkerError, TimeoutError, OSError) as e:
                 log.warning("release on verifier %s failed: %s", self.name, e)
 
+    def probe(self, timeout_s: float, rids: list[str]) -> bool:
+        """Health check of a verifier marked dead; on success it also frees ``rids`` (the
+        requests parked off it: had it only been slow, it would still hold their caches,
+        and they are about to be prefilled again). Messages on one connection are handled
+        in order, so the release comes before any new prefill."""
+        try:
+            self.call("health", {}, timeout_s=timeout_s)
+            if rids:
+                self.call("release", {"rids": list(rids)}, timeout_s=timeout_s)
+        except (WorkerError, TimeoutError, OSError):
+            return False
+        return True
+
 
 class DrafterProxy(WorkerProxy):
     """Drafter worker plus a mirror of what its cache holds for each request."""

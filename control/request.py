@@ -96,6 +96,9 @@ class Request:
     domain: str = ""
     kv_reserved: int = 0                             # worst-case KV tokens reserved on its verifier
     queued: bool = False                             # had to wait for KV room before admission
+    parked_since: float | None = None                # its verifier was lost: waiting to be prefilled again
+    parked_on: str = ""                              # ... the verifier it was lost with
+    resumes: int = 0                                 # times it was prefilled again after a verifier loss
     # stats
     arrived: float = field(default_factory=time.monotonic)
     first_token_at: float | None = None

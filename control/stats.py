@@ -53,6 +53,7 @@ class ControllerStats:
     stopped_chains: int = 0          # solo model-drafter chains the drafter ended early (min_reach)
     refused_drafts: int = 0          # draft batches a drafter refused (its cache mirror was stale, ...)
     rescued_rounds: int = 0          # routed rounds with no proposal that a spare model drafter drafted
+    resumed_requests: int = 0        # requests prefilled again after their verifier died or lost them
     last_round: dict = field(default_factory=dict)
     metrics: ServeMetrics = field(default_factory=lambda: ServeMetrics([]))  # the core names the drafters
     # The last rounds' phases, seconds since start: (sequential draft start, end, verify

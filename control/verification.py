@@ -44,6 +44,10 @@ class VerifyOutcome:
 class Verified:
     outcomes: list[VerifyOutcome] = field(default_factory=list)
     failed: list[Failure] = field(default_factory=list)
+    # requests their verifier lost (it died, or restarted and holds no cache for them):
+    # parked and prefilled again, not failed; and the verifiers that stopped answering
+    lost: list[tuple[Request, str]] = field(default_factory=list)
+    dead: dict[int, str] = field(default_factory=dict)
     busy_s: float = 0.0      # the verifiers' time on this round's calls
 
 
@@ -91,6 +95,11 @@ class Verification:
         v.busy_s += res.busy_s
         out.busy_s += res.busy_s
         self.metrics.on_worker(v.name, res.error != "dead")
+        if res.error == "dead" or res.extra.get("code") == "unknown_request":
+            if res.error == "dead":
+                out.dead[self.verifiers.index(v)] = res.message
+            out.lost += [(r, f"{v.name}: {res.message}") for r, _ in items]
+            return
         if res.error:
             code = client_code(res.error, res.extra.get("code"))
             out.failed += [Failure(r, code, f"verification on {v.name} failed: {res.message}") for r, _ in items]

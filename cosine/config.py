@@ -215,6 +215,10 @@ class ControllerConfig:
     target: str = ""  # model name of the target; default: the one model with role target
     request_timeout_s: float = 600.0
     worker_timeout_s: float = 30.0
+    # A request whose verifier died (or restarted and lost its cache) is parked and prefilled
+    # again from its committed tokens on a verifier that answers; it fails with
+    # `unavailable` if none does within this many seconds (docs/reliability.md).
+    verifier_grace_s: float = 120.0
     max_pending_requests: int = 256
     temperature: float = 0.0
     seed: int = 0
@@ -456,6 +460,9 @@ def _check(cfg: Config, text: str, check_engines: bool) -> None:
     if not cfg.verifier_workers():
         raise ConfigError(f"{p}: no worker serves the target model {cfg.target_model().name!r}; add a [[workers]] entry")
     c = cfg.controller
+    if not c.verifier_grace_s > 0:
+        raise ConfigError(f"{where('controller', 'verifier_grace_s')}: verifier_grace_s must be > 0, "
+                          f"got {c.verifier_grace_s}")
     if c.mode not in MODES:
         raise ConfigError(f"{where('controller', 'mode')}: mode {c.mode!r}; use one of {MODES}")
     m = re.fullmatch(r"tcp://([^:]+):(\d+)", c.endpoint)

@@ -136,11 +136,11 @@ def test_prefill_refused_for_room_waits_and_other_refusals_fail(tmp_path: Path) 
 def test_verify_failures_map_to_client_codes(tmp_path: Path, pipeline: str) -> None:
     h = Harness(tmp_path, drafters("good"), controller={"pipeline": pipeline})
     a = h.submit()
-    h.verifier.fail("verify", TimeoutError("silent"))  # a dead verifier
+    h.verifier.fail("verify", WorkerError("too_long", "past the engine's context"))
     h.run()
     (f,) = [e for e in h.events if isinstance(e, Failed)]
-    assert (f.to, f.code) == (a.client, "unavailable") and "verification on verifier-0" in f.message
-    assert not h.core.requests and not h.verifier.cache
+    assert (f.to, f.code) == (a.client, "too_long") and "verification on verifier-0" in f.message
+    assert not h.core.requests and not h.verifier.cache  # (a dead verifier parks instead: tests below)
 
 
 def test_a_refused_verify_batch_is_retried_one_by_one(tmp_path: Path) -> None:
@@ -319,3 +319,63 @@ def test_a_failing_tell_leaves_its_actor_running() -> None:
         assert ref.is_alive()
     finally:
         ref.stop()
+
+
+# -- a verifier that dies or restarts costs no request (issue 23) ---------------------------
+
+@pytest.mark.parametrize("mode", [Mode.AUTOREGRESSIVE, Mode.COSINE])
+def test_a_dead_verifier_parks_its_requests_and_they_resume_exactly(tmp_path: Path, mode: Mode) -> None:
+    """The verifier stops answering mid-generation (verify and its first probes time out),
+    then comes back restarted (empty cache): the requests are parked, prefilled again from
+    their committed tokens, and end with exactly the undisturbed greedy output."""
+    h = Harness(tmp_path, drafters("good", "lookup"))
+    reqs = [h.submit(mode=mode, max_tokens=16 + i) for i in range(2)]
+    for _ in range(20):
+        if all(r.output for r in reqs):
+            break
+        h.core.step()
+    assert all(r.output for r in reqs) and not any(r.done for r in reqs)
+    h.verifier.fail("verify", TimeoutError("no reply"))
+    h.verifier.fail("health", TimeoutError("no reply"), times=2)
+    h.core.step()
+    v = h.core.verifiers[0]
+    assert not v.alive and not h.core.requests and all(r.parked_since is not None for r in reqs)
+    assert h.core.stats()["parked_requests"] == 2
+    h.verifier.cache.clear()  # restarted: holds nothing
+    h.verifier.pending.clear()
+    h.run(limit=2000)  # probes every second until it answers
+    for r in reqs:
+        assert h.done(r).token_ids == autoregressive(PROMPT, r.params.max_tokens)
+        assert r.resumes == 1
+    assert v.alive and h.core.stats_.resumed_requests == 2 and h.verifier.calls["health"] >= 3
+    assert not h.verifier.cache and not any(d.cache for d in h.drafters.values())  # all released at the end
+
+
+def test_a_restarted_verifier_that_lost_the_cache_resumes_at_once(tmp_path: Path) -> None:
+    """Restarted between two rounds: its next verify answers unknown_request; the request is
+    prefilled again on the same (alive) verifier with no probe and no failure."""
+    h = Harness(tmp_path, drafters("good"))
+    r = h.submit(max_tokens=20)
+    for _ in range(3):
+        h.core.step()
+    assert r.output and not r.done
+    h.verifier.cache.clear()
+    h.verifier.pending.clear()
+    h.run()
+    assert h.done(r).token_ids == autoregressive(PROMPT, 20)
+    assert r.resumes == 1 and h.core.verifiers[0].alive and h.verifier.calls["health"] == 0
+    assert not [e for e in h.events if isinstance(e, Failed)]
+
+
+def test_parked_requests_fail_unavailable_after_the_grace(tmp_path: Path) -> None:
+    h = Harness(tmp_path, drafters("good"), controller={"verifier_grace_s": 0.2})
+    r = h.submit(max_tokens=30)
+    for _ in range(2):
+        h.core.step()
+    h.verifier.fail("verify", TimeoutError("no reply"))
+    h.verifier.fail("health", TimeoutError("no reply"), times=1000)
+    h.run(limit=200)  # each idle step sleeps 50 ms: the grace passes within a few steps
+    (f,) = [e for e in h.events if isinstance(e, Failed)]
+    assert f.code == "unavailable" and "verifier-0" in f.message and "verifier_grace_s" in f.message
+    assert h.core.stats_.requests_failed == 1 and not h.core.busy
+    assert not any(d.cache for d in h.drafters.values())  # the parked request's drafter state is freed too

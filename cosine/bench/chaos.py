@@ -14,15 +14,14 @@ lets the load run ``--settle`` seconds more, and reports submitted / completed /
 autoregressive (computed first, through the same cluster).
 
 Targets: ``model``, ``lookup``, ``ngram`` (the first drafter worker of that kind in the
-config), ``serve``, ``gateway`` (the HTTP gateway child; skipped, saying why, when the
-config has no ``[http]`` section or cosine.gateway is not installed) and ``verifier``.
-A verifier kill fails the requests on it until serve can resume them (issue 23, pending):
-unless ``--targets`` names it, the table gets a row that says so; when named, it runs and
-is reported, not judged.
+config), ``verifier`` (the first verifier: serve parks its requests and prefills them
+again from their committed tokens once it is back), ``serve`` and ``gateway`` (the HTTP
+gateway child; skipped, saying why, when the config has no ``[http]`` section).
 
-Required (exit code 1 otherwise): drafter kills 0 failed and 0 lost; a serve kill only
-``ConnectionLost`` errors, at most one per client (the requests in flight), and 0 lost;
-every phase 0 greedy mismatches and its process back. Writes DIR/chaos.json and DIR/chaos.md.
+Required (exit code 1 otherwise): drafter and verifier kills 0 failed and 0 lost; a serve
+kill only ``ConnectionLost`` errors, at most one per client (the requests in flight), and 0
+lost; every phase 0 greedy mismatches and its process back. Writes DIR/chaos.json and
+DIR/chaos.md.
 """
 
 from __future__ import annotations
@@ -47,8 +46,7 @@ from cosine import config as cfgmod
 from cosine.bench.load import DEFAULT_PROMPTS, run_load, settle_workers
 
 KINDS = ("model", "lookup", "ngram", "serve", "gateway", "verifier")
-DEFAULT_TARGETS = ("model", "lookup", "ngram", "serve", "gateway")
-PENDING = "verifier kill: pending the resume feature (issue 23); today the requests on it fail"
+DEFAULT_TARGETS = ("model", "lookup", "ngram", "verifier", "serve", "gateway")
 DRAFTERS = ("model", "lookup", "ngram")
 _STARTED = re.compile(r"cosine\.control\.cluster: (\S+) started: pid (\d+)")
 _BACK = re.compile(r"cosine\.control\.supervisor: (\S+) is back \(restart \d+, pid (\d+)\)")
@@ -170,6 +168,8 @@ def serving_again(target: Target, endpoint: str, cfg: cfgmod.Config, curve: Any,
         return False
     if target.kind == "serve":
         return h.get("session") != old_session
+    if target.kind == "verifier":
+        return bool(h.get("verifiers", {}).get(target.name, False))
     return bool(h.get("drafters", {}).get(target.name, True))
 
 
@@ -238,7 +238,7 @@ def run_phase(up: UpProcess, target: Target, cfg: cfgmod.Config, a: argparse.Nam
 
 def problems(row: dict[str, Any], clients: int) -> list[str]:
     """What breaks the requirements in one phase's row (empty: it passed)."""
-    if row.get("skip") or row["kind"] == "verifier":
+    if row.get("skip"):
         return []
     out = []
     if row.get("up_exited") is not None:
@@ -274,13 +274,11 @@ def markdown(res: dict[str, Any]) -> str:
              "failed (codes) | lost | greedy = autoregressive | draft ops after | verdict |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in res["rows"]:
-        if r.get("skip") or r.get("pending"):
-            lines.append(f"| {r['kind']} | {r['process']} | - | - | - | - | - | - | - | - | "
-                         f"{'skipped: ' + r['skip'] if r.get('skip') else r['pending']} |")
+        if r.get("skip"):
+            lines.append(f"| {r['kind']} | {r['process']} | - | - | - | - | - | - | - | - | skipped: {r['skip']} |")
             continue
         f = lambda x: "never" if x is None else f"{x:.1f} s"  # noqa: E731
-        verdict = "; ".join(r["problems"]) or ("reported, not judged (pending the resume feature)"
-                                               if r["kind"] == "verifier" else "pass")
+        verdict = "; ".join(r["problems"]) or "pass"
         if not r.get("load"):
             lines.append(f"| {r['kind']} | {r['process']} | {f(r['restarted_s'])} | {f(r['serving_s'])} | "
                          f"- | - | - | - | - | - | {verdict} |")
@@ -317,8 +315,6 @@ def run(cfg: cfgmod.Config, a: argparse.Namespace) -> dict[str, Any]:
             row["problems"] = problems(row, a.clients)
             res["rows"].append(row)
             print(markdown({"rows": [row]}).splitlines()[-1], flush=True)
-        if "verifier" not in a.targets:
-            res["rows"].append({"kind": "verifier", "process": cfg.verifier_workers()[0].name, "pending": PENDING})
     finally:
         res["up_exit"], res["up_stop_s"] = up.stop()
     return res
@@ -328,8 +324,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="cosine-bench chaos", description=__doc__.split("\n\n")[0])
     ap.add_argument("--config", type=Path, default=Path("config.toml"))
     ap.add_argument("--targets", nargs="+", choices=KINDS, default=list(DEFAULT_TARGETS),
-                    help="what to kill, in this order (default: %(default)s; a verifier kill is reported, "
-                         "not judged, until serve resumes its requests)")
+                    help="what to kill, in this order (default: %(default)s)")
     ap.add_argument("--clients", type=int, default=8)
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--mode", default="cosine", choices=cfgmod.MODES)

@@ -301,8 +301,9 @@ def settle_workers(endpoint: str, timeout_s: float = 10.0, curve: Any = None) ->
                 break
             time.sleep(0.25)
     keep = ("requests_done", "requests_failed", "active_requests", "queued_requests", "queue_waits", "rounds",
-            "tokens", "mean_accepted_length", "verifiers", "drafters")
-    return {"workers_held": held, "server": {k: st.get(k) for k in keep if k in st}}
+            "tokens", "mean_accepted_length", "verifiers", "drafters", "resumed_requests")
+    return {"workers_held": held, "resumed_requests": st.get("resumed_requests", 0),
+            "server": {k: st.get(k) for k in keep if k in st}}
 
 
 # ----- report -----------------------------------------------------------------------------------

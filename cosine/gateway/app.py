@@ -180,7 +180,8 @@ class Gateway:
         workers = {}
         for name in [*h.get("verifiers", []), *h.get("drafters", {})]:
             w = st.get("workers", {}).get(name, {})
-            up = isinstance(w, dict) and "error" not in w and h.get("drafters", {}).get(name, True)
+            alive = {**h.get("verifiers", {}), **h.get("drafters", {})}.get(name, True)  # serve's view
+            up = isinstance(w, dict) and "error" not in w and alive
             workers[name] = {"role": "verifier" if name in h.get("verifiers", []) else "drafter",
                              "state": "up" if up else "down",
                              **({"error": w["error"]} if isinstance(w, dict) and "error" in w else {}),
