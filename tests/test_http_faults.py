@@ -28,8 +28,10 @@ def faulty(control_engines, tmp_path_factory):
     from cosine.control.cluster import LocalCluster
 
     cfg = write_cluster_config(tmp_path_factory.mktemp("http-faults") / "config.toml", control_engines["target"], {},
-                               controller={"max_pending_requests": 1, "mode": "autoregressive"})
-    # request_timeout_s over worker_timeout_s (3 s): a dead verifier is reported, not waited out
+                               controller={"max_pending_requests": 1, "mode": "autoregressive",
+                                           "verifier_grace_s": 0.5})
+    # request_timeout_s over worker_timeout_s (3 s) + verifier_grace_s: a dead verifier's
+    # parked request fails unavailable before the gateway gives up on serve
     base = add_http(cfg, free_port(), request_timeout_s=4.5)
     with LocalCluster(cfg) as c, GatewayProcess(cfg, base):
         yield c, cfg, base
@@ -118,7 +120,8 @@ def test_stalled_serve_is_504_then_recovers(faulty):
 
 
 def test_dead_verifier_is_503(faulty):
-    """Last in the module: it kills the verifier."""
+    """Last in the module: it kills the verifier (for good: LocalCluster does not restart it),
+    so the request is parked, no verifier takes it within verifier_grace_s, and it fails."""
     cluster, _, base = faulty
     sdk = _sdk(base)
     cluster.kill_worker("verifier-0")

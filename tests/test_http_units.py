@@ -195,7 +195,7 @@ def test_stream_text_never_splits_a_utf8_character(text):
     broken character and the chunks add up to the whole text."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
-    from cosine.control.pool import Detokenizer
+    from cosine.control.request import Detokenizer
 
     alphabet = pre_tokenizers.ByteLevel.alphabet()
     tok = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(sorted(alphabet))}, merges=[]))
