@@ -114,11 +114,11 @@ class LlamaServerPeer:
     """llama-server with a draft model (-md): llama.cpp's own speculative decoding."""
 
     def __init__(self, name: str, server: Path, gguf: Path, draft_gguf: Path, threads: int, port: int,
-                 n_ctx: int = 4096, draft_max: int = 8) -> None:
+                 n_ctx: int = 4096) -> None:
         self.name, self.url, self.peak_rss = name, f"http://127.0.0.1:{port}", 0
+        # llama-server's own speculative defaults (draft length, p-min): what its users run
         cmd = [str(server), "-m", str(gguf), "-md", str(draft_gguf), "-t", str(threads), "-c", str(n_ctx),
-               "--draft-max", str(draft_max), "--host", "127.0.0.1", "--port", str(port), "-np", "1",
-               "--no-webui"]
+               "--host", "127.0.0.1", "--port", str(port), "-np", "1"]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         deadline = time.monotonic() + 600
         while time.monotonic() < deadline:
