@@ -327,6 +327,9 @@ def export_engine(model: str | Path, out_dir: str | Path, dtype: str = "float32"
         "inputs": inputs, "outputs": outputs, "parity": parity,
         "providers_built": [provider],
         "quantization": quantization or ({"mode": quantize} if quantize != "none" else None),
+        # int8: MatMulNBits quantizes activations per block (accuracy level 4): fast on a CPU,
+        # but a forward's results then depend on its shape (docs/export.md, "Exactness")
+        "activations": "int8" if quantize != "none" else dtype,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
     sw = getattr(config, "sliding_window", None)

@@ -86,16 +86,17 @@ def test_no_target_and_missing_required_key(tmp_path: Path) -> None:
 
 def test_relative_engine_paths_resolve_against_the_config(tmp_path: Path) -> None:
     cfg = config.load(write(tmp_path, BASE), check_engines=False)
-    assert cfg.engine_dir(cfg.target_model()) == tmp_path / "engines" / "qwen2.5-coder-1.5b-gguf"
+    assert cfg.engine_dir(cfg.target_model()) == tmp_path / "engines" / "qwen2.5-coder-1.5b-fp32"
 
 
 def test_missing_required_key_and_quantize_values(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="missing required key 'role'"):
         config.load(write(tmp_path, BASE.replace('role = "target"\n', "", 1)), check_engines=False)
     with pytest.raises(ConfigError, match="quantize must be one of gguf, int4, int8"):
-        config.load(write(tmp_path, BASE.replace('quantize = "gguf"', 'quantize = "int3"', 1)), check_engines=False)
-    # a quantized target (the shipped one) is allowed: every mode returns the target engine's own greedy output
-    cfg = config.load(write(tmp_path, BASE), check_engines=False)
+        config.load(write(tmp_path, BASE.replace('quantize = "int4"', 'quantize = "int3"', 1)), check_engines=False)
+    # a quantized target is allowed (serve warns that it is not bit-exact under speculation)
+    cfg = config.load(write(tmp_path, BASE.replace('dtype = "float32"', 'dtype = "float32"\nquantize = "gguf"', 1)),
+                      check_engines=False)
     assert cfg.target_model().quantize == "gguf" and cfg.target_model().role == "target"
 
 

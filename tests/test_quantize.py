@@ -1,7 +1,8 @@
 """Quantized engines built at export (`cosine-export --quantize int4|int8|gguf`): the
-manifest records their agreement with the float model, the worker runtime runs them, and
-a quantized *target* keeps every mode's output identical to its own autoregressive
-decoding (lossless means: exactly what this target engine would decode)."""
+manifest records their agreement with the float model and that they compute with int8
+activations, the worker runtime runs them, and a quantized target serves every mode with
+serve's warning that it is not bit-exact under speculation (docs/export.md, "Exactness":
+int8 activations make a forward's results depend on its shape)."""
 
 from __future__ import annotations
 
@@ -62,18 +63,21 @@ def test_gguf_quantization_needs_a_gguf_file(tiny_models, tmp_path: Path) -> Non
         export_engine(tiny_models["llama"], tmp_path / "x", quantize="int8", graph="plain", progress=False)
 
 
-def test_quantized_target_keeps_every_mode_identical(quantized, tmp_path: Path) -> None:
-    """An int4 target verifies, an int8 copy of the same model drafts (close to it, not
-    equal): every mode returns the int4 target's own greedy decoding."""
+def test_a_quantized_target_serves_every_mode_and_serve_warns(quantized, tmp_path: Path) -> None:
+    """An int4 target verifies, an int8 copy drafts: every mode serves, and serve says at
+    start that this target is not bit-exact under speculation. (The tiny model's outputs
+    agree here; the 1.5B's differed in 15 of 32 requests, which is why no equality is
+    asserted and why the shipped target is float.)"""
     from cosine.client import Client
     from cosine.control.cluster import LocalCluster
 
     from conftest import write_cluster_config
 
-    cfg = write_cluster_config(tmp_path / "config.toml", quantized["int4"],
-                               {"q8": quantized["int8"]})
+    assert json.loads((quantized["int4"] / "manifest.json").read_text())["activations"] == "int8"
+    cfg = write_cluster_config(tmp_path / "config.toml", quantized["int4"], {"q8": quantized["int8"]})
     with LocalCluster(cfg) as cluster, Client(cluster.endpoint, timeout_s=60) as c:
-        for prompt in ([5, 9, 2, 7], [30, 31, 32], [3] * 9):
-            ref = c.generate(prompt, max_tokens=24, mode="autoregressive").token_ids
-            for mode in ("speculative", "specinfer", "cosine"):
-                assert c.generate(prompt, max_tokens=24, mode=mode).token_ids == ref, (prompt, mode)
+        for mode in ("autoregressive", "speculative", "specinfer", "cosine"):
+            r = c.generate([5, 9, 2, 7], max_tokens=16, mode=mode)
+            assert len(r.token_ids) == 16 or r.finish_reason == "eos"
+        log = "\n".join(cluster.serve.tail)
+    assert "NOT bit-exact" in log, log[-2000:]

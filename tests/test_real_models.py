@@ -12,7 +12,7 @@ from conftest import write_cluster_config
 
 REPO = Path(__file__).resolve().parents[1]
 ENGINES = Path(os.environ.get("COSINE_ENGINES_DIR", REPO / "engines"))
-TARGET, DRAFTER = ENGINES / "qwen2.5-coder-1.5b-gguf", ENGINES / "qwen2.5-coder-0.5b-int4"
+TARGET, DRAFTER = ENGINES / "qwen2.5-coder-1.5b-fp32", ENGINES / "qwen2.5-coder-0.5b-int4"
 
 pytestmark = [
     pytest.mark.real_models,

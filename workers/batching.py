@@ -68,12 +68,18 @@ def _causal(t: int) -> np.ndarray:
 
 def _forward(engine: Engine, feeds: list[Feed]) -> list[FeedResult]:
     B = len(feeds)
-    T = max(f.tokens.size for f in feeds)
+    # A target's single-row forward is padded to ``min_rows`` rows (and logits rows): ONNX
+    # Runtime computes a one-row product with other kernels than a many-row one, and with
+    # int8 activations (MatMulNBits) the last-bit difference grows into different logits
+    # (0.24 apart over 14 tokens of the 1.5B): a decode step must compute exactly what a
+    # verify computes for the same token, or speculation would not be lossless.
+    rows_at_least = engine.min_rows if B == 1 else 1
+    T = max(max(f.tokens.size for f in feeds), rows_at_least)
     P = feeds[0].entry.capacity if B == 1 else max(f.entry.length for f in feeds)
     ids = np.zeros((B, T), np.int64)
     pos = np.zeros((B, T), np.int64)
     mask = np.zeros((B, 1, T, P + T), np.bool_)
-    K = max(f.n_logits for f in feeds)
+    K = max(max(f.n_logits for f in feeds), rows_at_least)
     rows = np.zeros((B, K), np.int64)  # padded with each feed's last row (computed, then dropped)
     for b, f in enumerate(feeds):
         t, p = f.tokens.size, f.entry.length

@@ -72,10 +72,12 @@ class Engine:
 
     def __init__(self, engine_dir: str | Path, provider: str = "cpu", device: str = "cpu", threads: int = 0,
                  spin: bool = False, kv_arrays: str = "auto", cuda_graph: bool = False,
-                 buckets: bool | None = None):
+                 buckets: bool | None = None, min_rows: int = 1):
         """``cuda_graph``: capture each shape bucket as a CUDA graph (provider cuda);
         ``buckets``: run forwards through the shape buckets without capturing (the CPU
-        tests of that path); None = as ``cuda_graph``."""
+        tests of that path); None = as ``cuda_graph``. ``min_rows``: batching pads a
+        single-row forward to this many rows (2 for a target: batching.py says why)."""
+        self.min_rows = min_rows
         self.dir = Path(engine_dir)
         manifest_path = self.dir / "manifest.json"
         model_path = self.dir / "model.onnx"

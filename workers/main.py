@@ -60,7 +60,8 @@ def _build_ops(cfg: Config, wcfg, mcfg):
         log.info("worker %s starting: model %s (%s), engine %s, provider %s on %s, threads %s",
                  wcfg.name, mcfg.name, mcfg.role, engine_dir, wcfg.provider, wcfg.device, threads or "default")
         engine = Engine(engine_dir, provider=wcfg.provider, device=wcfg.device, threads=threads, spin=wcfg.spin,
-                        kv_arrays=wcfg.kv_arrays, cuda_graph=wcfg.cuda_graph)
+                        kv_arrays=wcfg.kv_arrays, cuda_graph=wcfg.cuda_graph,
+                        min_rows=2 if mcfg.role == "target" else 1)  # decode = verify, bit for bit
         cache = KVCache(engine.num_layers, engine.num_kv_heads, engine.head_dim, engine.dtype,
                         budget_tokens=wcfg.kv_budget_tokens, max_tokens=engine.max_positions, arrays=engine.arrays)
         return NeuralOps(engine, cache, wcfg, mcfg, cfg.limits, stats), cache, stats
