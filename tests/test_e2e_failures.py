@@ -30,7 +30,10 @@ def wait_admitted(c: Client, drafter: str, why: str, timeout_s: float = 30.0) ->
 def cluster(control_engines, tmp_path):
     cfg = write_cluster_config(tmp_path / "config.toml", control_engines["target"],
                                {"good": control_engines["target"], "poor": control_engines["poor"]},
-                               controller={"worker_timeout_s": 1.5})
+                               controller={"worker_timeout_s": 1.5,
+                                           # a dead verifier's requests wait this long
+                                           # (parked) before they fail `unavailable`
+                                           "verifier_grace_s": 0.5})
     with LocalCluster(cfg) as c:
         yield c
 
@@ -101,7 +104,10 @@ def test_serve_starts_while_a_drafter_is_down(control_engines, tmp_path):
     with the drafter marked dead, outputs stay exact, and the drafter joins once it is up."""
     cfg = write_cluster_config(tmp_path / "config.toml", control_engines["target"],
                                {"good": control_engines["target"], "poor": control_engines["poor"]},
-                               controller={"worker_timeout_s": 1.5})
+                               controller={"worker_timeout_s": 1.5,
+                                           # a dead verifier's requests wait this long
+                                           # (parked) before they fail `unavailable`
+                                           "verifier_grace_s": 0.5})
     with LocalCluster(cfg, defer=("good",), serve_args=["--connect-timeout", "2"]) as cl, \
             Client(cl.endpoint, timeout_s=60) as c:
         ref = c.generate(PROMPT, max_tokens=30, mode="autoregressive")
