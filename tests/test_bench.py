@@ -228,3 +228,26 @@ def test_peer_device_is_checked(bench_config: Path, tmp_path: Path) -> None:
     with pytest.raises(SystemExit) as e:
         main(["run", "--config", str(bench_config), "--peer-device", "gpu0", "--out", str(tmp_path / "x")])
     assert e.value.code == 2 and not (tmp_path / "x").exists()
+
+
+def test_identity_fails_modes_and_only_informs_on_peers() -> None:
+    """Every cosine mode must equal autoregressive; llama.cpp's outputs are compared with
+    cosine's autoregressive and its speculative ones with its own greedy, without failing."""
+    from cosine.bench.report import table
+    from cosine.bench.run import identity
+
+    rec = lambda mode, prompt, ids: {"mode": mode, "prompt": prompt, "token_ids": ids}  # noqa: E731
+    records = [rec("autoregressive", "a", [1, 2, 3]), rec("cosine", "a", [1, 2, 3]), rec("speculative", "a", [1, 2, 4]),
+               rec("llamacpp", "a", [1, 9, 9]), rec("llamacpp-lookup", "a", [1, 9, 9]),
+               rec("llamacpp-draft", "a", [1, 9, 8])]
+    ident = identity(records)
+    assert ident["checked"] == 3 and ident["mismatches"] == [("speculative", "a")]
+    assert ident["peers_against_autoregressive"]["llamacpp"] == {"identical": 0, "requests": 1,
+                                                                 "mean_common_prefix": 1.0}
+    own = ident["peers_against_llamacpp"]
+    assert own["llamacpp-lookup"]["identical"] == 1 and own["llamacpp-draft"]["mean_common_prefix"] == 2.0
+    assert "llamacpp" not in own
+    env = {"command": "cosine-bench run", "git_commit": "0" * 40, "date": "2026-12-07",
+           "machine": {"host": "vm", "cpu_count": 2}, "onnxruntime": "1.32.0", "workers": []}
+    md = table({"environment": env, "summary": {}, "ratios": {}, "identity": ident})
+    assert "llamacpp-draft against llama.cpp's own greedy decoding: 0 of 1 outputs identical" in md

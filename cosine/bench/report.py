@@ -55,6 +55,9 @@ def table(result: dict) -> str:
     for name, p in (ident.get("peers_against_autoregressive") or {}).items():
         lines.append(f"{name} (another engine on the same weights): {p['identical']} of {p['requests']} outputs "
                      f"identical to cosine's autoregressive; mean common prefix {p['mean_common_prefix']:.1f} tokens.")
+    for name, p in (ident.get("peers_against_llamacpp") or {}).items():
+        lines.append(f"{name} against llama.cpp's own greedy decoding: {p['identical']} of {p['requests']} outputs "
+                     f"identical; mean common prefix {p['mean_common_prefix']:.1f} tokens.")
     if result.get("peak_rss_bytes"):
         lines += ["", "| process | peak RSS MiB |", "|---|---|"]
         lines += [f"| {k} | {v / 2**20:.0f} |" for k, v in result["peak_rss_bytes"].items()]

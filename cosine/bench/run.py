@@ -539,17 +539,26 @@ def identity(records: list[dict]) -> dict:
     bad = [(r["mode"], r["prompt"]) for r in records
            if r.get("mode") in MODES and r["prompt"] in ref and r["token_ids"] != ref[r["prompt"]]]
     # Peers run another engine on the same weights (llama.cpp's kernels): how far their
-    # greedy text agrees with cosine's is informative, never a failure.
-    peers: dict[str, dict] = {}
+    # greedy text agrees with cosine's is informative, never a failure. llama.cpp's own
+    # speculative modes are compared with its greedy decoding too: with quantized weights
+    # they are not bit-exact either (docs/export.md, "Exactness").
+    own = {r["prompt"]: r["token_ids"] for r in records if r.get("mode") == "llamacpp"}
+    return {"checked": sum(1 for r in records if r.get("mode") in MODES and r["prompt"] in ref),
+            "mismatches": bad, "peers_against_autoregressive": _agreement(records, LLAMACPP, ref),
+            "peers_against_llamacpp": _agreement(records, tuple(m for m in LLAMACPP if m != "llamacpp"), own)}
+
+
+def _agreement(records: list[dict], modes: tuple[str, ...], ref: dict[str, list[int]]) -> dict[str, dict]:
+    """Per mode: how many outputs equal ``ref``'s for the same prompt, and the mean common prefix."""
+    out: dict[str, dict] = {}
     for r in records:
-        if r.get("mode") in LLAMACPP and r["prompt"] in ref:
+        if r.get("mode") in modes and r["prompt"] in ref:
             a, b = r["token_ids"], ref[r["prompt"]]
             common = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
-            p = peers.setdefault(r["mode"], {"identical": 0, "requests": 0, "common_prefix": []})
+            p = out.setdefault(r["mode"], {"identical": 0, "requests": 0, "common_prefix": []})
             p["identical"] += a == b
             p["requests"] += 1
             p["common_prefix"].append(common)
-    for p in peers.values():
+    for p in out.values():
         p["mean_common_prefix"] = float(np.mean(p.pop("common_prefix")))
-    return {"checked": sum(1 for r in records if r.get("mode") in MODES and r["prompt"] in ref),
-            "mismatches": bad, "peers_against_autoregressive": peers}
+    return out
