@@ -224,8 +224,9 @@ class ControllerConfig:
     seed: int = 0
     # CoSine's pipelining (drafting one group of requests while the verifier verifies the
     # other) only pays when drafters and verifiers run on different hardware. "auto" turns
-    # it off when some drafter shares a host and device with a verifier (one CPU, one GPU):
-    # there the two groups would only take turns on the same cores and split the batch.
+    # it off when some drafter shares a host and device with a verifier (one CPU, one GPU;
+    # on a CPU, workers pinned to disjoint `cpus` do not share): there the two groups would
+    # only take turns on the same cores and split the batch.
     pipeline: str = "auto"
     # cosine: a model drafter prefills a new request's prompt in the background while the
     # target verifies its first rounds with the other drafters (or plainly), instead of
@@ -269,11 +270,16 @@ class Config:
         raise ConfigError(f"{self.path}: no model named {name!r}; models: {[m.name for m in self.models]}")
 
     def shares_hardware(self) -> bool:
-        """Does some drafter worker share a host and device with a verifier worker?"""
+        """Does some drafter worker share a host and device with a verifier worker? On a CPU,
+        workers pinned to disjoint `cpus` do not share (an unpinned worker may run anywhere)."""
         local = {"127.0.0.1", "localhost", "::1"}
         place = lambda w: ("local" if w.host in local else w.host, w.device)  # noqa: E731
-        verifiers = {place(w) for w in self.verifier_workers()}
-        return any(place(w) in verifiers for w in self.drafter_workers())
+
+        def share(d: WorkerConfig, v: WorkerConfig) -> bool:
+            if place(d) != place(v):
+                return False
+            return d.device != "cpu" or not d.cpus or not v.cpus or bool(set(d.cpus) & set(v.cpus))
+        return any(share(d, v) for d in self.drafter_workers() for v in self.verifier_workers())
 
     def pipelined(self) -> bool:
         """Does cosine mode pipeline (see ControllerConfig.pipeline)?"""

@@ -123,6 +123,14 @@ def test_pipeline_auto_follows_where_the_workers_run(tmp_path: Path) -> None:
     forced = config.load(write(tmp_path, BASE.replace('pipeline = "auto"', 'pipeline = "on"', 1)),
                          check_engines=False)
     assert forced.pipelined()
+    # one host, but the verifier pinned to core 1 and every drafter to core 0: separate cores
+    pins = re.sub(r'(?m)^(port = 560[2-7])$', r'\1\ncpus = [0]', BASE).replace("port = 5601", "port = 5601\ncpus = [1]", 1)
+    assert pins.count("cpus = [0]") == 6
+    assert config.load(write(tmp_path, pins), check_engines=False).pipelined()
+    overlap = pins.replace("cpus = [1]", "cpus = [0, 1]", 1)
+    assert not config.load(write(tmp_path, overlap), check_engines=False).pipelined()
+    unpinned = pins.replace("cpus = [0]", "", 1)  # one drafter may run on any core
+    assert not config.load(write(tmp_path, unpinned), check_engines=False).background_prefills()
 
 
 def test_worker_cpus_cuda_graph_and_kv_arrays_are_checked(tmp_path: Path) -> None:
