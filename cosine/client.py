@@ -498,6 +498,7 @@ class AsyncClient:
                     raise
 
     def _ensure_reader(self) -> None:
+        self._check_link()
         if self._refused:
             raise Refused("unauthorized", self._refused.message)
         if self._reader is None or self._reader.done():
@@ -510,21 +511,29 @@ class AsyncClient:
         while True:
             events = dict(await poller.poll())
             if self._mon in events:
-                lost = False
-                while await self._mon.poll(0):
-                    ev = parse_monitor_message(await self._mon.recv_multipart())
-                    lost |= ev["event"] == zmq.EVENT_DISCONNECTED
-                    self._link.reached |= ev["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED
-                    self._why = client_refusal(ev["event"], ev["value"], self._curve is not None) or self._why
-                self._refused = self._refused or (self._why if self._why and self._why.final else None)
-                if lost:  # what arrived before the break still counts; the rest is lost
-                    while await self._sock.poll(0):
-                        self._deliver(await self._sock.recv_multipart())
-                    for q in self._waiters.values():
-                        q.put_nowait(_lost_marker(self._why))
-                    self._why = None
+                self._check_link()
             elif self._sock in events:
                 self._deliver(await self._sock.recv_multipart())
+
+    def _check_link(self) -> None:
+        """Handle the link events queued so far, at once (no await: nothing can register in
+        between): a disconnect fails what is in flight then. Called by the reader, and before
+        every new request, so that a disconnect queued while the reader did not run (an idle
+        client, a loop that was not running) cannot fail a request sent after it."""
+        mon, sock = zmq.Socket.shadow(self._mon.underlying), zmq.Socket.shadow(self._sock.underlying)
+        lost = False
+        while mon.poll(0):
+            ev = parse_monitor_message(mon.recv_multipart())
+            lost |= ev["event"] == zmq.EVENT_DISCONNECTED
+            self._link.reached |= ev["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED
+            self._why = client_refusal(ev["event"], ev["value"], self._curve is not None) or self._why
+        self._refused = self._refused or (self._why if self._why and self._why.final else None)
+        if lost:  # what arrived before the break still counts; the rest is lost
+            while sock.poll(0):
+                self._deliver(sock.recv_multipart())
+            for q in self._waiters.values():
+                q.put_nowait(_lost_marker(self._why))
+            self._why = None
 
     def _deliver(self, frames: list[bytes]) -> None:
         try:

@@ -14,6 +14,7 @@ Every request is accounted for: completed with the right output or a typed error
 
 from __future__ import annotations
 
+import asyncio
 import os
 import random
 import signal
@@ -28,7 +29,7 @@ import numpy as np
 import pytest
 import zmq
 
-from cosine.client import (BadRequest, Client, ConnectionLost, CosineError, Overloaded, RequestTimeout,
+from cosine.client import (AsyncClient, BadRequest, Client, ConnectionLost, CosineError, Overloaded, RequestTimeout,
                            Unavailable)
 from cosine.control.cluster import LocalCluster, _Child
 from cosine.protocol import decode, encode
@@ -89,6 +90,9 @@ def test_serve_dies_mid_generation_then_restarts(control_engines, tmp_path, sig)
         clients = [Client(c.endpoint, timeout_s=30) for _ in PROMPTS]
         idle = Client(c.endpoint, timeout_s=30)
         idle.health()  # connected, then idle across the restart: must not see a stale failure
+        loop = asyncio.new_event_loop()  # the same for the asyncio client (the HTTP gateway's)
+        aidle = AsyncClient(c.endpoint, timeout_s=30)
+        loop.run_until_complete(aidle.health())
         try:
             streams = [iter(cl.generate(p, max_tokens=150, mode="cosine", stream=True))
                        for cl, p in zip(clients, PROMPTS)]
@@ -126,11 +130,15 @@ def test_serve_dies_mid_generation_then_restarts(control_engines, tmp_path, sig)
             for cl, p, ref in zip(clients, PROMPTS, refs):  # same clients, same endpoint
                 assert cl.generate(p, max_tokens=150, mode="cosine").token_ids == ref
             assert idle.generate(PROMPTS[0], max_tokens=150, mode="cosine").token_ids == refs[0]
+            got_async = loop.run_until_complete(aidle.generate(PROMPTS[0], max_tokens=150, mode="cosine"))
+            assert got_async.token_ids == refs[0]
             assert idle.health()["session"] != session
             assert wait_released(c) == {"verifier-0": 0, "good": 0, "poor": 0}
         finally:
             for cl in clients + [idle]:
                 cl.close()
+            aidle.close()
+            loop.close()
 
 
 def test_stalled_serve_heartbeat_and_bounded_client_timeout(control_engines, tmp_path):
