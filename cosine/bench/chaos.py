@@ -16,11 +16,14 @@ autoregressive (computed first, through the same cluster).
 Targets: ``model``, ``lookup``, ``ngram`` (the first drafter worker of that kind in the
 config), ``verifier`` (the first verifier: serve parks its requests and prefills them
 again from their committed tokens once it is back), ``serve`` and ``gateway`` (the HTTP
-gateway child; skipped, saying why, when the config has no ``[http]`` section).
+gateway child; skipped, saying why, when the config has no ``[http]`` section). The gateway
+phase's load is N streaming HTTP clients of /v1/completions (cosine/bench/http_load.py):
+connections refused while it is down are counted apart, as requests never sent.
 
 Required (exit code 1 otherwise): drafter and verifier kills 0 failed and 0 lost; a serve
-kill only ``ConnectionLost`` errors, at most one per client (the requests in flight), and 0
-lost; every phase 0 greedy mismatches and its process back. Writes DIR/chaos.json and
+or gateway kill only ``ConnectionLost`` errors, at most one per client (the requests in
+flight), and 0 lost; every phase 0 greedy mismatches, its process back and no request left
+held on a worker afterwards. Writes DIR/chaos.json and
 DIR/chaos.md.
 """
 
@@ -28,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import importlib.util
 import json
 import os
 import re
@@ -43,6 +45,7 @@ from pathlib import Path
 from typing import Any
 
 from cosine import config as cfgmod
+from cosine.bench.http_load import completion, run_http_load
 from cosine.bench.load import DEFAULT_PROMPTS, run_load, settle_workers
 
 KINDS = ("model", "lookup", "ngram", "serve", "gateway", "verifier")
@@ -69,9 +72,7 @@ def pick_targets(cfg: cfgmod.Config, kinds: list[str]) -> list[Target]:
         if k in ("serve", "gateway", "verifier"):
             name = cfg.verifier_workers()[0].name if k == "verifier" else k
             skip = ""
-            if k == "gateway" and importlib.util.find_spec("cosine.gateway") is None:
-                skip = "cosine.gateway is not installed (the HTTP gateway has not landed)"
-            elif k == "gateway" and getattr(cfg, "http", None) is None:
+            if k == "gateway" and cfg.http is None:
                 skip = "the config has no [http] section, so `cosine up` runs no gateway"
             out.append(Target(k, name, skip))
             continue
@@ -173,6 +174,12 @@ def serving_again(target: Target, endpoint: str, cfg: cfgmod.Config, curve: Any,
     return bool(h.get("drafters", {}).get(target.name, True))
 
 
+def _http_target(cfg: cfgmod.Config) -> tuple[str, str, str]:
+    """The gateway's base URL, an API key it accepts ("" if none is configured) and the model name."""
+    h = cfg.http
+    return f"http://{h.host}:{h.port}", (h.api_keys or ("",))[0], h.model_name or cfg.target_model().name
+
+
 def _session(endpoint: str, curve: Any) -> str:
     from cosine.client import Client
 
@@ -216,9 +223,16 @@ def run_phase(up: UpProcess, target: Target, cfg: cfgmod.Config, a: argparse.Nam
     """Load, kill -9 ``target`` at ``kill_at`` s, wait until it serves again, settle, stop the load."""
     stop, out = threading.Event(), {}
     session = _session(up.endpoint, curve)
-    load = threading.Thread(target=lambda: out.update(run_load(
-        up.endpoint, prompts, a.clients, a.max_phase, a.max_tokens, a.mode, timeout_s=a.timeout, curve=curve,
-        reference=reference, stop=stop)), daemon=True)
+    if target.kind == "gateway":  # a gateway loss hits HTTP clients: load it through HTTP
+        base, key, model = _http_target(cfg)
+        texts = {p: completion(base, key, model, p, max_tokens=a.max_tokens, mode="autoregressive",
+                               timeout_s=a.timeout, seed=0)["text"] for p in prompts}
+        work = lambda: run_http_load(base, key, model, prompts, a.clients, a.max_phase, a.max_tokens,  # noqa: E731
+                                     a.mode, a.timeout, texts, stop)
+    else:
+        work = lambda: run_load(up.endpoint, prompts, a.clients, a.max_phase, a.max_tokens, a.mode,  # noqa: E731
+                                timeout_s=a.timeout, curve=curve, reference=reference, stop=stop)
+    load = threading.Thread(target=lambda: out.update(work()), daemon=True)
     load.start()
     time.sleep(a.kill_at)
     row: dict[str, Any] = {"kind": target.kind, "process": target.name,
@@ -226,7 +240,7 @@ def run_phase(up: UpProcess, target: Target, cfg: cfgmod.Config, a: argparse.Nam
     time.sleep(a.settle)
     stop.set()
     load.join(a.timeout + 60 if up.proc.poll() is None else 5)  # its clients wait in vain for a dead cluster
-    row["load"] = {k: out.get(k) for k in ("requests", "determinism", "wall_s", "latency_s")} if out else None
+    row["load"] = {k: out.get(k) for k in ("api", "requests", "determinism", "wall_s", "latency_s")} if out else None
     if up.proc.poll() is not None:
         row["up_exited"] = up.proc.returncode
         return row
@@ -253,8 +267,8 @@ def problems(row: dict[str, Any], clients: int) -> list[str]:
     if det["mismatches"]:
         out.append(f"{det['mismatches']} greedy outputs differ from autoregressive")
     errors = dict(req["errors"])
-    if row["kind"] == "serve":
-        lost_conn = errors.pop("ConnectionLost(unavailable)", 0)
+    if row["kind"] in ("serve", "gateway"):  # only the requests in flight through the killed process
+        lost_conn = errors.pop("ConnectionLost(unavailable)" if row["kind"] == "serve" else "ConnectionLost(http)", 0)
         if lost_conn > clients:
             out.append(f"{lost_conn} ConnectionLost but only {clients} requests can be in flight")
     if errors:
@@ -266,7 +280,8 @@ def problems(row: dict[str, Any], clients: int) -> list[str]:
 
 
 def _errors(req: dict[str, Any]) -> str:
-    return ", ".join(f"{v} {k}" for k, v in sorted(req["errors"].items())) or "0"
+    failed = ", ".join(f"{v} {k}" for k, v in sorted(req["errors"].items())) or "0"
+    return failed + (f" ({req['refused']} refused while down, not sent)" if req.get("refused") else "")
 
 
 def markdown(res: dict[str, Any]) -> str:

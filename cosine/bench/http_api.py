@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import http.client
 import json
 import logging
 import platform
@@ -28,6 +27,7 @@ import numpy as np
 
 from cosine import config as cfgmod
 from cosine.bench import prompts as promptsets
+from cosine.bench.http_load import completion
 from cosine.log import setup
 
 log = logging.getLogger("cosine.bench")
@@ -48,32 +48,8 @@ def _zmq_one(endpoint: str, curve: Any, prompt: str, args: argparse.Namespace, s
 
 
 def _http_one(base: str, key: str, model: str, prompt: str, args: argparse.Namespace, seed: int) -> dict[str, Any]:
-    host, port = base.removeprefix("http://").rsplit(":", 1)
-    body = json.dumps({"model": model, "prompt": prompt, "max_tokens": args.max_tokens, "stream": True,
-                       "mode": args.mode, "seed": seed, "ignore_eos": True})
-    headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {})}
-    conn = http.client.HTTPConnection(host, int(port), timeout=args.timeout)
-    try:
-        t0 = time.perf_counter()
-        conn.request("POST", "/v1/completions", body, headers)
-        resp = conn.getresponse()
-        if resp.status != 200:
-            raise RuntimeError(f"HTTP {resp.status}: {resp.read()[:300]!r}")
-        ttft, text = None, []
-        for raw in resp:
-            line = raw.decode().strip()
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            ev = json.loads(line[6:])
-            if "error" in ev:
-                raise RuntimeError(f"stream error: {ev['error']}")
-            if ev["choices"] and ev["choices"][0]["text"]:
-                ttft = ttft if ttft is not None else time.perf_counter() - t0
-                text.append(ev["choices"][0]["text"])
-        wall = time.perf_counter() - t0
-    finally:
-        conn.close()
-    return {"latency_s": wall, "ttft_s": ttft if ttft is not None else wall, "text": "".join(text)}
+    return completion(base, key, model, prompt, max_tokens=args.max_tokens, mode=args.mode, timeout_s=args.timeout,
+                      seed=seed)
 
 
 def _pct(xs: list[float]) -> dict[str, float]:

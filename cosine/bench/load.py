@@ -32,7 +32,7 @@ import threading
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -193,6 +193,18 @@ def error_kind(e: BaseException) -> tuple[str, bool]:
     return f"untyped:{type(e).__name__}", False
 
 
+def run_clients(client_loop: Callable[[int], None], clients: int, deadline: float, timeout_s: float,
+                name: str) -> None:
+    """``client_loop(i)`` for i < clients, each on its own thread, until they return (a client
+    past its deadline has at most its request timeout left, plus a margin)."""
+    threads = [threading.Thread(target=client_loop, args=(i,), name=f"{name}-{i}", daemon=True)
+               for i in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(max(1.0, deadline - time.monotonic()) + timeout_s + 30)
+
+
 def run_load(endpoint: str, prompts: list[str], clients: int, duration_s: float, max_tokens: int = 32,
              mode: str | None = None, temperature: float = 0.0, timeout_s: float = 120.0, stream: str = "mix",
              ignore_eos: bool = True, error_backoff_s: float = 0.1, curve: Any = None,
@@ -253,12 +265,7 @@ def run_load(endpoint: str, prompts: list[str], clients: int, duration_s: float,
         with lock:
             finished_threads[0] += 1
 
-    threads = [threading.Thread(target=client_loop, args=(i,), name=f"load-client-{i}", daemon=True)
-               for i in range(clients)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(max(1.0, deadline - time.monotonic()) + timeout_s + 30)
+    run_clients(client_loop, clients, deadline, timeout_s, "load-client")
     wall = time.monotonic() - t_start
     n_err = sum(errors.values())
     typed_err = sum(v for k, v in errors.items() if not k.startswith("untyped:"))
