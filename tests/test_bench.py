@@ -251,3 +251,20 @@ def test_identity_fails_modes_and_only_informs_on_peers() -> None:
            "machine": {"host": "vm", "cpu_count": 2}, "onnxruntime": "1.32.0", "workers": []}
     md = table({"environment": env, "summary": {}, "ratios": {}, "identity": ident})
     assert "llamacpp-draft against llama.cpp's own greedy decoding: 0 of 1 outputs identical" in md
+
+
+def test_report_indexes_runs_nested_and_of_other_benchmarks(tmp_path: Path) -> None:
+    """`cosine-bench report` lists every results.json below the root, newest first: a run's
+    table, and a link for another benchmark's results (the HTTP gateway's)."""
+    from cosine.bench.report import main
+
+    env = {"command": "cosine-bench run", "git_commit": "0" * 40, "date": "2026-12-07T10:00:00+00:00",
+           "machine": {"host": "vm", "cpu_count": 2}, "onnxruntime": "1.32.0", "workers": []}
+    (tmp_path / "place" / "split").mkdir(parents=True)
+    (tmp_path / "place" / "split" / "results.json").write_text(json.dumps({"environment": env, "summary": {}}))
+    (tmp_path / "http").mkdir()
+    (tmp_path / "http" / "results.json").write_text(json.dumps({"date": "2026-12-07T11:00:00+00:00", "levels": []}))
+    assert main([str(tmp_path)]) == 0
+    index = (tmp_path / "README.md").read_text()
+    assert index.index("## http") < index.index("## place/split")
+    assert "See [http/results.md](http/results.md)." in index and "Commit `000000000000`" in index
