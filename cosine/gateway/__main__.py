@@ -38,6 +38,16 @@ async def _serve(server) -> None:
         t.cancel()
 
 
+def _loop_factory():  # noqa: ANN202 - a callable returning an event loop, or None
+    """uvloop's event loop where it is installed (a dependency on Linux, as in uvicorn's
+    "standard" set), else asyncio's own."""
+    try:
+        import uvloop
+    except ImportError:
+        return None
+    return uvloop.new_event_loop
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="cosine-http", description="OpenAI-compatible HTTP API and Prometheus metrics "
                                  "in front of cosine-serve (docs/http.md)")
@@ -66,7 +76,8 @@ def main(argv: list[str] | None = None) -> int:
     # exits 0 instead of dying by the signal.
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda signum, _frame: log.info("signal %d: stopped", signum))
-    asyncio.run(_serve(server))
+    with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+        runner.run(_serve(server))
     if not server.started:
         log.error("cosine-http could not listen on %s:%d (see above)", cfg.http.host, cfg.http.port)
         return 1
