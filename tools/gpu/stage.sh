@@ -72,7 +72,7 @@ EOF
 stage_wheels() {
   local d="$SRC/wheels" reqs=("onnxruntime-gpu==$ORT_GPU_VERSION") r key
   mapfile -t need < <("$PY" "$HERE/wheels.py" needs pyproject.toml --host "$HERE/host-packages.txt" \
-                        --extras export --skip torch,onnxruntime,starlette,uvicorn)
+                        --extras export --skip torch,onnxruntime,starlette,uvicorn,httptools)
   for r in "${need[@]}"; do reqs+=("$(pinned "$r")"); done
   key="$(printf '%s\n' "${reqs[@]}" | sha256sum | cut -c1-16)"
   if ((FORCE == 0)) && [[ "$(cat "$OUTDIR/wheels.key" 2>/dev/null)" == "$key" ]]; then
