@@ -153,6 +153,18 @@ class _Link:
         return Unavailable("unavailable", msg + (f"; the last handshake failed: {why}" if why else ""))
 
 
+def _link_events(mon: zmq.Socket, link: _Link, why: Refusal | None, secure: bool) -> tuple[bool, Refusal | None]:
+    """Read the monitor events queued so far: (a disconnect among them?, the handshake
+    refusal seen, else ``why``); marks ``link`` reached on a handshake."""
+    lost = False
+    while mon.poll(0):
+        ev = parse_monitor_message(mon.recv_multipart())
+        lost |= ev["event"] == zmq.EVENT_DISCONNECTED
+        link.reached |= ev["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED
+        why = client_refusal(ev["event"], ev["value"], secure) or why
+    return lost, why
+
+
 def _lost_marker(refused: Refusal | None) -> dict[str, Any]:
     """What in-flight requests get when the link breaks: lost, or refused in the handshake."""
     return {"ok": False, "error": {"code": "unauthorized", "message": refused.message}} if refused else \
@@ -306,12 +318,7 @@ class Client:
     def _check_link(self) -> None:
         """Handle disconnects seen so far: everything in flight then is lost (a new
         connection gets a new identity at the server, so no reply can reach it)."""
-        lost = False
-        while self._mon.poll(0):
-            ev = parse_monitor_message(self._mon.recv_multipart())
-            lost |= ev["event"] == zmq.EVENT_DISCONNECTED
-            self._link.reached |= ev["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED
-            self._why = client_refusal(ev["event"], ev["value"], self._curve is not None) or self._why
+        lost, self._why = _link_events(self._mon, self._link, self._why, self._curve is not None)
         self._refused = self._refused or (self._why if self._why and self._why.final else None)
         if not lost:
             if self._refused:  # libzmq does not reconnect after it: fail new requests at once
@@ -472,6 +479,9 @@ class AsyncClient:
         self._sock.setsockopt(zmq.LINGER, 0)
         secure_client(self._sock, self._curve)
         self._mon = _watch(self._sock, self._heartbeat_s)
+        # synchronous views of the same sockets, for reads that must not await (_check_link)
+        self._mon_now, self._sock_now = zmq.Socket.shadow(self._mon.underlying), zmq.Socket.shadow(
+            self._sock.underlying)
         self._sock.connect(self.endpoint)
 
     def _give_up(self) -> None:
@@ -520,17 +530,13 @@ class AsyncClient:
         between): a disconnect fails what is in flight then. Called by the reader, and before
         every new request, so that a disconnect queued while the reader did not run (an idle
         client, a loop that was not running) cannot fail a request sent after it."""
-        mon, sock = zmq.Socket.shadow(self._mon.underlying), zmq.Socket.shadow(self._sock.underlying)
-        lost = False
-        while mon.poll(0):
-            ev = parse_monitor_message(mon.recv_multipart())
-            lost |= ev["event"] == zmq.EVENT_DISCONNECTED
-            self._link.reached |= ev["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED
-            self._why = client_refusal(ev["event"], ev["value"], self._curve is not None) or self._why
+        if self._mon.closed:  # a closed client: the views would read freed sockets
+            return
+        lost, self._why = _link_events(self._mon_now, self._link, self._why, self._curve is not None)
         self._refused = self._refused or (self._why if self._why and self._why.final else None)
         if lost:  # what arrived before the break still counts; the rest is lost
-            while sock.poll(0):
-                self._deliver(sock.recv_multipart())
+            while self._sock_now.poll(0):
+                self._deliver(self._sock_now.recv_multipart())
             for q in self._waiters.values():
                 q.put_nowait(_lost_marker(self._why))
             self._why = None
