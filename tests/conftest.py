@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import faulthandler
 import json
+import os
 import socket
 import subprocess
 import time
@@ -11,6 +13,40 @@ from typing import Any, Callable
 
 import numpy as np
 import pytest
+
+
+# ----- hang watchdog -----------------------------------------------------------------------
+# A test that hangs once cost a whole CI run (90 min, no output). pytest-timeout (pyproject:
+# `timeout`) fails such a test with every thread's stack and the suite goes on; where its
+# SIGALRM cannot break the wait (a C call that does not return on EINTR), this backstop dumps
+# the stacks to the real stderr and exits, so CI still ends in minutes and says where.
+BACKSTOP_AFTER_S = float(os.environ.get("COSINE_TEST_BACKSTOP_S", "300"))  # past the test's own timeout
+_real_stderr: int | None = None
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    global _real_stderr
+    _real_stderr = os.dup(2)  # output capture is suspended here: this is the terminal / CI log
+
+
+def _timeout_s(item: pytest.Item) -> float:
+    """The test's pytest-timeout limit: its marker, else --timeout, else pyproject's (0: none)."""
+    marker = item.get_closest_marker("timeout")
+    if marker and marker.args:
+        return float(marker.args[0])
+    return float(item.config.getoption("timeout", None) or item.config.getini("timeout") or 0)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None):  # type: ignore[no-untyped-def]
+    limit = _timeout_s(item)
+    if limit > 0:
+        faulthandler.dump_traceback_later(limit + BACKSTOP_AFTER_S, exit=True,
+                                          file=_real_stderr if _real_stderr is not None else 2)
+    try:
+        yield
+    finally:
+        faulthandler.cancel_dump_traceback_later()
 
 
 # ----- worker fixtures (tests/test_worker*.py) ---------------------------------------------

@@ -78,6 +78,7 @@ def test_load_short(control_engines, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(float(os.environ.get("COSINE_SOAK_S", "600")) + 600)
 @pytest.mark.skipif(os.environ.get("COSINE_SOAK") != "1",
                     reason="soak test is opt-in: set COSINE_SOAK=1 (duration COSINE_SOAK_S, default 600 s)")
 def test_soak(control_engines, tmp_path):
