@@ -9,8 +9,8 @@
 
 One ZeroMQ DEALER socket per client. ZeroMQ sockets are not thread-safe: use a Client
 from one thread only (give each thread its own Client; they are cheap). `AsyncClient`
-is the asyncio flavour (zmq.asyncio) with the same methods as coroutines; it may run
-many generations concurrently on one event loop.
+is the asyncio flavour with the same methods as coroutines; it may run many generations
+concurrently on one event loop.
 
 A server with `[security] curve = true` answers only CURVE clients whose public key it
 lists (docs/security.md): ``Client(endpoint, curve=CurveKeys.load(client_secret_key,
@@ -33,7 +33,6 @@ from typing import Any, AsyncIterator, Iterator, Sequence
 
 import numpy as np
 import zmq
-import zmq.asyncio
 from zmq.utils.monitor import parse_monitor_message
 
 from cosine.config import MODES
@@ -447,6 +446,11 @@ class AsyncStream:
     def __aiter__(self) -> AsyncIterator[Chunk]:
         return self._gen()
 
+    def has_next(self) -> bool:
+        """Whether the next reply is here already: a reader can put what is ready into one write."""
+        q = self._client._waiters.get(("rid", self.rid))
+        return q is not None and not q.empty()
+
     async def _gen(self) -> AsyncIterator[Chunk]:
         while self.result is None:
             h = await self._client._next_for(self.rid, self._timeout)
@@ -456,20 +460,28 @@ class AsyncStream:
                 self.result = _done(h)
 
 
+_EVENTS, _POLLIN = int(zmq.EVENTS), int(zmq.POLLIN)  # plain ints: enum arithmetic costs per message
+
+
 class AsyncClient:
     """asyncio client: one DEALER socket, many concurrent generations on one event loop.
-    ``connect_timeout_s`` as for ``Client``."""
+    ``connect_timeout_s`` as for ``Client``.
 
-    def __init__(self, endpoint: str, timeout_s: float = 600.0, context: zmq.asyncio.Context | None = None,
+    The event loop watches the socket's file descriptor and a callback hands each message to
+    its waiter's queue, with no future per message: a streamed token costs the gateway (which
+    forwards every one) a fraction of what zmq.asyncio's per-recv futures did."""
+
+    def __init__(self, endpoint: str, timeout_s: float = 600.0, context: zmq.Context | None = None,
                  heartbeat_s: float | None = HEARTBEAT_S, curve: CurveKeys | None = None,
                  connect_timeout_s: float | None = CONNECT_TIMEOUT_S):
         self.endpoint = endpoint
         self.timeout_s = timeout_s
-        self._ctx = context or zmq.asyncio.Context.instance()
+        # plain sockets, also on a zmq.asyncio context: reads happen in _drain, never awaited
+        self._ctx = zmq.Context.shadow(context.underlying) if context is not None else zmq.Context.instance()
         self._curve, self._why, self._refused = curve, None, None
         self._heartbeat_s = heartbeat_s
         self._link = _Link(endpoint, connect_timeout_s)
-        self._reader: asyncio.Task | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None  # the loop that watches the sockets
         self._open()
         self._seq = itertools.count(1)
         self._waiters: dict[Any, asyncio.Queue] = {}
@@ -479,16 +491,13 @@ class AsyncClient:
         self._sock.setsockopt(zmq.LINGER, 0)
         secure_client(self._sock, self._curve)
         self._mon = _watch(self._sock, self._heartbeat_s)
-        # synchronous views of the same sockets, for reads that must not await (_check_link)
-        self._mon_now, self._sock_now = zmq.Socket.shadow(self._mon.underlying), zmq.Socket.shadow(
-            self._sock.underlying)
         self._sock.connect(self.endpoint)
 
     def _give_up(self) -> None:
         """As Client._give_up: fail every waiter, start over on a new socket."""
         marker = self._link.marker(self._why)
         self.close()
-        self._reader, self._why = None, None
+        self._why = None
         self._open()
         for q in self._waiters.values():
             q.put_nowait(marker)
@@ -496,12 +505,15 @@ class AsyncClient:
     async def _get(self, q: asyncio.Queue, timeout_s: float) -> dict[str, Any]:
         """The next message for a waiter; asyncio.TimeoutError after ``timeout_s``, and
         every waiter fails when the endpoint was never reached within connect_timeout_s."""
+        if not q.empty():  # the common case while a stream runs: no timer needed
+            return q.get_nowait()
         end = time.monotonic() + timeout_s
         while True:
             until = min(end, self._link.deadline() or end)
             try:
-                return await asyncio.wait_for(q.get(), max(0.0, until - time.monotonic()))
-            except asyncio.TimeoutError:
+                async with asyncio.timeout(max(0.0, until - time.monotonic())):
+                    return await q.get()
+            except TimeoutError:
                 if self._link.expired():
                     self._give_up()  # q now holds the marker
                 elif time.monotonic() >= end:
@@ -511,32 +523,39 @@ class AsyncClient:
         self._check_link()
         if self._refused:
             raise Refused("unauthorized", self._refused.message)
-        if self._reader is None or self._reader.done():
-            self._reader = asyncio.get_running_loop().create_task(self._read())
+        loop = asyncio.get_running_loop()
+        if self._loop is not loop:
+            self._unwatch()
+            loop.add_reader(self._sock.FD, self._drain)
+            loop.add_reader(self._mon.FD, self._check_link)
+            self._loop = loop
+            self._drain()  # what arrived while no loop watched
 
-    async def _read(self) -> None:
-        poller = zmq.asyncio.Poller()
-        poller.register(self._sock, zmq.POLLIN)
-        poller.register(self._mon, zmq.POLLIN)
-        while True:
-            events = dict(await poller.poll())
-            if self._mon in events:
-                self._check_link()
-            elif self._sock in events:
-                self._deliver(await self._sock.recv_multipart())
+    def _unwatch(self) -> None:
+        if self._loop is not None and not self._loop.is_closed() and not self._sock.closed:
+            self._loop.remove_reader(self._sock.FD)
+            self._loop.remove_reader(self._mon.FD)
+        self._loop = None
+
+    def _drain(self) -> None:
+        """Deliver every message waiting on the socket. ZeroMQ's descriptor signals a change,
+        not a level: each wake-up must empty the socket (and so must each send, which may
+        take the signal)."""
+        sock = self._sock
+        while not sock.closed and sock.getsockopt(_EVENTS) & _POLLIN:  # no zmq.Again raised per wake-up
+            self._deliver(sock.recv_multipart(zmq.NOBLOCK))
 
     def _check_link(self) -> None:
         """Handle the link events queued so far, at once (no await: nothing can register in
-        between): a disconnect fails what is in flight then. Called by the reader, and before
-        every new request, so that a disconnect queued while the reader did not run (an idle
-        client, a loop that was not running) cannot fail a request sent after it."""
-        if self._mon.closed:  # a closed client: the views would read freed sockets
+        between): a disconnect fails what is in flight then. Called when the monitor socket
+        signals, and before every new request, so that a disconnect queued while the loop did
+        not watch (an idle client, a loop that was not running) cannot fail a request sent after it."""
+        if self._mon.closed:
             return
-        lost, self._why = _link_events(self._mon_now, self._link, self._why, self._curve is not None)
+        lost, self._why = _link_events(self._mon, self._link, self._why, self._curve is not None)
         self._refused = self._refused or (self._why if self._why and self._why.final else None)
         if lost:  # what arrived before the break still counts; the rest is lost
-            while self._sock_now.poll(0):
-                self._deliver(self._sock_now.recv_multipart())
+            self._drain()
             for q in self._waiters.values():
                 q.put_nowait(_lost_marker(self._why))
             self._why = None
@@ -556,8 +575,15 @@ class AsyncClient:
     async def _send(self, header: dict[str, Any], arrays: dict[str, np.ndarray] | None = None,
                     seq: int | None = None) -> int:
         seq = next(self._seq) if seq is None else seq
-        await self._sock.send_multipart(encode({"v": VERSION, **header, "seq": seq}, arrays or {}))
+        frames = encode({"v": VERSION, **header, "seq": seq}, arrays or {})
+        while True:
+            try:
+                self._sock.send_multipart(frames, zmq.NOBLOCK, copy=False)
+                break
+            except zmq.Again:  # the send queue is at its high-water mark: wait for room
+                await asyncio.sleep(0.005)
         self._link.sent()
+        self._drain()  # the send may have taken the descriptor's signal for waiting replies
         return seq
 
     async def _call(self, header: dict[str, Any], timeout_s: float | None = None) -> dict[str, Any]:
@@ -620,8 +646,7 @@ class AsyncClient:
         return await self._call({"op": "stats", **({"timeline": timeline} if timeline else {})})
 
     def close(self) -> None:
-        if self._reader is not None:
-            self._reader.cancel()
+        self._unwatch()
         try:
             self._sock.disable_monitor()
         except zmq.ZMQError:

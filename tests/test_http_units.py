@@ -207,3 +207,53 @@ def test_stream_text_never_splits_a_utf8_character(text):
     chunks = [d.push(t) for t in ids] + [d.flush()]
     assert all("\ufffd" not in c for c in chunks)
     assert "".join(chunks) == text
+
+
+# ----- SSE batching (cosine/gateway/generate.py _events) --------------------------------------
+
+class _Stream:
+    """An AsyncStream's reading side, fed by the test: what ``has_next`` sees is what is queued."""
+
+    def __init__(self) -> None:
+        import asyncio
+
+        from cosine.client import Chunk, GenerateResult
+        self.rid, self.result, self.q = "r1", None, asyncio.Queue()
+        self.Chunk, self.GenerateResult = Chunk, GenerateResult
+
+    def has_next(self) -> bool:
+        return not self.q.empty()
+
+    def __aiter__(self):  # type: ignore[no-untyped-def]
+        return self
+
+    async def __anext__(self):  # type: ignore[no-untyped-def]
+        item = await self.q.get()
+        if item is None:
+            self.result = self.GenerateResult("ab", [1, 2], "length")
+            raise StopAsyncIteration
+        return self.Chunk(item, [0])
+
+
+def test_sse_sends_what_is_ready_at_once_and_never_holds_a_token_back():
+    import asyncio
+
+    from cosine.gateway.generate import DONE, _events
+    from cosine.gateway.responses import Shape
+
+    async def run() -> list[bytes]:
+        s = _Stream()
+        events = _events(None, Shape(True, "r1", "m"), s, s, s.Chunk("a", [1]), False)  # type: ignore[arg-type]
+        # role + first text in one write, at once: nothing is queued behind them (a wait here is the bug)
+        writes = [await asyncio.wait_for(events.__anext__(), 5)]
+        s.q.put_nowait("b")
+        s.q.put_nowait(None)  # the last text and the end arrive together: one write with [DONE]
+        writes += [w async for w in events]
+        return writes
+
+    writes = asyncio.run(run())
+    assert len(writes) == 2, writes
+    first = [json.loads(e[6:]) for e in writes[0].decode().split("\n\n") if e]
+    assert first[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    assert first[1]["choices"][0]["delta"]["content"] == "a"
+    assert writes[1].endswith(DONE) and b'"content":"b"' in writes[1] and b'"finish_reason":"length"' in writes[1]

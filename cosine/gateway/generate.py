@@ -130,25 +130,32 @@ async def _next(it: AsyncIterator[Chunk]) -> Chunk | None:
 
 async def _events(backend: Backend, shape: Shape, s: AsyncStream, it: AsyncIterator[Chunk], first: Chunk | None,
                   include_usage: bool) -> AsyncIterator[bytes]:
+    """The SSE events of a stream. Events whose replies are already here go out in one write
+    (the role and the first text; the last text, the finish and [DONE]): each write is a
+    syscall and a wake-up of the client."""
     finished = False
+    ready: list[bytes] = []
     try:
         if shape.chat:
-            yield sse(shape.chunk("", role=True))
+            ready.append(sse(shape.chunk("", role=True)))
         if first is not None and first.text:
-            yield sse(shape.chunk(first.text))
-        if first is not None:
-            async for ch in it:
-                if ch.text:  # serve holds back text that may start a stop string or a UTF-8 character
-                    yield sse(shape.chunk(ch.text))
+            ready.append(sse(shape.chunk(first.text)))
+        ch = first
+        while ch is not None:
+            if ready and not s.has_next():
+                yield b"".join(ready)
+                ready = []
+            ch = await _next(it)
+            if ch is not None and ch.text:  # serve holds back text that may start a stop string or a UTF-8 character
+                ready.append(sse(shape.chunk(ch.text)))
         finished = True
         assert s.result is not None
-        for c in shape.last_chunks(s.result, include_usage):
-            yield sse(c)
+        ready += [sse(c) for c in shape.last_chunks(s.result, include_usage)]
     except CosineError as e:  # after the 200: OpenAI's SDKs raise on an `error` event
         finished = True
         log.warning("request %s failed mid-stream: %s", s.rid, e)
-        yield sse(from_serve(e).body())
+        ready.append(sse(from_serve(e).body()))
     finally:
         if not finished:
             backend.abandon(s)
-    yield DONE
+    yield b"".join(ready) + DONE
