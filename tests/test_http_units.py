@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import shutil
 from pathlib import Path
@@ -13,9 +14,12 @@ from hypothesis import strategies as st
 
 from cosine import config
 from cosine.config import ConfigError
+from cosine.client import Chunk, GenerateResult
 from cosine.export import chat_template as ct
 from cosine.gateway.chat import ChatTemplate, compile_template
 from cosine.gateway.errors import ApiError
+from cosine.gateway.generate import DONE, _events
+from cosine.gateway.responses import Shape
 from cosine.gateway.requests import chat_args, completion_args
 
 REPO = Path(__file__).resolve().parents[1]
@@ -215,11 +219,7 @@ class _Stream:
     """An AsyncStream's reading side, fed by the test: what ``has_next`` sees is what is queued."""
 
     def __init__(self) -> None:
-        import asyncio
-
-        from cosine.client import Chunk, GenerateResult
         self.rid, self.result, self.q = "r1", None, asyncio.Queue()
-        self.Chunk, self.GenerateResult = Chunk, GenerateResult
 
     def has_next(self) -> bool:
         return not self.q.empty()
@@ -230,20 +230,15 @@ class _Stream:
     async def __anext__(self):  # type: ignore[no-untyped-def]
         item = await self.q.get()
         if item is None:
-            self.result = self.GenerateResult("ab", [1, 2], "length")
+            self.result = GenerateResult("ab", [1, 2], "length")
             raise StopAsyncIteration
-        return self.Chunk(item, [0])
+        return Chunk(item, [0])
 
 
 def test_sse_sends_what_is_ready_at_once_and_never_holds_a_token_back():
-    import asyncio
-
-    from cosine.gateway.generate import DONE, _events
-    from cosine.gateway.responses import Shape
-
     async def run() -> list[bytes]:
         s = _Stream()
-        events = _events(None, Shape(True, "r1", "m"), s, s, s.Chunk("a", [1]), False)  # type: ignore[arg-type]
+        events = _events(None, Shape(True, "r1", "m"), s, s, Chunk("a", [1]), False)  # type: ignore[arg-type]
         # role + first text in one write, at once: nothing is queued behind them (a wait here is the bug)
         writes = [await asyncio.wait_for(events.__anext__(), 5)]
         s.q.put_nowait("b")
