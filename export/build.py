@@ -284,7 +284,7 @@ def export_engine(model: str | Path, out_dir: str | Path, dtype: str = "float32"
     if bos is None:
         bos = getattr(config, "bos_token_id", None)
 
-    inputs, outputs = io_description(spec, dtype)
+    inputs, outputs = io_description(spec, dtype, key_slots=graph == "fused")
     facts = {**{k: v for k, v in spec.as_dict().items()}, "dtype": dtype}
     parity: dict[str, Any] = {"passed": None, "skipped": "disabled with --no-parity"}
     quantization: dict[str, Any] | None = None

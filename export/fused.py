@@ -6,10 +6,12 @@ plain graph's elementwise chains (docs/export.md, "Fused graph").
 | RMS norm | `RMSNormalization` (opset 23) | Mul, ReduceMean, Add, Sqrt, Reciprocal, Mul, Mul |
 | residual + RMS norm | `com.microsoft:SkipSimplifiedLayerNormalization` | Add + the above |
 | rotary embedding | `RotaryEmbedding` (opset 23) with per-token `position_ids` | Gather, Split, Neg, Concat, Mul, Mul, Add |
-| tree attention | `Attention` (opset 23): grouped-query heads, boolean tree mask, past K/V | Concat, Transpose, MatMul, Where, Softmax, MatMul, Transpose |
+| tree attention | `Attention` (opset 23): grouped-query heads, boolean tree mask, new K/V scattered to their key slots | Concat, Transpose, MatMul, Where, Softmax, MatMul, Transpose |
 | quantized linear | `com.microsoft:MatMulNBits` (+ one small MatMul for per-block minimums) | MatMul over float32 weights |
 
-The interface (inputs, outputs, heads-major cache) is the plain graph's (layers.py).
+The interface (inputs, outputs, heads-major cache) is the plain graph's (layers.py), plus
+``key_slots`` [B, T]: the key column in [0, P + T) of each new token (cosine/keyslots.py
+says why decoding's columns make tree verification bit-exact).
 """
 
 from __future__ import annotations
@@ -123,11 +125,26 @@ def heads_major(g: GraphBuilder, x: str, heads: int, head_dim: int, name: str) -
     return g.op("Transpose", [g.op("Reshape", [x, g.i64([0, 0, heads, head_dim])])], perm=[0, 2, 1, 3], name=name)
 
 
-def attention(g: GraphBuilder, q: str, k: str, v: str, mask: str, past: tuple[str, str], heads: int,
-              kv_heads: int, scale: float) -> str:
-    """Tree attention of q [B, T, heads*D] over past [B, Hkv, P, D] plus the new k, v
-    [B, T, Hkv*D], with the boolean mask [B, 1, T, P+T]; returns [B, T, heads*D]. (The CPU
-    kernel requires the present K/V outputs whenever past K/V is given; they are unused.)"""
-    y, _, _ = g.op("Attention", [q, k, v, mask, past[0], past[1]], outputs=3, q_num_heads=heads,
-                   kv_num_heads=kv_heads, scale=scale)
-    return y
+def key_slot_index(g: GraphBuilder, key_slots: str, new_key: str) -> str:
+    """``key_slots`` [B, T] broadcast to new_key's shape [B, Hkv, T, D]: ScatterElements'
+    indices, shared by every layer."""
+    key = ("key_slot_index",)
+    if key not in g.memo:
+        g.memo[key] = g.op("Expand", [g.op("Unsqueeze", [key_slots, g.i64([1, 3])]), g.op("Shape", [new_key])])
+    return g.memo[key]
+
+
+def attention(g: GraphBuilder, q: str, new_kv: tuple[str, str], mask: str, past: tuple[str, str], index: str,
+              heads: int, head_dim: int, scale: float) -> str:
+    """Tree attention of q [B, T, heads*D] over the key sequence past [B, Hkv, P, D] ++
+    new [B, Hkv, T, D], each new K/V also written at its key slot (``index`` from
+    ``key_slot_index``), with the boolean mask [B, 1, T, P+T]; returns [B, T, heads*D].
+    The mask selects the slot copies; the appended ones count only where a slot is
+    P + t. Passing the whole key sequence as K/V (no past inputs) also spares the CPU
+    kernel's present K/V outputs, which the worker never used."""
+    keys = []
+    for p, new in zip(past, new_kv):
+        keys.append(g.op("ScatterElements", [g.op("Concat", [p, new], axis=2), index, new], axis=2))
+    qh = g.op("Transpose", [g.op("Reshape", [q, g.i64([0, 0, heads, head_dim])])], perm=[0, 2, 1, 3])
+    y = g.op("Attention", [qh, keys[0], keys[1], mask], scale=scale)
+    return g.op("Reshape", [g.op("Transpose", [y], perm=[0, 2, 1, 3]), g.i64([0, 0, heads * head_dim])])

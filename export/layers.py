@@ -38,8 +38,9 @@ class ModelSpec:
         return asdict(self)
 
 
-def interface(g: GraphBuilder, spec: ModelSpec) -> dict[str, Any]:
-    """Declare the graph inputs/outputs of docs/design.md; returns the input names."""
+def interface(g: GraphBuilder, spec: ModelSpec, key_slots: bool = False) -> dict[str, Any]:
+    """Declare the graph inputs/outputs of docs/design.md; returns the input names.
+    ``key_slots``: the fused graph's input placing each new token's key (fused.py)."""
     L, Hkv, D, V = spec.num_layers, spec.num_kv_heads, spec.head_dim, spec.vocab_size
     names: dict[str, Any] = {
         "input_ids": g.add_input("input_ids", np.int64, ["batch", "seq"]),
@@ -48,6 +49,8 @@ def interface(g: GraphBuilder, spec: ModelSpec) -> dict[str, Any]:
         "logits_index": g.add_input("logits_index", np.int64, ["batch", "keep"]),
         "past": [],
     }
+    if key_slots:
+        names["key_slots"] = g.add_input("key_slots", np.int64, ["batch", "seq"])
     for i in range(L):
         names["past"].append((g.add_input(f"past_key.{i}", g.dtype, ["batch", Hkv, "past", D]),
                               g.add_input(f"past_value.{i}", g.dtype, ["batch", Hkv, "past", D])))
@@ -59,7 +62,7 @@ def interface(g: GraphBuilder, spec: ModelSpec) -> dict[str, Any]:
     return names
 
 
-def io_description(spec: ModelSpec, dtype: str) -> tuple[list[dict], list[dict]]:
+def io_description(spec: ModelSpec, dtype: str, key_slots: bool = False) -> tuple[list[dict], list[dict]]:
     """The manifest's "inputs"/"outputs" lists (same facts as ``interface``)."""
     kv = ["batch", spec.num_kv_heads, "past", spec.head_dim]
     new = ["batch", spec.num_kv_heads, "seq", spec.head_dim]
@@ -67,6 +70,8 @@ def io_description(spec: ModelSpec, dtype: str) -> tuple[list[dict], list[dict]]
            {"name": "position_ids", "dtype": "int64", "shape": ["batch", "seq"]},
            {"name": "attention_mask", "dtype": "bool", "shape": ["batch", 1, "seq", "past+seq"]},
            {"name": "logits_index", "dtype": "int64", "shape": ["batch", "keep"]}]
+    if key_slots:
+        ins.append({"name": "key_slots", "dtype": "int64", "shape": ["batch", "seq"]})
     outs = [{"name": "logits", "dtype": "float32", "shape": ["batch", "keep", spec.vocab_size]}]
     for i in range(spec.num_layers):
         ins += [{"name": f"past_key.{i}", "dtype": dtype, "shape": kv},

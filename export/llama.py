@@ -80,7 +80,7 @@ def build(g: GraphBuilder, config: Any, weights: Weights, inv_freq: np.ndarray, 
         raise ValueError(f"graph must be one of {GRAPHS}, got {graph!r}")
     spec = spec_for(config)
     eps = float(config.rms_norm_eps)
-    io = Lyr.interface(g, spec)
+    io = Lyr.interface(g, spec, key_slots=graph == "fused")
     table = weights.matrix("model.embed_tokens.weight")  # float, or blocks (quantized engines)
     x = F.embedding(g, table, io["input_ids"], "model.embed_tokens")
     layer = _fused_layers if graph == "fused" else _plain_layers
@@ -116,9 +116,9 @@ def _fused_layers(g: GraphBuilder, spec: Lyr.ModelSpec, weights: Weights, io: di
         q, k, v = project(g, h, weights, [a + "q_proj", a + "k_proj", a + "v_proj"])
         q = F.rotary(g, q, caches, io["position_ids"], H)
         k = F.rotary(g, k, caches, io["position_ids"], Hkv)
-        F.heads_major(g, k, Hkv, D, name=f"new_key.{i}")
-        F.heads_major(g, v, Hkv, D, name=f"new_value.{i}")
-        ctx = F.attention(g, q, k, v, io["attention_mask"], io["past"][i], H, Hkv, scale=D ** -0.5)
+        new_kv = (F.heads_major(g, k, Hkv, D, name=f"new_key.{i}"), F.heads_major(g, v, Hkv, D, name=f"new_value.{i}"))
+        index = F.key_slot_index(g, io["key_slots"], new_kv[0])
+        ctx = F.attention(g, q, new_kv, io["attention_mask"], io["past"][i], index, H, D, scale=D ** -0.5)
         attn_out = project(g, ctx, weights, [a + "o_proj"])[0]
         norm = p + "post_attention_layernorm.weight"
         h, x = F.skip_rms_norm(g, attn_out, x, weights.vector(norm), eps, norm)

@@ -27,6 +27,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
+from cosine.keyslots import with_slots
 from cosine.tree import ancestor_mask, path_to, position_ids, validate_parents
 from cosine.workers.engine import all_rows
 
@@ -110,7 +111,7 @@ def _run_rows(sess: Any, case: ParityCase, rows: list[int], num_layers: int, kv_
         feeds[f"past_key.{i}"] = empty
         feeds[f"past_value.{i}"] = empty
     names = ["logits"] + [f"new_key.{i}" for i in range(num_layers)] + [f"new_value.{i}" for i in range(num_layers)]
-    outs = sess.run(names, feeds)
+    outs = sess.run(names, with_slots(sess, feeds))
     prefix_lp = _log_softmax(outs[0])
 
     tmask = np.zeros((B, N, P + N), bool)
@@ -122,7 +123,7 @@ def _run_rows(sess: Any, case: ParityCase, rows: list[int], num_layers: int, kv_
     for i in range(num_layers):
         feeds[f"past_key.{i}"] = outs[1 + i]
         feeds[f"past_value.{i}"] = outs[1 + num_layers + i]
-    tree_lp = _log_softmax(sess.run(["logits"], feeds)[0])
+    tree_lp = _log_softmax(sess.run(["logits"], with_slots(sess, feeds))[0])
     return [{"prefix": prefix_lp[b, P - p.size:], "tree": tree_lp[b]} for b, p in enumerate(pre)]
 
 
@@ -260,7 +261,7 @@ def text_agreement(engine_dir: Path, text: dict[str, np.ndarray], manifest_facts
     feeds = {"input_ids": ids, "position_ids": np.arange(n, dtype=np.int64)[None],
              "attention_mask": np.tril(np.ones((n, n), bool))[None, None], "logits_index": all_rows(1, n),
              **{f"past_{kv}.{i}": empty for i in range(L) for kv in ("key", "value")}}
-    lp = _log_softmax(sess.run(["logits"], feeds)[0][0])
+    lp = _log_softmax(sess.run(["logits"], with_slots(sess, feeds))[0][0])
     ref = text["logprobs"]
     top = ref.argmax(-1)
     return {"top1_agreement": float((lp.argmax(-1) == top).mean()),

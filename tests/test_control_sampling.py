@@ -15,6 +15,7 @@ import torch
 
 from cosine.client import AsyncClient
 from cosine.control.cluster import LocalCluster
+from cosine.keyslots import with_slots
 
 from conftest import write_cluster_config
 
@@ -37,7 +38,7 @@ def _logits(engine: Path, ids: list[int]) -> np.ndarray:
         for kind in ("key", "value"):
             feeds[f"past_{kind}.{i}"] = np.zeros((1, m["num_kv_heads"], 0, m["head_dim"]), dt)
     names = [o.name for o in sess.get_outputs()]
-    return sess.run(["logits"], feeds)[0][0, 0].astype(np.float64) if "logits" in names else None
+    return sess.run(["logits"], with_slots(sess, feeds))[0][0, 0].astype(np.float64) if "logits" in names else None
 
 
 def _softmax(z: np.ndarray) -> np.ndarray:

@@ -20,6 +20,7 @@ from transformers import AutoModelForCausalLM  # noqa: E402
 
 from cosine.export import ExportError, ParityError, UnsupportedArchitecture  # noqa: E402
 from cosine.export.build import export_engine  # noqa: E402
+from cosine.keyslots import with_slots  # noqa: E402
 from cosine.workers.engine import all_rows  # noqa: E402
 from cosine.export.cli import main as cli_main  # noqa: E402
 from cosine.export.parity import check_parity  # noqa: E402
@@ -59,7 +60,7 @@ def _run(sess, manifest: dict, ids: np.ndarray, pos: np.ndarray, mask: np.ndarra
              "logits_index": all_rows(B, ids.shape[1]) if rows is None else rows.astype(np.int64)}
     for i, (k, v) in enumerate(past):
         feeds[f"past_key.{i}"], feeds[f"past_value.{i}"] = k, v
-    outs = sess.run(None, feeds)
+    outs = sess.run(None, with_slots(sess, feeds))
     names = [o.name for o in sess.get_outputs()]
     got = dict(zip(names, outs))
     return got["logits"], [got[f"new_key.{i}"] for i in range(L)], [got[f"new_value.{i}"] for i in range(L)]

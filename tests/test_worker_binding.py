@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from cosine.config import LimitsConfig, ModelConfig, WorkerConfig
+from cosine.keyslots import with_slots
 from cosine.tree import ancestor_mask, depths
 from cosine.workers.engine import Engine
 from cosine.workers.kvcache import KVCache
@@ -105,7 +106,7 @@ def test_bound_forward_equals_a_plain_session_run(worker_engines: dict[str, Path
         for i in range(e.num_layers):
             feeds[f"past_key.{i}"] = feeds[f"past_value.{i}"] = empty
         names = [o.name for o in e.session.get_outputs()]
-        plain = dict(zip(names, e.session.run(names, feeds)))
+        plain = dict(zip(names, e.session.run(names, with_slots(e.session, feeds))))
         logits, k, v = e.forward(feeds["input_ids"], feeds["position_ids"], feeds["attention_mask"], e.empty_past(),
                                  feeds["logits_index"])
         np.testing.assert_allclose(logits, plain["logits"], rtol=1e-6, atol=1e-6)
@@ -119,7 +120,7 @@ def test_bound_forward_equals_a_plain_session_run(worker_engines: dict[str, Path
                 "attention_mask": mask, "logits_index": np.arange(N)[None]}
         host_past = {**{f"past_key.{i}": plain[f"new_key.{i}"] for i in range(e.num_layers)},
                      **{f"past_value.{i}": plain[f"new_value.{i}"] for i in range(e.num_layers)}}
-        want = e.session.run(["logits"], {**tree, **host_past})[0]
+        want = e.session.run(["logits"], with_slots(e.session, {**tree, **host_past}))[0]
         got, _, _ = e.forward(tree["input_ids"], tree["position_ids"], mask, list(zip(k, v)), tree["logits_index"])
         np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
 

@@ -4,8 +4,14 @@ Each request brings its own past length p_b and t_b new tokens (a chain or a tre
 batch is padded to P past columns and T = max t_b; the attention mask carries all of it:
 past columns >= p_b are False, padded query rows attend only to themselves (a row with
 no True column would be a softmax over nothing -> NaN). A batch of one passes its
-request's whole cache slab (P = its capacity, no copy); a larger batch copies each
-request's rows into one [B, Hkv, max p_b, D] buffer.
+request's whole cache slab (P = its capacity, no copy) when it is wide enough; otherwise
+each request's rows are copied into one [B, Hkv, P, D] buffer.
+
+Where the engine takes ``key_slots``, each new token's key sits at the column
+cosine/keyslots.py chooses (a chain's at its position, inside the free past columns or
+after them), so that any batch, chain or tree computes bit for bit what decoding one
+token at a time computes; P is then widened to the end of the last position's block.
+Without it (the plain graph), new keys follow the past at P + t.
 """
 
 from __future__ import annotations
@@ -15,6 +21,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+
+from cosine.keyslots import chain_slots, place
+from cosine.tree import ancestor_mask
 
 from .engine import Engine
 from .kvcache import Entry
@@ -27,7 +36,7 @@ class Feed:
     entry: Entry
     tokens: np.ndarray  # int [t]
     positions: np.ndarray  # int64 [t]
-    mask: np.ndarray | None = None  # bool [t, t] among the new tokens; None = causal
+    parents: np.ndarray | None = None  # a tree's parents (cosine/tree.py); None = a chain
     last_logits: int | None = None  # logits only for the last n tokens (None = all t)
 
     @property
@@ -66,6 +75,26 @@ def _causal(t: int) -> np.ndarray:
     return np.tril(np.ones((t, t), np.bool_))
 
 
+@dataclass
+class _Layout:
+    """Where one feed's new tokens sit in the key sequence, and whom each attends."""
+
+    slots: np.ndarray   # int64 [t]
+    among: np.ndarray   # bool [t, t]: new token i attends new token j
+    inexact: int        # tree nodes that could not get decoding's columns
+
+
+def _layout(engine: Engine, f: Feed, P: int, T: int) -> _Layout:
+    t, p = f.tokens.size, f.entry.length
+    among = _causal(t) if f.parents is None else ancestor_mask(f.parents)
+    if engine.layout is None:
+        return _Layout(P + np.arange(t), among, 0)
+    if f.parents is None:
+        return _Layout(chain_slots(p, t), among, 0)
+    placed = place(f.parents, p, engine.layout, limit=P + T)
+    return _Layout(placed.slots, among, int((~placed.exact).sum()))
+
+
 def _forward(engine: Engine, feeds: list[Feed]) -> list[FeedResult]:
     B = len(feeds)
     # A target's single-row forward is padded to ``min_rows`` rows (and logits rows): ONNX
@@ -75,24 +104,38 @@ def _forward(engine: Engine, feeds: list[Feed]) -> list[FeedResult]:
     # verify computes for the same token, or speculation would not be lossless.
     rows_at_least = engine.min_rows if B == 1 else 1
     T = max(max(f.tokens.size for f in feeds), rows_at_least)
-    P = feeds[0].entry.capacity if B == 1 else max(f.entry.length for f in feeds)
+    P = max(f.entry.length for f in feeds)
+    if engine.layout is not None:  # room for every exact slot (keyslots.KeyLayout.keys_needed)
+        P = max(P, engine.layout.keys_needed(max(int(f.positions.max()) for f in feeds)) - T)
+    slab = B == 1 and P <= feeds[0].entry.capacity
+    if slab:
+        P = feeds[0].entry.capacity
     ids = np.zeros((B, T), np.int64)
     pos = np.zeros((B, T), np.int64)
+    slots = np.zeros((B, T), np.int64)
     mask = np.zeros((B, 1, T, P + T), np.bool_)
     K = max(max(f.n_logits for f in feeds), rows_at_least)
     rows = np.zeros((B, K), np.int64)  # padded with each feed's last row (computed, then dropped)
+    inexact = 0
     for b, f in enumerate(feeds):
         t, p = f.tokens.size, f.entry.length
+        lay = _layout(engine, f, P, T)
+        inexact += lay.inexact
         ids[b, :t] = f.tokens
         pos[b, :t] = f.positions
+        slots[b, :t] = lay.slots
         mask[b, 0, :t, :p] = True
-        mask[b, 0, :t, P:P + t] = _causal(t) if f.mask is None else f.mask
-        pad = np.arange(t, T)
-        mask[b, 0, pad, P + pad] = True
+        mask[b, 0][np.ix_(np.arange(t), lay.slots)] = lay.among  # (not mask[b, 0, :t, slots]: numpy would transpose it)
+        if engine.layout is None:  # the graph puts new token i at P + i
+            slots[b, t:] = P + np.arange(t, T)
+        else:  # padding rows: any other free column
+            slots[b, t:] = np.setdiff1d(np.arange(p, P + T), lay.slots)[:T - t]
+        mask[b, 0, np.arange(t, T), slots[b, t:]] = True
         rows[b] = t - 1
         rows[b, :f.n_logits] = np.arange(t - f.n_logits, t)
+    engine.inexact_nodes += inexact
 
-    if B == 1:  # the whole zero-filled slab [Hkv, cap, D]: a view, no copy; the mask hides cap - length
+    if slab:  # the whole zero-filled slab [Hkv, cap, D]: a view, no copy; the mask hides cap - length
         e = feeds[0].entry
         past = [(e.k[layer][None], e.v[layer][None]) for layer in range(engine.num_layers)]
     else:
@@ -107,7 +150,7 @@ def _forward(engine: Engine, feeds: list[Feed]) -> list[FeedResult]:
                 v[b, :, :pv.shape[1]] = pv
             past.append((k, v))
 
-    logits, new_k, new_v = engine.forward(ids, pos, mask, past, rows)
+    logits, new_k, new_v = engine.forward(ids, pos, mask, past, rows, slots)
     res = []
     for b, f in enumerate(feeds):
         t = f.tokens.size

@@ -20,6 +20,8 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
+from cosine.keyslots import appended, host_layout
+
 from . import arrays as arrays_mod
 from .graphs import GraphBuckets
 
@@ -144,6 +146,11 @@ class Engine:
         missing = {"input_ids", "position_ids", "attention_mask", "logits_index", *sum(self._past_names, ())} - inputs
         if missing:
             raise EngineError(f"{model_path} lacks graph inputs {sorted(missing)} (see docs/design.md)")
+        # key_slots (cosine/keyslots.py): where each new token's key goes; engines exported
+        # before it (and the plain graph) append new keys after the past, inexactly
+        self.takes_slots = "key_slots" in inputs
+        self.layout = host_layout() if self.takes_slots else None
+        self.inexact_nodes = 0  # tree nodes laid out unlike decoding (counted by batching.py)
         self.cuda_graph = cuda_graph
         self.graphs = GraphBuckets(self, capture=cuda_graph) if (cuda_graph if buckets is None else buckets) else None
         log.info("engine %s loaded: %s, L=%d Hkv=%d D=%d V=%d max_positions=%d dtype=%s on %s",
@@ -160,25 +167,30 @@ class Engine:
         return [(z, z)] * self.num_layers
 
     def forward(self, input_ids: np.ndarray, position_ids: np.ndarray, attention_mask: np.ndarray,
-                past: list[tuple[Any, Any]], logits_index: np.ndarray | None = None
-                ) -> tuple[np.ndarray, list[Any], list[Any]]:
+                past: list[tuple[Any, Any]], logits_index: np.ndarray | None = None,
+                key_slots: np.ndarray | None = None) -> tuple[np.ndarray, list[Any], list[Any]]:
         """One graph run. Shapes as in docs/design.md; ``past[i] = (K, V)`` of layer i,
         each [B, Hkv, P, D], contiguous arrays of this engine's ``arrays`` kind.
         ``logits_index`` [B, K]: the new-token rows whose logits to compute (None = all
-        T). Returns (logits [B,K,V] in host memory, new K per layer, new V per layer), the
-        new K/V [B, Hkv, T, D] where the cache lives."""
+        T). ``key_slots`` [B, T]: the key column of each new token in [0, P + T) (None =
+        P + t; ignored by an engine without the input). Returns (logits [B,K,V] in host
+        memory, new K per layer, new V per layer), the new K/V [B, Hkv, T, D] where the
+        cache lives."""
         B, T = np.shape(input_ids)
         rows = all_rows(B, T) if logits_index is None else np.ascontiguousarray(logits_index, np.int64)
+        key_slots = appended(np.shape(attention_mask)) if key_slots is None else np.ascontiguousarray(key_slots, np.int64)
         if self.graphs is not None:
             out = self.graphs.run(np.asarray(input_ids), np.asarray(position_ids), np.asarray(attention_mask),
-                                  past, rows)
+                                  past, rows, key_slots)
             if out is not None:
                 return out
         binding = self.session.io_binding()
-        for name, host in (("input_ids", np.ascontiguousarray(input_ids, np.int64)),
-                           ("position_ids", np.ascontiguousarray(position_ids, np.int64)),
-                           ("attention_mask", np.ascontiguousarray(attention_mask, np.bool_)),
-                           ("logits_index", rows)):
+        inputs = [("input_ids", np.ascontiguousarray(input_ids, np.int64)),
+                  ("position_ids", np.ascontiguousarray(position_ids, np.int64)),
+                  ("attention_mask", np.ascontiguousarray(attention_mask, np.bool_)), ("logits_index", rows)]
+        if self.takes_slots:
+            inputs.append(("key_slots", key_slots))
+        for name, host in inputs:
             binding.bind_cpu_input(name, host)
         for (kn, vn), (k, v) in zip(self._past_names, past):
             self.bind(binding, kn, k, output=False)
@@ -208,7 +220,7 @@ class Engine:
         (kv_arrays = "numpy" there) cross the bus: counted as cache transfers."""
         arr = self.arrays
         dtype = {"logits": np.float32, "input_ids": np.int64, "position_ids": np.int64, "logits_index": np.int64,
-                 "attention_mask": np.bool_}.get(name, self.dtype)
+                 "attention_mask": np.bool_, "key_slots": np.int64}.get(name, self.dtype)
         if arr.device_type == "cpu" and self.device != "cpu" and name.startswith(("past_", "new_")):
             nbytes = int(np.prod(a.shape)) * np.dtype(dtype).itemsize
             if output:

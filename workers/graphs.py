@@ -59,7 +59,7 @@ class GraphBuckets:
         return b, t, min(k, t), -(-P // PAST_STEP) * PAST_STEP
 
     def run(self, ids: np.ndarray, pos: np.ndarray, mask: np.ndarray, past: list[tuple[Any, Any]],
-            rows: np.ndarray) -> tuple[np.ndarray, list[Any], list[Any]] | None:
+            rows: np.ndarray, slots: np.ndarray) -> tuple[np.ndarray, list[Any], list[Any]] | None:
         """The forward through its bucket; None when it fits none (the caller runs it plain)."""
         B, T = ids.shape
         P = mask.shape[-1] - T
@@ -68,7 +68,7 @@ class GraphBuckets:
             self.uncaptured += 1
             return None
         bucket = self.buckets.get(key) or self._new(key)
-        self._fill(bucket, ids, pos, mask, past, rows)
+        self._fill(bucket, ids, pos, mask, past, rows, slots)
         self.engine.run_bound(bucket.binding, bucket.graph_id if self.capture else None)
         bucket.runs += 1
         out = bucket.outputs
@@ -86,6 +86,8 @@ class GraphBuckets:
         z = e.arrays.zeros
         inputs = {"input_ids": z((b, t), np.int64), "position_ids": z((b, t), np.int64),
                   "attention_mask": z((b, 1, t, p + t), np.bool_), "logits_index": z((b, k), np.int64)}
+        if e.takes_slots:
+            inputs["key_slots"] = z((b, t), np.int64)
         for i in range(e.num_layers):  # zero-filled: masked columns must hold finite values
             inputs[f"past_key.{i}"], inputs[f"past_value.{i}"] = z(kv, e.dtype), z(kv, e.dtype)
         outputs = {"logits": z((b, k, e.vocab_size), np.float32)}
@@ -103,8 +105,9 @@ class GraphBuckets:
         return bucket
 
     def _fill(self, bucket: Bucket, ids: np.ndarray, pos: np.ndarray, mask: np.ndarray,
-              past: list[tuple[Any, Any]], rows: np.ndarray) -> None:
-        """Pad the call into the bucket's fixed buffers (host pieces copied in once each)."""
+              past: list[tuple[Any, Any]], rows: np.ndarray, slots: np.ndarray) -> None:
+        """Pad the call into the bucket's fixed buffers (host pieces copied in once each).
+        The call's key columns [0, P) stay, [P, P + T) move to [p, p + T)."""
         b, t, k, p = bucket.shape
         B, T = ids.shape
         P = mask.shape[-1] - T
@@ -117,10 +120,13 @@ class GraphBuckets:
         host_mask[pad_b, 0, pad_t, p + pad_t] = True  # padding rows attend to themselves
         host_rows = np.zeros((b, k), np.int64)
         host_rows[:B, :rows.shape[1]] = rows
+        host_slots = p + np.broadcast_to(np.arange(t, dtype=np.int64), (b, t)).copy()
+        host_slots[:B, :T] = np.where(slots < P, slots, slots - P + p)
         arr, inp = self.engine.arrays, bucket.inputs
-        for name, host in (("input_ids", host_ids), ("position_ids", host_pos), ("attention_mask", host_mask),
-                           ("logits_index", host_rows)):
-            arr.copy_from_host(inp[name], host)
+        hosts = {"input_ids": host_ids, "position_ids": host_pos, "attention_mask": host_mask,
+                 "logits_index": host_rows, "key_slots": host_slots}
+        for name in inp.keys() & hosts.keys():
+            arr.copy_from_host(inp[name], hosts[name])
         for i, (pk, pv) in enumerate(past):
             inp[f"past_key.{i}"][:B, :, :P] = pk
             inp[f"past_value.{i}"][:B, :, :P] = pv

@@ -13,7 +13,7 @@ import numpy as np
 
 from cosine.config import LimitsConfig, ModelConfig, WorkerConfig
 from cosine.protocol import ProtocolError
-from cosine.tree import TreeError, ancestor_mask, depths, validate_parents
+from cosine.tree import TreeError, depths, validate_parents
 
 from . import validate as val
 from .batching import Feed, chain, run_batched
@@ -216,7 +216,7 @@ class NeuralOps(WorkerOps):
             self._fits(e.rid, base + int(d.max()) + 1)
             growth += base + parents.size - e.tokens
             plans.append((e, commit, parents))
-            feeds.append(Feed(e, toks, d + base, ancestor_mask(parents)))
+            feeds.append(Feed(e, toks, d + base, parents))
         self.cache.check_budget(growth, "verify")
 
         self._touch([e for e, _, _ in plans])

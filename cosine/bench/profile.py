@@ -20,6 +20,8 @@ from typing import Any
 
 import numpy as np
 
+from cosine.keyslots import with_slots
+
 
 def node_counts(engine_dir: Path) -> dict[str, int]:
     import onnx
@@ -56,7 +58,7 @@ def profile(engine_dir: Path, threads: int = 2, prefix: int = 128, tree: int = 8
         opts.enable_profiling = True
         opts.profile_file_prefix = os.path.join(tempfile.mkdtemp(prefix="cosine-profile-"), what)
         sess = ort.InferenceSession(str(engine_dir / "model.onnx"), opts, providers=["CPUExecutionProvider"])
-        feeds = _feeds(manifest, prefix, new)
+        feeds = with_slots(sess, _feeds(manifest, prefix, new))
         sess.run(["logits"], feeds)  # warm-up (also profiled: dropped below by run index)
         for _ in range(iters):
             sess.run(["logits"], feeds)
