@@ -24,6 +24,7 @@ import pykka
 from pykka.typing import ActorMemberMixin, proxy_method
 
 from cosine.config import Config
+from cosine.keyslots import KeyLayout
 from cosine.security import CurveKeys
 
 from .admission import VerifierSlot
@@ -119,10 +120,14 @@ class VerifierPort:
     stats = proxy_method(VerifierProxy.stats)
 
 
-def start_verifiers(cfg: Config) -> list[VerifierSlot]:
+def start_verifiers(cfg: Config, health: dict[str, dict[str, Any]]) -> list[VerifierSlot]:
+    """One proxy actor per verifier; ``health``: their health replies (the engine's key
+    layout, which greedy trees are pruned to)."""
     t, keys = cfg.controller.worker_timeout_s, CurveKeys.from_config(cfg.security)
     return [VerifierSlot(w.name, cast(VerifierPort, VerifierProxyActor.start(
-        VerifierProxy(w.name, w.endpoint, t, curve=keys)).proxy().service)) for w in cfg.verifier_workers()]
+        VerifierProxy(w.name, w.endpoint, t, curve=keys)).proxy().service),
+        layout=KeyLayout.from_dict((health.get(w.name, {}).get("engine") or {}).get("key_layout")))
+        for w in cfg.verifier_workers()]
 
 
 class DrafterPort:

@@ -23,6 +23,7 @@ from typing import Any
 import pykka
 
 from cosine.config import Config
+from cosine.keyslots import KeyLayout
 
 from .ports import Waits
 from .proxies import Timed
@@ -44,6 +45,7 @@ class VerifierSlot:
     alive: bool = True
     probe: Any = None                # the health probe in flight while it is marked dead
     next_probe: float = 0.0
+    layout: KeyLayout | None = None  # its engine's key layout (cosine/keyslots.py); None: appended keys
 
 
 @dataclass

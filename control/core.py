@@ -63,7 +63,7 @@ class ControlCore:
         self.planner = Planner(cfg, self.spec, self.gate, self.drafters)
         self.scheduler = Scheduler(cfg, self.costs, self.pipelined, len(drafters), [v.name for v in verifiers])
         self.drafting = Drafting(cc, self.drafters, self.spec, router, fuser, self.stats_, self.waits)
-        self.verification = Verification(verifiers, self.costs, self.waits, self.metrics)
+        self.verification = Verification(verifiers, self.costs, self.waits, self.stats_)
         self.committer = Commit(self.spec, self.engagement, self.drafters, router, fuser, self.stats_, emit)
         log.info("cosine mode %s: %s", "pipelines drafting and verification" if self.pipelined else
                  "drafts then verifies in turn", f"[controller] pipeline = {cc.pipeline!r}"
@@ -278,7 +278,8 @@ class ControlCore:
             "uptime_s": time.monotonic() - s.started, "mode": self.cc.mode, "pipelined": self.pipelined,
             "active_requests": len(self.requests), "queued_requests": len(self.incoming),
             "rounds": s.rounds, "tokens": s.tokens, "requests_done": s.requests_done, "gated_rounds": s.gated_rounds,
-            "pruned_nodes": s.pruned_nodes, "background_prefills": s.background_prefills,
+            "pruned_nodes": s.pruned_nodes, "inexact_pruned": s.inexact_pruned,
+            "background_prefills": s.background_prefills,
             "guided_steps": s.guided_steps, "rescued_rounds": s.rescued_rounds, "stopped_chains": s.stopped_chains,
             "refused_drafts": s.refused_drafts, "requests_failed": s.requests_failed,
             "resumed_requests": s.resumed_requests, "parked_requests": sum(map(len, self._parked().values())),

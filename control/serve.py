@@ -101,11 +101,12 @@ def read_manifest(engine_dir: Path) -> dict[str, Any]:
 def load_target(cfg: Config) -> Target:
     target = cfg.target_model()
     manifest = read_manifest(cfg.engine_dir(target))
-    if manifest.get("activations") == "int8":
-        log.warning("the target engine %s computes with int8 activations (quantize %s): its results depend on a "
-                    "forward's shape, so speculative modes are NOT bit-exact with its autoregressive decoding "
-                    "(measured: 15 of 32 64-token outputs of the 1.5B differed somewhere; docs/export.md, "
-                    "\"Exactness\"). Use a float target for lossless serving.", cfg.engine_dir(target),
+    slots = any(i.get("name") == "key_slots" for i in manifest.get("inputs", []))
+    if manifest.get("activations") == "int8" and not slots:
+        log.warning("the target engine %s computes with int8 activations (quantize %s) and was exported before "
+                    "key slots: a tree verify does not reproduce decoding's logits bit for bit, so speculative "
+                    "modes are NOT exact with its autoregressive decoding (docs/export.md, \"Exactness\"). "
+                    "Export it again with cosine-export.", cfg.engine_dir(target),
                     (manifest.get("quantization") or {}).get("mode"))
     return Target(name=target.name, tokenizer=Tokenizer.from_file(str(cfg.engine_dir(target) / "tokenizer.json")),
                   vocab=int(manifest["vocab_size"]), max_positions=int(manifest.get("max_positions") or 1 << 30),
@@ -177,7 +178,7 @@ class Server:
 
         events = ctx.socket(zmq.PULL)
         events.bind(INPROC + "-" + uuid.uuid4().hex)
-        verifiers, drafters = start_verifiers(cfg), start_drafters(cfg, health)
+        verifiers, drafters = start_verifiers(cfg, health), start_drafters(cfg, health)
         router, fuser = start_router(cfg, drafters), start_fuser(cfg)
         self.controller: ControllerPort = start_controller(
             cfg, verifiers, drafters, router, fuser, event_sender(ctx, events.getsockopt_string(zmq.LAST_ENDPOINT)))

@@ -48,6 +48,7 @@ class ControllerStats:
     overlap_s: float = 0.0
     gated_rounds: int = 0            # rounds where plain batched decoding beat speculation
     pruned_nodes: int = 0            # drafted tree nodes dropped as not worth verifying
+    inexact_pruned: int = 0          # greedy tree nodes dropped: no exact key slot (cosine/keyslots.py)
     background_prefills: int = 0     # request prompts a model drafter prefilled off the critical path
     guided_steps: int = 0            # model-drafter proposals read off a scored guide (no forward of their own)
     stopped_chains: int = 0          # solo model-drafter chains the drafter ended early (min_reach)

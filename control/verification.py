@@ -12,6 +12,8 @@ from typing import Any
 
 import numpy as np
 
+from cosine.keyslots import KeyLayout, place
+
 from .admission import VerifierSlot
 from .costs import CostBook
 from .drafting.trees import Draft
@@ -19,6 +21,7 @@ from .metrics import ServeMetrics
 from .ports import Waits
 from .proxies import Timed
 from .request import Failure, Request
+from .stats import ControllerStats
 from .verify import accept
 from .wire import client_code
 
@@ -59,9 +62,20 @@ class _Call:
     logits: bool             # sampling requests need the target's logits, not just its argmax
 
 
+def exact_nodes(r: Request, d: Draft, layout: KeyLayout) -> int:
+    """Prune a greedy draft to the nodes its verifier computes exactly as decoding would
+    (cosine/keyslots.py: siblings near the end of a 128-key block find no column in their
+    lane); the root sits at the last committed position. Returns the nodes dropped."""
+    if d.tree.n == 1:
+        return 0
+    placed = place(d.tree.parents, len(r.committed) - 1, layout)
+    return d.keep(np.flatnonzero(placed.exact)) if not placed.exact.all() else 0
+
+
 class Verification:
-    def __init__(self, verifiers: list[VerifierSlot], costs: CostBook, waits: Waits, metrics: ServeMetrics):
-        self.verifiers, self.costs, self.waits, self.metrics = verifiers, costs, waits, metrics
+    def __init__(self, verifiers: list[VerifierSlot], costs: CostBook, waits: Waits, stats: ControllerStats):
+        self.verifiers, self.costs, self.waits, self.stats = verifiers, costs, waits, stats
+        self.metrics: ServeMetrics = stats.metrics
 
     def issue(self, items: list[Item]) -> list[_Call]:
         """Send every verifier its requests' trees (asynchronously: drafting may go on)."""
@@ -71,6 +85,11 @@ class Verification:
         return [self._send(i, its, any(r.params.temperature > 0 for r, _ in its)) for i, its in by_v.items()]
 
     def _send(self, i: int, items: list[Item], logits: bool) -> _Call:
+        layout = self.verifiers[i].layout
+        if layout is not None:
+            for r, d in items:
+                if r.params.temperature <= 0:
+                    self.stats.inexact_pruned += exact_nodes(r, d, layout)
         trees = [(r.rid, np.asarray(d.tree.tokens, np.int32), np.asarray(d.tree.parents, np.int32), r.commit_nodes)
                  for r, d in items]
         return _Call(i, items, self.verifiers[i].port.verify(trees, logits), logits)

@@ -160,7 +160,8 @@ class Engine:
     def summary(self) -> dict[str, Any]:
         return {"name": self.manifest.get("name"), "architecture": self.manifest.get("architecture"),
                 "vocab_size": self.vocab_size, "num_layers": self.num_layers, "dtype": self.dtype.name,
-                "max_positions": self.max_positions}
+                "max_positions": self.max_positions,
+                "key_layout": self.layout.to_dict() if self.layout is not None else None}
 
     def empty_past(self, batch: int = 1) -> list[tuple[Any, Any]]:
         z = self.arrays.zeros((batch, self.num_kv_heads, 0, self.head_dim), self.dtype)

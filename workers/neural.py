@@ -246,6 +246,11 @@ class NeuralOps(WorkerOps):
     def engine_summary(self) -> dict[str, Any]:
         return self.engine.summary()
 
+    def engine_stats(self) -> dict[str, Any]:
+        # tree nodes laid out unlike decoding (cosine/keyslots.py): 0 while serve prunes
+        # greedy trees to their exact nodes
+        return {"inexact_nodes": self.engine.inexact_nodes}
+
 
 def _forced_run(p: val.DraftRequest, step: int) -> int:
     """Forced steps from ``step`` on whose tokens are fed (all but the op's last step)."""

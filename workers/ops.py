@@ -88,4 +88,8 @@ class WorkerOps:
         return {"requests_held": len(self.cache), "cache_tokens_used": self.cache.used,
                 "cache_tokens_budget": self.cache.budget, "freed_idle": self.cache.freed_idle,
                 "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-                **self.stats.snapshot()}, {}
+                **self.stats.snapshot(), **self.engine_stats()}, {}
+
+    def engine_stats(self) -> dict[str, Any]:
+        """Counters of the engine behind the ops, for the stats op."""
+        return {}

@@ -26,7 +26,7 @@ from ..stats import ControllerStats
 from .chain import draft_chains
 from .drafters import DrafterSlot, Drafters
 from .fused import draft_fused
-from .trees import Draft, Proposal
+from .trees import Draft
 
 log = logging.getLogger("cosine.control.drafting")
 
@@ -120,23 +120,15 @@ class Drafting:
                       sorted(pick), {rid: ds[0].name for rid, ds in pick.items()})
 
     def _prune(self, reqs: list[Request], drafts: dict[str, Draft]) -> None:
-        """Drop each tree's nodes whose acceptance chance is below the node gain floor;
-        candidate labels follow the renumbering (a dropped candidate whose parent stays
-        is still labelled: the target scores its parent either way)."""
+        """Drop each tree's nodes whose acceptance chance is below the node gain floor."""
         todo = [(r, self.spec.gain_floors(r.rid)[0]) for r in reqs
                 if self.prunes(r) and drafts[r.rid].tree.n > 2]
         todo = [(r, g) for r, g in todo if g > 0.0]
         if not todo:
             return
         out = self.waits.get(self.fuser.prune([(drafts[r.rid].tree, r.domain, g) for r, g in todo]), "fuser")
-        for (r, _), (tree, kept) in zip(todo, out):
-            d = drafts[r.rid]
-            if tree.n == d.tree.n:
-                continue
-            new = {int(o): i for i, o in enumerate(kept)}
-            self.stats.pruned_nodes += d.tree.n - tree.n
-            d.tree = tree
-            d.labels = [Proposal(p.drafter, p.token, p.prob, new[p.parent], p.q) for p in d.labels if p.parent in new]
+        for (r, _), (_, kept) in zip(todo, out):
+            self.stats.pruned_nodes += drafts[r.rid].keep(kept)
 
     # -- per-request policies ------------------------------------------------------------
     def siblings(self, r: Request) -> int:

@@ -49,6 +49,21 @@ class Draft:
     def root(cls, token: int) -> "Draft":
         return cls(root_tree(token))
 
+    def keep(self, kept: np.ndarray) -> int:
+        """Prune the tree to the ancestor-closed nodes ``kept`` (old indices, root
+        included); candidate labels follow the renumbering (a dropped candidate whose
+        parent stays is still labelled: the target scores its parent either way).
+        Greedy drafts only: sampling's ``dists`` are keyed by the old indices. Returns
+        the nodes dropped."""
+        kept = np.asarray(kept, np.int64)
+        dropped = self.tree.n - kept.size
+        if dropped:
+            new = {int(o): i for i, o in enumerate(kept)}
+            self.tree = self.tree.subtree(kept)
+            self.labels = [Proposal(p.drafter, p.token, p.prob, new[p.parent], p.q)
+                           for p in self.labels if p.parent in new]
+        return dropped
+
 
 def root_tree(root: int) -> TokenTree:
     return TokenTree.root(int(root))
