@@ -94,7 +94,7 @@ def test_missing_required_key_and_quantize_values(tmp_path: Path) -> None:
         config.load(write(tmp_path, BASE.replace('role = "target"\n', "", 1)), check_engines=False)
     with pytest.raises(ConfigError, match="quantize must be one of gguf, int4, int8"):
         config.load(write(tmp_path, BASE.replace('quantize = "int4"', 'quantize = "int3"', 1)), check_engines=False)
-    # a quantized target is allowed (serve warns that it is not bit-exact under speculation)
+    # a quantized target is allowed
     cfg = config.load(write(tmp_path, BASE.replace('dtype = "float32"', 'dtype = "float32"\nquantize = "gguf"', 1)),
                       check_engines=False)
     assert cfg.target_model().quantize == "gguf" and cfg.target_model().role == "target"
