@@ -25,9 +25,10 @@ PROMPTS = [
 ]
 
 
-def _current(engine_dir: Path, quantize: str = "") -> bool:
+def _current(engine_dir: Path, quantize: str = "", target: bool = False) -> bool:
     """An engine directory with a manifest in today's format and the configured
-    quantization (workers refuse older formats: their cache layout differs)."""
+    quantization (workers refuse older formats: their cache layout differs); a quantized
+    target must have key slots (cosine/keyslots.py)."""
     man = engine_dir / "manifest.json"
     if not man.is_file():
         return False
@@ -43,13 +44,18 @@ def _current(engine_dir: Path, quantize: str = "") -> bool:
         log.info("engine %s is quantized %r, config.toml asks for %r; exporting it again", engine_dir, have,
                  quantize or "none")
         return False
+    if target and m.get("activations") == "int8" and not any(i.get("name") == "key_slots" for i in m["inputs"]):
+        log.info("target engine %s was exported before key slots (its tree verifies are not exact with int8 "
+                 "activations); exporting it again", engine_dir)
+        return False
     return True
 
 
 def ensure_engines(cfg: cfgmod.Config) -> None:
     """Export every engine the config names but lacks (or has in an older format), from
     its `source` model."""
-    missing = [m for m in cfg.models if m.kind != "lookup" and not _current(cfg.engine_dir(m), m.quantize)]
+    missing = [m for m in cfg.models
+               if m.kind != "lookup" and not _current(cfg.engine_dir(m), m.quantize, m.role == "target")]
     # n-gram drafters are counted with the target's tokenizer: the target goes first
     for m in sorted(missing, key=lambda m: m.kind == "ngram"):
         if m.kind == "ngram":

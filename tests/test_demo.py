@@ -114,3 +114,18 @@ def test_engine_without_source_is_a_clear_error(tmp_path: Path) -> None:
                                          '[[workers]]\nname = "v"\nmodel = "t"\nport = 5902\n')
     with pytest.raises(SystemExit, match="has no `source`"):
         ensure_engines(config.load(tmp_path / "config.toml", check_engines=False))
+
+
+def test_a_quantized_target_exported_before_key_slots_is_exported_again(tmp_path: Path) -> None:
+    """Its tree verifies would not be exact (cosine/keyslots.py); a drafter's are fine."""
+    from cosine.demo import _current
+    from cosine.workers.engine import FORMAT_VERSION
+
+    (tmp_path / "model.onnx").write_bytes(b"")
+    inputs = [{"name": "input_ids"}, {"name": "attention_mask"}]
+    m = {"format_version": FORMAT_VERSION, "quantization": {"mode": "int4"}, "activations": "int8", "inputs": inputs}
+    (tmp_path / "manifest.json").write_text(json.dumps(m))
+    assert not _current(tmp_path, "int4", target=True)
+    assert _current(tmp_path, "int4", target=False)
+    (tmp_path / "manifest.json").write_text(json.dumps({**m, "inputs": inputs + [{"name": "key_slots"}]}))
+    assert _current(tmp_path, "int4", target=True)

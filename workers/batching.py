@@ -95,6 +95,53 @@ def _layout(engine: Engine, f: Feed, P: int, T: int) -> _Layout:
     return _Layout(placed.slots, among, int((~placed.exact).sum()))
 
 
+def _inputs(engine: Engine, feeds: list[Feed], P: int, T: int, K: int) -> tuple[np.ndarray, ...]:
+    """(input_ids, position_ids, key_slots, attention_mask, logits_index) of a batch padded
+    to P past columns, T new tokens and K logits rows."""
+    B = len(feeds)
+    ids = np.zeros((B, T), np.int64)
+    pos = np.zeros((B, T), np.int64)
+    slots = np.zeros((B, T), np.int64)
+    mask = np.zeros((B, 1, T, P + T), np.bool_)
+    rows = np.zeros((B, K), np.int64)  # padded with each feed's last row (computed, then dropped)
+    for b, f in enumerate(feeds):
+        t, p = f.tokens.size, f.entry.length
+        lay = _layout(engine, f, P, T)
+        engine.inexact_nodes += lay.inexact
+        ids[b, :t] = f.tokens
+        pos[b, :t] = f.positions
+        slots[b, :t] = lay.slots
+        mask[b, 0, :t, :p] = True
+        mask[b, 0][np.ix_(np.arange(t), lay.slots)] = lay.among  # (not mask[b, 0, :t, slots]: numpy would transpose it)
+        if engine.layout is None:  # the graph puts new token i at P + i
+            slots[b, t:] = P + np.arange(t, T)
+        else:  # padding rows: any other free column
+            slots[b, t:] = np.setdiff1d(np.arange(p, P + T), lay.slots)[:T - t]
+        mask[b, 0, np.arange(t, T), slots[b, t:]] = True
+        rows[b] = t - 1
+        rows[b, :f.n_logits] = np.arange(t - f.n_logits, t)
+    return ids, pos, slots, mask, rows
+
+
+def _past(engine: Engine, feeds: list[Feed], P: int, slab: bool) -> list[tuple[Any, Any]]:
+    """A batch of one passes its whole zero-filled slab [Hkv, cap, D] (a view, no copy; the
+    mask hides cap - length); otherwise each request's rows are copied into [B, Hkv, P, D]."""
+    if slab:
+        e = feeds[0].entry
+        return [(e.k[layer][None], e.v[layer][None]) for layer in range(engine.num_layers)]
+    past = []
+    shape = (len(feeds), engine.num_kv_heads, P, engine.head_dim)
+    for layer in range(engine.num_layers):
+        k = engine.arrays.zeros(shape, engine.dtype)  # on the cache's device: no host copy
+        v = engine.arrays.zeros(shape, engine.dtype)
+        for b, f in enumerate(feeds):
+            pk, pv = f.entry.past(layer)
+            k[b, :, :pk.shape[1]] = pk
+            v[b, :, :pv.shape[1]] = pv
+        past.append((k, v))
+    return past
+
+
 def _forward(engine: Engine, feeds: list[Feed]) -> list[FeedResult]:
     B = len(feeds)
     # A target's single-row forward is padded to ``min_rows`` rows (and logits rows): ONNX
@@ -110,46 +157,8 @@ def _forward(engine: Engine, feeds: list[Feed]) -> list[FeedResult]:
     slab = B == 1 and P <= feeds[0].entry.capacity
     if slab:
         P = feeds[0].entry.capacity
-    ids = np.zeros((B, T), np.int64)
-    pos = np.zeros((B, T), np.int64)
-    slots = np.zeros((B, T), np.int64)
-    mask = np.zeros((B, 1, T, P + T), np.bool_)
-    K = max(max(f.n_logits for f in feeds), rows_at_least)
-    rows = np.zeros((B, K), np.int64)  # padded with each feed's last row (computed, then dropped)
-    inexact = 0
-    for b, f in enumerate(feeds):
-        t, p = f.tokens.size, f.entry.length
-        lay = _layout(engine, f, P, T)
-        inexact += lay.inexact
-        ids[b, :t] = f.tokens
-        pos[b, :t] = f.positions
-        slots[b, :t] = lay.slots
-        mask[b, 0, :t, :p] = True
-        mask[b, 0][np.ix_(np.arange(t), lay.slots)] = lay.among  # (not mask[b, 0, :t, slots]: numpy would transpose it)
-        if engine.layout is None:  # the graph puts new token i at P + i
-            slots[b, t:] = P + np.arange(t, T)
-        else:  # padding rows: any other free column
-            slots[b, t:] = np.setdiff1d(np.arange(p, P + T), lay.slots)[:T - t]
-        mask[b, 0, np.arange(t, T), slots[b, t:]] = True
-        rows[b] = t - 1
-        rows[b, :f.n_logits] = np.arange(t - f.n_logits, t)
-    engine.inexact_nodes += inexact
-
-    if slab:  # the whole zero-filled slab [Hkv, cap, D]: a view, no copy; the mask hides cap - length
-        e = feeds[0].entry
-        past = [(e.k[layer][None], e.v[layer][None]) for layer in range(engine.num_layers)]
-    else:
-        past = []
-        shape = (B, engine.num_kv_heads, P, engine.head_dim)
-        for layer in range(engine.num_layers):
-            k = engine.arrays.zeros(shape, engine.dtype)  # on the cache's device: no host copy
-            v = engine.arrays.zeros(shape, engine.dtype)
-            for b, f in enumerate(feeds):
-                pk, pv = f.entry.past(layer)
-                k[b, :, :pk.shape[1]] = pk
-                v[b, :, :pv.shape[1]] = pv
-            past.append((k, v))
-
+    ids, pos, slots, mask, rows = _inputs(engine, feeds, P, T, max(max(f.n_logits for f in feeds), rows_at_least))
+    past = _past(engine, feeds, P, slab)
     logits, new_k, new_v = engine.forward(ids, pos, mask, past, rows, slots)
     res = []
     for b, f in enumerate(feeds):
