@@ -86,7 +86,7 @@ def test_no_target_and_missing_required_key(tmp_path: Path) -> None:
 
 def test_relative_engine_paths_resolve_against_the_config(tmp_path: Path) -> None:
     cfg = config.load(write(tmp_path, BASE), check_engines=False)
-    assert cfg.engine_dir(cfg.target_model()) == tmp_path / "engines" / "qwen2.5-coder-1.5b-fp32"
+    assert cfg.engine_dir(cfg.target_model()) == tmp_path / "engines" / "qwen2.5-coder-1.5b-gguf"
 
 
 def test_missing_required_key_and_quantize_values(tmp_path: Path) -> None:
@@ -94,9 +94,8 @@ def test_missing_required_key_and_quantize_values(tmp_path: Path) -> None:
         config.load(write(tmp_path, BASE.replace('role = "target"\n', "", 1)), check_engines=False)
     with pytest.raises(ConfigError, match="quantize must be one of gguf, int4, int8"):
         config.load(write(tmp_path, BASE.replace('quantize = "int4"', 'quantize = "int3"', 1)), check_engines=False)
-    # a quantized target is allowed
-    cfg = config.load(write(tmp_path, BASE.replace('dtype = "float32"', 'dtype = "float32"\nquantize = "gguf"', 1)),
-                      check_engines=False)
+    # a quantized target is allowed (the shipped one is)
+    cfg = config.load(write(tmp_path, BASE), check_engines=False)
     assert cfg.target_model().quantize == "gguf" and cfg.target_model().role == "target"
 
 

@@ -67,6 +67,29 @@ def test_drafter_killed_mid_generation(cluster):
         assert "good" in r.stats["drafters_used"]
 
 
+def test_a_killed_drafter_is_noticed_at_once_not_after_worker_timeout(control_engines, tmp_path):
+    """A draft call in flight to a drafter that dies fails when its connection closes, not
+    after worker_timeout_s (60 s here): the stream goes on within seconds, unchanged."""
+    cfg = write_cluster_config(tmp_path / "config.toml", control_engines["target"],
+                               {"good": control_engines["target"], "poor": control_engines["poor"]},
+                               controller={"worker_timeout_s": 60.0})
+    with LocalCluster(cfg) as cluster, Client(cluster.endpoint, timeout_s=120) as c:
+        ref = c.generate(PROMPT, max_tokens=200, mode="autoregressive")
+        s = c.generate(PROMPT, max_tokens=200, mode="cosine", stream=True)
+        it = iter(s)
+        got = list(next(it).token_ids)
+        good = cluster.workers["good"].proc
+        good.send_signal(signal.SIGSTOP)  # its next draft call waits for an answer...
+        time.sleep(1.0)
+        t0 = time.monotonic()
+        cluster.kill_worker("good", signal.SIGKILL)  # ... and its connection closes
+        for ch in it:
+            got += ch.token_ids
+        assert time.monotonic() - t0 < 15.0, "serve waited for the dead drafter's timeout"
+        assert s.result is not None and s.result.token_ids == got == ref.token_ids
+        assert c.health()["drafters"]["good"] is False
+
+
 def test_all_drafters_dead_then_verifier_dead(cluster):
     with Client(cluster.endpoint, timeout_s=60) as c:
         ref = c.generate(PROMPT, max_tokens=30, mode="autoregressive")

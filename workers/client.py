@@ -8,11 +8,13 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import zmq
+from zmq.utils.monitor import parse_monitor_message
 
 from cosine.protocol import VERSION, decode, encode
 from cosine.security import CurveKeys, no_reply_hint, secure_client
@@ -27,6 +29,11 @@ class WorkerError(Exception):
         self.message = message
 
 
+class WorkerLost(ConnectionError):
+    """The connection to a worker that had answered closed (it exited or was killed): a
+    call in flight will never be answered, so it fails now instead of at its timeout."""
+
+
 class WorkerClient:
     """One DEALER connection. Not thread-safe: use it from the thread that created it."""
 
@@ -39,8 +46,29 @@ class WorkerClient:
         self.sock = (context or zmq.Context.instance()).socket(zmq.DEALER)
         self.sock.setsockopt(zmq.LINGER, 0)
         secure_client(self.sock, curve)
+        # handshakes and disconnects: a worker that was reached and then closed the
+        # connection (exit, kill -9) fails calls at once, not after timeout_s
+        self.mon = self.sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED,
+                                                addr=f"inproc://cosine-worker-monitor-{uuid.uuid4().hex}")
+        self.reached = False  # a handshake ever succeeded
+        self.up = False       # ... and no disconnect since the last one
         self.sock.connect(endpoint)
         self.seq = 0
+
+    def _link_events(self) -> bool:
+        """Read the queued monitor events; True if the connection closed among them."""
+        closed = False
+        while self.mon.poll(0):
+            event = parse_monitor_message(self.mon.recv_multipart())["event"]
+            if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                self.reached = self.up = True
+            elif event == zmq.EVENT_DISCONNECTED:
+                closed, self.up = True, False
+        return closed
+
+    def _lost(self, op: str) -> WorkerLost:
+        return WorkerLost(f"the connection to the worker at {self.endpoint} closed ({op} unanswered): "
+                          f"the worker exited or was killed")
 
     def call(self, op: str, header_fields: dict[str, Any] | None = None,
              arrays: dict[str, np.ndarray] | None = None, timeout_s: float | None = None
@@ -48,12 +76,23 @@ class WorkerClient:
         """Send one request and wait for its reply. Raises WorkerError / TimeoutError."""
         self.seq += 1
         seq = self.seq
+        self._link_events()
+        if self.reached and not self.up:  # it went away: this call would wait for a restart
+            raise self._lost(op)
         self.sock.send_multipart(encode({"v": VERSION, "op": op, "seq": seq, **(header_fields or {})}, arrays),
                                  copy=False)
         deadline = time.monotonic() + (self.timeout_s if timeout_s is None else timeout_s)
+        poller = zmq.Poller()
+        poller.register(self.sock, zmq.POLLIN)
+        poller.register(self.mon, zmq.POLLIN)
         while True:
             left = deadline - time.monotonic()
-            if left <= 0 or not self.sock.poll(int(left * 1000) + 1, zmq.POLLIN):
+            ready = dict(poller.poll(int(left * 1000) + 1)) if left > 0 else {}
+            if self.mon in ready and self._link_events() and self.reached and self.sock not in ready:
+                raise self._lost(op)
+            if self.sock not in ready:
+                if time.monotonic() < deadline:
+                    continue
                 raise TimeoutError(f"no reply to {op} seq {seq} from {self.endpoint} "
                                    f"within {self.timeout_s if timeout_s is None else timeout_s} s"
                                    + ("" if self.answered else no_reply_hint(self.curve)))
@@ -67,6 +106,8 @@ class WorkerClient:
             return header, out
 
     def close(self) -> None:
+        self.sock.disable_monitor()
+        self.mon.close(0)
         self.sock.close(0)
 
     def __enter__(self) -> "WorkerClient":
