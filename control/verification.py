@@ -62,7 +62,7 @@ class _Call:
     logits: bool             # sampling requests need the target's logits, not just its argmax
 
 
-def exact_nodes(r: Request, d: Draft, layout: KeyLayout) -> int:
+def prune_inexact(r: Request, d: Draft, layout: KeyLayout) -> int:
     """Prune a greedy draft to the nodes its verifier computes exactly as decoding would
     (cosine/keyslots.py: siblings near the end of a 128-key block find no column in their
     lane); the root sits at the last committed position. Returns the nodes dropped."""
@@ -89,7 +89,7 @@ class Verification:
         if layout is not None:
             for r, d in items:
                 if r.params.temperature <= 0:
-                    self.stats.inexact_pruned += exact_nodes(r, d, layout)
+                    self.stats.inexact_pruned += prune_inexact(r, d, layout)
         trees = [(r.rid, np.asarray(d.tree.tokens, np.int32), np.asarray(d.tree.parents, np.int32), r.commit_nodes)
                  for r, d in items]
         return _Call(i, items, self.verifiers[i].port.verify(trees, logits), logits)

@@ -17,7 +17,7 @@ import pytest
 
 from cosine.client import AsyncClient, Client
 from cosine.control.drafting.trees import Draft
-from cosine.control.verification import exact_nodes
+from cosine.control.verification import prune_inexact
 from cosine.keyslots import KeyLayout, place
 from cosine.tree import TokenTree
 from cosine.workers.client import WorkerClient
@@ -37,9 +37,9 @@ def test_a_greedy_draft_is_pruned_to_its_exact_nodes() -> None:
     for parent, tok in ((0, 2), (0, 3), (0, 4), (1, 5), (1, 6), (3, 7)):
         tree, _ = tree.add(parent, tok, proposer=0, prob=0.5, merge=False)
     d = Draft(tree)
-    assert exact_nodes(SimpleNamespace(committed=[0] * 10), d, layout) == 0  # far from a block end
+    assert prune_inexact(SimpleNamespace(committed=[0] * 10), d, layout) == 0  # far from a block end
     r = SimpleNamespace(committed=[0] * 120)  # the root at position 119: column 127 is its block's last
-    dropped = exact_nodes(r, d, layout)
+    dropped = prune_inexact(r, d, layout)
     assert dropped > 0 and d.tree.n == tree.n - dropped
     assert place(d.tree.parents, 119, layout).exact.all()
     assert d.tree.tokens[:2].tolist() == [1, 2]  # the root and its first child stay
