@@ -153,9 +153,11 @@ class Engine:
         self.inexact_nodes = 0  # tree nodes laid out unlike decoding (counted by batching.py)
         self.cuda_graph = cuda_graph
         self.graphs = GraphBuckets(self, capture=cuda_graph) if (cuda_graph if buckets is None else buckets) else None
-        log.info("engine %s loaded: %s, L=%d Hkv=%d D=%d V=%d max_positions=%d dtype=%s on %s",
+        log.info("engine %s loaded: %s, L=%d Hkv=%d D=%d V=%d max_positions=%d dtype=%s on %s; %s",
                  self.dir, m.get("name", "?"), self.num_layers, self.num_kv_heads, self.head_dim,
-                 self.vocab_size, self.max_positions, self.dtype, got)
+                 self.vocab_size, self.max_positions, self.dtype, got,
+                 f"key slots in {self.layout.lanes} lanes, blocks of {self.layout.block} (tree verifies exact)"
+                 if self.layout else "new keys appended (no key_slots input: tree verifies not bit-exact)")
 
     def summary(self) -> dict[str, Any]:
         return {"name": self.manifest.get("name"), "architecture": self.manifest.get("architecture"),
