@@ -22,7 +22,7 @@ column; a node takes the first free column in its own lane and after its parent'
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any
 
 import numpy as np
 
@@ -76,11 +76,10 @@ class Placement:
     exact: np.ndarray   # bool [n]: the node (and so its whole path) is laid out as decoding's
 
 
-def place(parents: np.ndarray, base: int, layout: KeyLayout, limit: int | None = None,
-          taken: Iterable[int] = ()) -> Placement:
+def place(parents: np.ndarray, base: int, layout: KeyLayout, limit: int | None = None) -> Placement:
     """Key columns for a tree whose root sits at position ``base`` (node i at ``base +
-    depth``), in a key sequence whose columns ``[base, limit)`` are free except ``taken``.
-    ``limit`` None: as many as the exact slots need (``layout.keys_needed``).
+    depth``), in a key sequence whose columns ``[base, limit)`` are free. ``limit`` None:
+    as many as the exact slots need (``layout.keys_needed``).
 
     Greedy in node order (parents come first): each node takes the first free column of
     its lane after its parent's. Dropping nodes never moves a kept node to a later column,
@@ -89,7 +88,7 @@ def place(parents: np.ndarray, base: int, layout: KeyLayout, limit: int | None =
     p = validate_parents(parents)
     q = depths(p) + int(base)
     end = layout.keys_needed(int(q.max())) if limit is None else int(limit)
-    used = set(int(t) for t in taken)
+    used: set[int] = set()
     slots = np.full(p.size, -1, np.int64)
     exact = np.zeros(p.size, bool)
     for i in range(p.size):
