@@ -245,3 +245,20 @@ def test_a_step_the_budget_cannot_hold_is_skipped_saying_so(tmp_path: Path) -> N
 def test_scripts_explain_themselves(name: str) -> None:
     r = subprocess.run(["bash", str(TOOLS / name), "--help"], capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert r.returncode == 0 and "docs/gpu.md" in (r.stdout + r.stderr)
+
+
+def test_the_source_links_survive_two_processes_making_them_at_once(tmp_path: Path) -> None:
+    # On a fresh host the background preparation and `run` link the source at the same
+    # moment; CI once failed there with EEXIST. Race several processes, several rounds.
+    code = ("import sys, time; sys.path.insert(0, sys.argv[1]); import hostenv; from pathlib import Path; "
+            "time.sleep(max(0.0, float(sys.argv[3]) - time.time())); "  # all start together
+            "hostenv.Host(Path(sys.argv[2]), Path(sys.argv[2]) / 'carry', rehearse=True).link_source()")
+    for round_ in range(3):
+        work, start = tmp_path / f"w{round_}", str(time.time() + 1.5)
+        procs = [subprocess.Popen([sys.executable, "-c", code, str(TOOLS), str(work), start], stderr=subprocess.PIPE)
+                 for _ in range(6)]
+        errors = [p.communicate()[1].decode() for p in procs if p.wait() != 0]
+        assert not errors, errors[0]
+        pkg = work / "src" / "cosine"
+        assert (pkg / "control").resolve() == ROOT / "control" and (pkg / "bench" / "__init__.py").is_file()
+        assert not list(pkg.glob(".*.tmp"))

@@ -58,9 +58,13 @@ class Host:
             link = pkg / name
             if link.is_symlink() and Path(os.readlink(link)) == target:
                 continue
-            if link.is_symlink() or link.exists():
-                link.unlink()
-            link.symlink_to(target)
+            # The background preparation and `run` both call this, at the same moment on a
+            # fresh host: make each link under a name of our own and rename it into place,
+            # which is atomic, so neither sees the other's half-made link (CI saw EEXIST).
+            tmp = pkg / f".{name}.{os.getpid()}.tmp"
+            tmp.unlink(missing_ok=True)
+            tmp.symlink_to(target)
+            os.replace(tmp, link)
 
     def env(self) -> dict[str, str]:
         """The staged packages first (onnxruntime-gpu shadows the host's CPU build), then the host's."""
