@@ -43,3 +43,27 @@ def test_qwen_pair_every_mode_matches_autoregressive(tmp_path: Path, target: Pat
                 r = c.generate(p, max_tokens=16, mode=mode)
                 assert r.token_ids == ref.token_ids, (mode, p, r.text, ref.text)
             assert r.stats["mean_accepted_length"] > 1.0
+
+
+def test_worker_bench_against_llamacpp_on_the_same_gguf(tmp_path: Path) -> None:
+    """`cosine-bench worker --llamacpp`: the engine and llama.cpp on the file it was exported from."""
+    import json
+    import subprocess
+    import sys
+
+    pytest.importorskip("llama_cpp", reason="needs llama-cpp-python (docs/benchmarks/README.md)")
+    target = TARGETS[0]
+    man = json.loads((target / "manifest.json").read_text()) if (target / "manifest.json").is_file() else {}
+    gguf = Path(man.get("source", ""))
+    if not gguf.is_file():
+        pytest.skip(f"needs {target} and the GGUF file it was exported from")
+    p = subprocess.run([sys.executable, "-m", "cosine.workers.bench", "--engine", str(target), "--llamacpp", str(gguf),
+                        "--threads", "2", "--iters", "2", "--warmup", "1", "--prefix", "32", "--batches", "1",
+                        "--tree-sizes", "1,4", "--prefill-lengths", "16", "--json", str(tmp_path / "r.json")],
+                       capture_output=True, text=True, timeout=900, cwd=REPO)
+    assert p.returncode == 0, p.stderr[-3000:]
+    lc = json.loads((tmp_path / "r.json").read_text())["llamacpp"]
+    assert lc["same_source"] is True
+    assert [r["shape"] for r in lc["rows"]] == ["prefill 16 tokens", "decode (batch 1)", "verify 1-token chain",
+                                                "verify 4-token chain"]
+    assert all(r["llamacpp_ms_p50"] > 0 and r["engine_ms_p50"] > 0 for r in lc["rows"])

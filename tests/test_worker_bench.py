@@ -136,3 +136,49 @@ def test_tree_shapes() -> None:
     assert bench.tree_parents(7, "binary").tolist() == [-1, 0, 0, 1, 1, 2, 2]
     assert bench.tree_depth(7, "binary") == 2 and bench.tree_depth(8, "binary") == 3
     assert bench.tree_depth(8, "chain") == 7
+
+
+def test_llamacpp_setting_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "model.onnx").write_bytes(b"")
+    (tmp_path / "manifest.json").write_text(json.dumps({"max_positions": 64, "vocab_size": 64}))
+    gguf = tmp_path / "m.gguf"
+    base = ["--engine", str(tmp_path), "--quick", "--llamacpp", str(gguf)]
+    assert "no such file" in _error(capsys, base)
+    gguf.write_bytes(b"GGUF")
+    assert "compares chains" in _error(capsys, base + ["--tree-shape", "binary"])
+    from cosine.bench import llamacpp
+
+    monkeypatch.setattr(llamacpp, "available", lambda: "llama.cpp peers skipped: llama-cpp-python is not installed")
+    assert "not installed" in _error(capsys, base)
+
+
+def test_a_peer_takes_turns_with_the_engine_call_for_call(worker_engines: dict[str, Path]) -> None:
+    s = bench.Settings(iters=4, warmup=1, prefix=8, batches=(1, 2), tree_sizes=(1, 4), prefill_lengths=(8,),
+                       tree_nodes=4)
+    calls: list[str] = []
+
+    def peer(name: str):
+        def run() -> None:
+            calls.append(name)
+        return run
+
+    shapes = {("prefill", 8): peer("prefill"), ("decode", 1): peer("decode"), ("verify", 4): peer("verify4")}
+    e = bench.engine_side(worker_engines["llama"], s, lambda msg: None, shapes)
+    assert list(e["peer"]) == list(shapes)  # the shapes the peer has; decode batch 2 and verify 1 are the engine's alone
+    assert all(len(ms) == s.iters for ms in e["peer"].values())
+    assert calls.count("decode") == s.iters + s.warmup
+    res = bench.against_llamacpp(e, {"gguf": "m.gguf", "same_source": False, "threads": 1})
+    assert [r["shape"] for r in res["rows"]] == ["prefill 8 tokens", "decode (batch 1)", "verify 4-token chain"]
+    for r in res["rows"]:
+        assert r["engine_speed"] == pytest.approx(r["llamacpp_ms_p50"] / r["engine_ms_p50"])
+    md = bench.markdown_report({"settings": {"iters": 4, "warmup": 1, "prefix": 8, "tree_shape": "chain"},
+                                "overhead": {"health_rtt_ms_p50": 1.0, "tree_nodes": 4, **{
+                                    op: {"rtt_ms_p50": 1, "op_ms_p50": 1, "engine_ms_p50": 1, "overhead_ms_p50": 0}
+                                    for op in ("draft", "verify")}},
+                                "environment": {"engine": {"name": "t", "dtype": "float32", "num_layers": 1,
+                                                           "weight_bytes": 1}, "provider": "cpu", "device": "cpu",
+                                                "command": "c", "date": "d", "host": "h", "cpu_count": 2,
+                                                "platform": "p", "onnxruntime": "o", "threads": 1, "git_commit": ""},
+                                "prefill": {}, "decode": {}, "verify": {}, "floor": None, "llamacpp": res})
+    assert "## Against llama.cpp" in md and "**not** the engine" in md and "| decode (batch 1) |" in md

@@ -3,7 +3,8 @@
     python -m cosine.workers.bench [--engine DIR] [--provider cpu|cuda|tensorrt] [--device cpu|cuda:N]
         [--threads N] [--iters N] [--warmup N] [--prefix N] [--batches 1,4,16]
         [--tree-sizes 1,2,4,8,16,32,64] [--tree-shape chain|binary] [--prefill-lengths 128,512]
-        [--tree-nodes 8] [--floor-ms X | --bandwidth-gbs B] [--json FILE|-] [--md FILE] [--quick]
+        [--tree-nodes 8] [--floor-ms X | --bandwidth-gbs B] [--llamacpp GGUF] [--json FILE|-] [--md FILE]
+        [--quick]
 
 Starts one worker process (spawn_worker, a generated config with the given provider,
 device and threads) on a free loopback port and times, through WorkerClient (loopback
@@ -21,17 +22,25 @@ ZeroMQ, the control plane's transport):
             --prefix cached tokens
 
 The worker is then stopped (so two copies of a large engine are never loaded at once) and
-the same shapes are timed with Engine.forward in this process on the same provider,
-device and threads: the engine time. overhead = rtt p50 - engine p50 (transport, codec,
-thread hops, validation, cache bookkeeping, batch gathering). Warm-up calls are excluded;
+the same forwards are timed in this process, through the worker's own batching code (a
+single row padded to a target's two, key slots, the cache slab as the past) over a cache
+of the same lengths, on the same provider, device and threads: the engine time.
+overhead = rtt p50 - engine p50 (transport, codec, thread hops, validation, cache
+bookkeeping). Warm-up calls are excluded;
 prefilled requests are released after each measurement. Without --engine a tiny llama
 engine is exported first (cosine.export, parity checked on the chosen provider).
+
+With --llamacpp GGUF, llama.cpp (llama-cpp-python, the optional peer of cosine-bench run)
+is then timed on that file at the batch-1 shapes (prefill, decode, chain verifies with
+every token's logits), with the same token ids and cached lengths, and reported beside the
+engine: the engine-level comparison, free of either system's serving loop.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime as dt
+import hashlib
 import itertools
 import json
 import os
@@ -54,7 +63,10 @@ FULL = {"iters": 200, "prefix": 32, "batches": "1,4,16", "tree_sizes": "1,2,4,8,
         "prefill_lengths": "128,512", "tree_nodes": 8}
 QUICK = {"iters": 10, "prefix": 16, "batches": "1,4", "tree_sizes": "1,8", "prefill_lengths": "32",
          "tree_nodes": 8}
-TINY_MAX_POSITIONS = 1024  # the default tiny engine's context: room for --prefill-lengths 512
+TINY_MAX_POSITIONS = 1024
+# Between the engine's and a peer's calls: llama.cpp's threads keep polling for work for a
+# while after a call and would take the cores from the engine's next call.
+SETTLE_S = float(os.environ.get("COSINE_BENCH_SETTLE_S", "0.05"))  # the default tiny engine's context: room for --prefill-lengths 512
 
 
 class BenchError(Exception):
@@ -252,59 +264,138 @@ def worker_side(engine_dir: Path, s: Settings, vocab: int, progress: Callable[[s
 
 # ----- the engine side ------------------------------------------------------------------
 
-def engine_side(engine_dir: Path, s: Settings, progress: Callable[[str], None]) -> dict[str, Any]:
-    """Engine.forward in this process with the shapes of every worker measurement."""
-    from cosine.tree import ancestor_mask, depths
+Shape = tuple[str, int]  # ("prefill", tokens) | ("decode", batch) | ("verify", nodes) | ("draft"|"chain", 0)
 
+
+def engine_side(engine_dir: Path, s: Settings, progress: Callable[[str], None],
+                peer: dict[Shape, Callable[[], Any]] | None = None) -> dict[str, Any]:
+    """The worker's forwards in this process, without the worker: the same batching code
+    (workers/batching.py: a single row padded to the target's two, key slots, the whole
+    cache slab as the past) over a cache of the same lengths, on the same provider, device
+    and threads, so that rtt - engine is the transport and the op's bookkeeping alone.
+    ``peer``: another system's call per shape (llamacpp_shapes), timed call for call in
+    turn with the engine's, so that both see the same moments of a noisy host."""
+    from .batching import Feed, chain, run_batched
     from .engine import Engine, EngineError
+    from .kvcache import Entry, KVCache
+    from cosine.tree import depths
 
     t0 = time.perf_counter()
-    try:
-        engine = Engine(engine_dir, s.provider, s.device, s.threads)
+    try:  # the bench worker serves the engine as a target (worker_config): two rows at least
+        engine = Engine(engine_dir, s.provider, s.device, s.threads, min_rows=2)
     except EngineError as e:
         raise BenchError(str(e), 3) from None
     load_s = time.perf_counter() - t0
     progress(f"engine loaded in this process after {load_s:.1f} s")
-    P = s.prefix
-    pasts: dict[tuple[int, int], list] = {}
+    cache = KVCache(engine.num_layers, engine.num_kv_heads, engine.head_dim, engine.dtype,
+                    budget_tokens=1 << 30, max_tokens=engine.max_positions, arrays=engine.arrays)
+    P, L = s.prefix, engine.num_layers
+    names = itertools.count()
 
-    def past(B: int, p: int) -> list:
-        if (B, p) not in pasts:
-            z = np.zeros((B, engine.num_kv_heads, p, engine.head_dim), engine.dtype)
-            pasts[(B, p)] = [(z, z)] * engine.num_layers
-        return pasts[(B, p)]
+    def held(B: int) -> list[Entry]:
+        """B requests holding P cached tokens each (zeros: the values do not change the time)."""
+        out = []
+        for _ in range(B):
+            e = cache.create(f"e{next(names)}", reserve=P)
+            rows = engine.arrays.zeros((engine.num_kv_heads, P, engine.head_dim), engine.dtype)
+            cache.append(e, [rows] * L, [rows] * L)
+            out.append(e)
+        return out
 
     def tree(parents: np.ndarray, B: int = 1) -> Callable[[], Any]:
-        n = parents.size
-        ids = np.ones((B, n), np.int64)
-        pos = np.tile(depths(parents) + P, (B, 1))
-        mask = np.broadcast_to(np.concatenate([np.ones((n, P), bool), ancestor_mask(parents)], 1),
-                               (B, 1, n, P + n)).copy()
-        pv = past(B, P)
-        return lambda: engine.forward(ids, pos, mask, pv)
+        entries = held(B)
+        toks = _tokens(parents.size, P, engine.vocab_size)
+        feeds = [Feed(e, toks, depths(parents) + e.length, parents) for e in entries]
+        return lambda: run_batched(engine, feeds, max(16, B))
 
-    def prefill(L: int) -> Callable[[], Any]:
-        ids = np.ones((1, L), np.int64)
-        pos = np.arange(L, dtype=np.int64)[None]
-        mask = np.tril(np.ones((L, L), bool))[None, None]
-        pv = past(1, 0)  # as the prefill op: the last token's logits only
-        return lambda: engine.forward(ids, pos, mask, pv, np.array([[L - 1]], np.int64))
+    def prefill(n: int) -> Callable[[], Any]:
+        toks = _tokens(n, 0, engine.vocab_size)
 
-    def timed(fn: Callable[[], Any]) -> list[float]:
-        return _timed(fn, s.iters, s.warmup)[0]
+        def run() -> None:  # as the prefill op: a fresh request, the last token's logits only
+            e = cache.create(f"e{next(names)}", reserve=n)
+            try:
+                run_batched(engine, [chain(e, toks, 1)], 16)
+            finally:
+                cache.release(e.rid)
+        return run
+
+    peer_ms: dict[Shape, list[float]] = {}
+
+    def timed(shape: Shape, fn: Callable[[], Any]) -> list[float]:
+        other = (peer or {}).get(shape)
+        try:
+            if other is None:
+                return _timed(fn, s.iters, s.warmup)[0]
+            ours, theirs = [], []
+            for i in range(s.warmup + s.iters):  # in turn, the order swapped every call
+                pair = (fn, other) if i % 2 == 0 else (other, fn)
+                times = []
+                for f in pair:
+                    time.sleep(SETTLE_S)
+                    t = time.perf_counter()
+                    f()
+                    times.append((time.perf_counter() - t) * 1e3)
+                if i >= s.warmup:
+                    ours.append(times[0] if i % 2 == 0 else times[1])
+                    theirs.append(times[1] if i % 2 == 0 else times[0])
+            peer_ms[shape] = theirs
+            return ours
+        finally:  # as the worker side releases its requests after each measurement
+            for rid in list(cache.entries):
+                cache.release(rid)
 
     single = np.array([-1], np.int32)
     out: dict[str, Any] = {"load_s": load_s,
-                           "overhead": {"draft": timed(tree(single)),
-                                        "verify": timed(tree(tree_parents(s.tree_nodes, "chain")))}}
+                           "overhead": {"draft": timed(("draft", 0), tree(single)),
+                                        "verify": timed(("chain", 0), tree(tree_parents(s.tree_nodes, "chain")))}}
     progress("engine: overhead shapes done")
-    out["prefill"] = {L: timed(prefill(L)) for L in s.prefill_lengths}
+    out["prefill"] = {n: timed(("prefill", n), prefill(n)) for n in s.prefill_lengths}
     progress("engine: prefill done")
-    out["decode"] = {B: timed(tree(single, B)) for B in s.batches}
+    out["decode"] = {B: timed(("decode", B), tree(single, B)) for B in s.batches}
     progress("engine: decode done")
-    out["verify"] = {N: timed(tree(tree_parents(N, s.tree_shape))) for N in s.tree_sizes}
+    out["verify"] = {N: timed(("verify", N), tree(tree_parents(N, s.tree_shape))) for N in s.tree_sizes}
     progress("engine: verify done")
+    out["peer"] = peer_ms
     return out
+
+
+def llamacpp_shapes(gguf: Path, s: Settings, vocab: int) -> dict[Shape, Callable[[], Any]]:
+    """llama.cpp (llama-cpp-python) on a GGUF file at the batch-1 shapes: prefill of L tokens
+    into an empty cache (the last token's logits), one token after --prefix cached ones
+    (decode), and a chain of N tokens after them with every token's logits, which a tree
+    verify needs (a second instance, with logits_all). Same token ids as the engine's."""
+    try:
+        from llama_cpp import Llama
+    except ImportError:
+        from cosine.bench.llamacpp import BUILD_HINT
+
+        raise BenchError(f"--llamacpp needs llama-cpp-python: {BUILD_HINT}") from None
+    P, threads = s.prefix, s.threads or os.cpu_count() or 1
+    n_ctx = max(max(s.prefill_lengths), P + max(*s.tree_sizes, s.tree_nodes) + 1)
+    last, every = (Llama(model_path=str(gguf), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads,
+                         n_batch=max(512, n_ctx), logits_all=logits_all, verbose=False) for logits_all in (False, True))
+    prefix = [int(t) for t in _tokens(P, 0, vocab)]
+
+    def after_prefix(llm: Any, toks: list[int]) -> Callable[[], Any]:
+        def run() -> None:
+            if llm.n_tokens < P or list(llm.input_ids[:P]) != prefix:  # the other shapes' calls moved it
+                llm.reset()
+                llm.eval(prefix)
+            llm.n_tokens = P  # eval() drops the cache rows past n_tokens: back to the prefix
+            llm.eval(toks)
+        return run
+
+    def prefill(toks: list[int]) -> Callable[[], Any]:
+        def run() -> None:
+            last.reset()
+            last.eval(toks)
+        return run
+
+    shapes: dict[Shape, Callable[[], Any]] = {
+        ("prefill", n): prefill([int(x) for x in _tokens(n, 0, vocab)]) for n in s.prefill_lengths}
+    shapes[("decode", 1)] = after_prefix(last, [int(_tokens(1, P, vocab)[0])])
+    shapes.update({("verify", n): after_prefix(every, [int(x) for x in _tokens(n, P, vocab)]) for n in s.tree_sizes})
+    return shapes
 
 
 # ----- results --------------------------------------------------------------------------
@@ -375,7 +466,8 @@ def environment(engine_dir: Path, s: Settings, argv: list[str], tiny: bool) -> d
     }
 
 
-def assemble(env: dict[str, Any], s: Settings, w: dict[str, Any], e: dict[str, Any]) -> dict[str, Any]:
+def assemble(env: dict[str, Any], s: Settings, w: dict[str, Any], e: dict[str, Any],
+             llama: dict[str, Any] | None = None) -> dict[str, Any]:
     ov = {"tree_nodes": s.tree_nodes, "health_rtt_ms_p50": _pct(w["overhead"]["health"], 50),
           "health_rtt_ms_p95": _pct(w["overhead"]["health"], 95)}
     for op in ("draft", "verify"):
@@ -409,7 +501,19 @@ def assemble(env: dict[str, Any], s: Settings, w: dict[str, Any], e: dict[str, A
     return {"environment": env, "settings": settings,
             "timing": {"worker_start_s": w["worker_start_s"], "engine_load_s": e["load_s"]},
             "overhead": ov, "prefill": prefill, "decode": decode, "verify": verify, "floor": floor,
-            "worker_stats": w["worker_stats"]}
+            "worker_stats": w["worker_stats"], "llamacpp": against_llamacpp(e, llama) if llama else None}
+
+
+def against_llamacpp(e: dict[str, Any], llama: dict[str, Any]) -> dict[str, Any]:
+    """Engine p50 beside llama.cpp's p50 per batch-1 shape; speed = llama.cpp ms / engine ms
+    (above 1: the engine is faster)."""
+    def pair(name: str, eng: list[float], peer: list[float]) -> dict[str, Any]:
+        a, b = _pct(eng, 50), _pct(peer, 50)
+        return {"shape": name, "engine_ms_p50": a, "llamacpp_ms_p50": b, "engine_speed": b / a}
+
+    names = {"prefill": "prefill {} tokens", "decode": "decode (batch {})", "verify": "verify {}-token chain"}
+    rows = [pair(names[kind].format(n), e[kind][n], ms) for (kind, n), ms in e["peer"].items()]
+    return {"gguf": llama["gguf"], "same_source": llama["same_source"], "threads": llama["threads"], "rows": rows}
 
 
 def tree_depth(n: int, shape: str) -> int:
@@ -471,6 +575,13 @@ def text_report(res: dict[str, Any]) -> str:
             L.append(f"batch-1 decode / floor: rtt {fl['decode_rtt_ratio']:.2f}x, engine {fl['decode_engine_ratio']:.2f}x")
         else:
             L.append("batch-1 decode not measured (add 1 to --batches) - no ratio")
+    lc = res.get("llamacpp")
+    if lc:
+        L += ["", f"against llama.cpp ({lc['gguf']}, {lc['threads']} threads; "
+                  f"{'the engine' if lc['same_source'] else 'NOT the engine'}'s source file)",
+              f"{'shape':24} {'engine p50':>11} {'llama.cpp p50':>14} {'engine speed':>13}   (ms)"]
+        L += [f"{r['shape']:24} {_f(r['engine_ms_p50'], 11)} {_f(r['llamacpp_ms_p50'], 14)} "
+              f"{r['engine_speed']:12.2f}x" for r in lc["rows"]]
     t = res["timing"]
     L += ["", f"worker start {t['worker_start_s']:.1f} s, engine load in-process {t['engine_load_s']:.1f} s"]
     return "\n".join(L)
@@ -485,7 +596,7 @@ def markdown_report(res: dict[str, Any]) -> str:
          f"{env['onnxruntime']}, threads {env['threads']}, commit `{env['git_commit'][:12] or '?'}`. "
          f"Engine {eng['num_layers']} layers, {_bytes(eng['weight_bytes'])} of weights. "
          f"{s['iters']} timed calls per row after {s['warmup']} warm-up; {s['prefix']} cached tokens per request. "
-         "rtt = loopback round trip through a real worker; engine = `Engine.forward` alone, same shapes and "
+         "rtt = loopback round trip through a real worker; engine = the same forwards in-process (the worker's batching, no transport), same "
          "provider; op = worker-side op time (mean); overhead = rtt p50 - engine p50. Times in ms.", "",
          "## Per-call overhead (batch 1)", "",
          f"Health round trip p50 {ov['health_rtt_ms_p50']:.3f} ms.", "",
@@ -521,6 +632,17 @@ def markdown_report(res: dict[str, Any]) -> str:
             line += (f" Batch-1 decode / floor: rtt {fl['decode_rtt_ratio']:.2f}x, "
                      f"engine {fl['decode_engine_ratio']:.2f}x.")
         L += ["", "## Memory-bandwidth floor", "", line]
+    lc = res.get("llamacpp")
+    if lc:
+        L += ["", "## Against llama.cpp (batch 1, in this process, call for call in turn with the engine)", "",
+              f"llama-cpp-python on `{lc['gguf']}` ({'the engine' if lc['same_source'] else '**not** the engine'}'s "
+              f"source file), {lc['threads']} threads, the same token ids and cached lengths, each call taking turns "
+              "with the engine's (the order swapped every call); its verify rows compute "
+              "every token's logits (`logits_all`), as a tree verify needs. Engine speed = llama.cpp p50 / engine "
+              "p50 (above 1: the engine is faster).", "",
+              "| shape | engine p50 | llama.cpp p50 | engine speed |", "|---|---|---|---|"]
+        L += [f"| {r['shape']} | {r['engine_ms_p50']:.3f} | {r['llamacpp_ms_p50']:.3f} | {r['engine_speed']:.2f}x |"
+              for r in lc["rows"]]
     return "\n".join(L) + "\n"
 
 
@@ -599,6 +721,26 @@ def check_engine(engine_dir: Path, s: Settings) -> None:
                          f"the deepest tree) exceeds the engine's context of {ctx}")
 
 
+def check_gguf(gguf: Path, engine_dir: Path, s: Settings) -> tuple[Path, bool]:
+    """Fail early on a missing file or shapes llama.cpp is not timed at; returns (path,
+    whether it is the file the engine was exported from, by the manifest's sha256)."""
+    if not gguf.is_file():
+        raise BenchError(f"--llamacpp {gguf}: no such file (a GGUF model; `cosine models list` shows the fetched ones)")
+    if s.tree_shape != "chain":
+        raise BenchError("--llamacpp compares chains (llama.cpp has no tree attention): use --tree-shape chain")
+    from cosine.bench.llamacpp import available
+
+    why = available()
+    if why:
+        raise BenchError(why)
+    want = json.loads((engine_dir / "manifest.json").read_text()).get("source_sha256")
+    h = hashlib.sha256()
+    with open(gguf, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return gguf, h.hexdigest() == want
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="cosine-bench worker", description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -622,6 +764,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="memory-bandwidth floor of one decode step in ms (weight bytes / bandwidth)")
     fl.add_argument("--bandwidth-gbs", dest="bandwidth_gbs", type=float,
                     help="memory bandwidth in GB/s: floor = the engine's weight bytes / this")
+    ap.add_argument("--llamacpp", type=Path, metavar="GGUF",
+                    help="also time llama.cpp (llama-cpp-python) on this GGUF file at the batch-1 shapes")
     ap.add_argument("--json", help="write the results as JSON to this file ('-': print JSON only)")
     ap.add_argument("--md", type=Path, help="write a markdown report to this file")
     ap.add_argument("--quick", action="store_true", help="small profile (see below) for smoke tests")
@@ -654,9 +798,15 @@ def main(argv: list[str] | None = None) -> int:
             check_engine(engine_dir, s)
             env = environment(engine_dir, s, argv, tiny)
             vocab = int(env["engine"]["vocab_size"])
+            gguf = check_gguf(args.llamacpp, engine_dir, s) if args.llamacpp else None
             w = worker_side(engine_dir, s, vocab, progress)
-            e = engine_side(engine_dir, s, progress)
-        res = assemble(env, s, w, e)
+            peer = llamacpp_shapes(gguf[0], s, vocab) if gguf else None
+            if peer:
+                progress("llama.cpp loaded; its calls take turns with the engine's")
+            e = engine_side(engine_dir, s, progress, peer)
+            llama = {"gguf": str(gguf[0]), "same_source": gguf[1], "threads": s.threads or os.cpu_count()} \
+                if gguf else None
+        res = assemble(env, s, w, e, llama)
     except BenchError as err:
         print(f"cosine-bench worker: error: {err}", file=sys.stderr)
         return err.code
