@@ -448,6 +448,12 @@ def _git_commit() -> str:
     return ""
 
 
+def _weights(man: dict[str, Any]) -> str:
+    """What the engine's weights are: its dtype, or the quantization and the activations."""
+    q = (man.get("quantization") or {}).get("mode")
+    return f"{q} weights, {man.get('activations', 'float')} activations" if q else str(man.get("dtype"))
+
+
 def environment(engine_dir: Path, s: Settings, argv: list[str], tiny: bool) -> dict[str, Any]:
     import onnxruntime as ort
 
@@ -455,6 +461,7 @@ def environment(engine_dir: Path, s: Settings, argv: list[str], tiny: bool) -> d
     return {
         "engine": {"dir": "(tiny llama engine exported for this run)" if tiny else str(engine_dir),
                    "name": man.get("name"), "dtype": man.get("dtype"), "architecture": man.get("architecture"),
+                   "weights": _weights(man),
                    "num_layers": man.get("num_layers"), "hidden_size": man.get("hidden_size"),
                    "vocab_size": man.get("vocab_size"), "weight_bytes": weight_bytes(engine_dir)},
         "provider": s.provider, "device": s.device, "threads": s.threads,
@@ -533,7 +540,7 @@ def _f(x: float | None, w: int = 9, prec: int = 3) -> str:
 def _headline(res: dict[str, Any]) -> list[str]:
     env, s = res["environment"], res["settings"]
     eng = env["engine"]
-    return [f"engine {eng['name']} ({eng['dtype']}, {eng['num_layers']} layers, "
+    return [f"engine {eng['name']} ({eng.get('weights', eng['dtype'])}, {eng['num_layers']} layers, "
             f"{_bytes(eng['weight_bytes'])} of weights) at {eng['dir']}",
             f"provider {env['provider']} on {env['device']}, threads {env['threads']}; onnxruntime "
             f"{env['onnxruntime']}; host {env['host']} ({env['cpu_count']} CPUs); commit {env['git_commit'][:12] or '?'}",
@@ -590,7 +597,8 @@ def text_report(res: dict[str, Any]) -> str:
 def markdown_report(res: dict[str, Any]) -> str:
     s, ov, env = res["settings"], res["overhead"], res["environment"]
     eng = env["engine"]
-    L = [f"# Worker benchmark: {eng['name']} {eng['dtype']} on {env['provider']} ({env['device']})", "",
+    L = [f"# Worker benchmark: {eng['name']} ({eng.get('weights', eng['dtype'])}) on {env['provider']} "
+         f"({env['device']})", "",
          f"`{env['command']}`", "",
          f"{env['date']}, host {env['host']} ({env['cpu_count']} CPUs, {env['platform']}), onnxruntime "
          f"{env['onnxruntime']}, threads {env['threads']}, commit `{env['git_commit'][:12] or '?'}`. "
@@ -644,6 +652,34 @@ def markdown_report(res: dict[str, Any]) -> str:
         L += [f"| {r['shape']} | {r['engine_ms_p50']:.3f} | {r['llamacpp_ms_p50']:.3f} | {r['engine_speed']:.2f}x |"
               for r in lc["rows"]]
     return "\n".join(L) + "\n"
+
+
+def plot_against_llamacpp(res: dict[str, Any], path: Path) -> Path | None:
+    """Forward time against new tokens (decode and chain verifies) for the engine and llama.cpp."""
+    lc = res.get("llamacpp")
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    if not lc:
+        return None
+    pts = [(int(r["shape"].split()[1].split("-")[0]), r) for r in lc["rows"] if r["shape"].startswith("verify")]
+    if not pts:
+        return None
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for key, label in (("engine_ms_p50", "cosine engine (worker batching)"), ("llamacpp_ms_p50", "llama.cpp")):
+        ax.plot([n for n, _ in pts], [r[key] for _, r in pts], marker="o", label=label)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("tokens in the forward (a chain after the cached prefix; logits for each)")
+    ax.set_ylabel("ms per forward (p50)")
+    ax.set_title(f"{res['environment']['engine']['name']}: one forward, batch 1, {res['settings']['prefix']} cached")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
 
 
 # ----- command line ---------------------------------------------------------------------
@@ -821,6 +857,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.md:
         args.md.parent.mkdir(parents=True, exist_ok=True)
         args.md.write_text(markdown_report(res))
+        plot_against_llamacpp(res, args.md.with_suffix(".png"))  # beside the report, when llama.cpp was timed
     return 0
 
 
