@@ -5,7 +5,7 @@ generation's run-to-run spread (docs/http.md).
 
     COSINE_HTTP_BENCH_OUT=docs/benchmarks/DIR .venv/bin/python -m pytest tests/test_http_bench.py
 
-keeps the table, measured at concurrency 1 and 16 with every prompt sent 16 times."""
+keeps the table, measured at concurrency 1 and 16 with every prompt sent 48 times."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from pathlib import Path
 from conftest import add_http, free_port, write_cluster_config
 
 KEEP = os.environ.get("COSINE_HTTP_BENCH_OUT")
-LEVELS, REPEAT = ([1, 16], 16) if KEEP else ([1, 2], 1)
+LEVELS, REPEAT = ([1, 16], 48) if KEEP else ([1, 2], 1)
 
 
 def test_bench_api_openai_compares_http_with_zmq(control_engines, tmp_path):

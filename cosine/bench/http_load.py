@@ -30,14 +30,22 @@ class StreamCut(ConnectionError):
     """The connection ended before the stream's ``data: [DONE]``."""
 
 
-def completion(base: str, key: str, model: str, prompt: str, *, max_tokens: int, mode: str | None,
-               timeout_s: float, seed: int) -> dict[str, Any]:
-    """One streamed greedy completion: latency, time to first text and the text."""
+def connect(base: str, timeout_s: float) -> http.client.HTTPConnection:
+    """An HTTP/1.1 connection to the gateway (opened by its first request)."""
     host, port = base.removeprefix("http://").rsplit(":", 1)
+    return http.client.HTTPConnection(host, int(port), timeout=timeout_s)
+
+
+def completion(base: str, key: str, model: str, prompt: str, *, max_tokens: int, mode: str | None,
+               timeout_s: float, seed: int, conn: http.client.HTTPConnection | None = None) -> dict[str, Any]:
+    """One streamed greedy completion: latency, time to first text and the text. ``conn``:
+    a kept-alive connection to send it on, as SDKs keep theirs (left open; it must not be
+    shared between threads); None = a new connection, closed after."""
     body = json.dumps({"model": model, "prompt": prompt, "max_tokens": max_tokens, "stream": True,
                        "mode": mode, "seed": seed, "ignore_eos": True})
     headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {})}
-    conn = http.client.HTTPConnection(host, int(port), timeout=timeout_s)
+    own = conn is None
+    conn = connect(base, timeout_s) if conn is None else conn
     try:
         t0 = time.perf_counter()
         conn.request("POST", "/v1/completions", body, headers)
@@ -60,8 +68,12 @@ def completion(base: str, key: str, model: str, prompt: str, *, max_tokens: int,
         if not done:
             raise StreamCut("the stream ended without data: [DONE]")
         wall = time.perf_counter() - t0
+    except BaseException:
+        conn.close()  # a half-read response cannot carry the next request
+        raise
     finally:
-        conn.close()
+        if own:
+            conn.close()
     return {"latency_s": wall, "ttft_s": ttft if ttft is not None else wall, "text": "".join(text)}
 
 
