@@ -31,9 +31,10 @@ prefilled requests are released after each measurement. Without --engine a tiny 
 engine is exported first (cosine.export, parity checked on the chosen provider).
 
 With --llamacpp GGUF, llama.cpp (llama-cpp-python, the optional peer of cosine-bench run)
-is then timed on that file at the batch-1 shapes (prefill, decode, chain verifies with
-every token's logits), with the same token ids and cached lengths, and reported beside the
-engine: the engine-level comparison, free of either system's serving loop.
+is timed on that file at the batch-1 shapes (prefill, decode, chain verifies with every
+token's logits), with the same token ids and cached lengths, each call taking turns with
+the engine's call of the same shape, and reported beside the engine: the engine-level
+comparison, free of either system's serving loop.
 """
 
 from __future__ import annotations
@@ -63,10 +64,10 @@ FULL = {"iters": 200, "prefix": 32, "batches": "1,4,16", "tree_sizes": "1,2,4,8,
         "prefill_lengths": "128,512", "tree_nodes": 8}
 QUICK = {"iters": 10, "prefix": 16, "batches": "1,4", "tree_sizes": "1,8", "prefill_lengths": "32",
          "tree_nodes": 8}
-TINY_MAX_POSITIONS = 1024
+TINY_MAX_POSITIONS = 1024  # the default tiny engine's context: room for --prefill-lengths 512
 # Between the engine's and a peer's calls: llama.cpp's threads keep polling for work for a
 # while after a call and would take the cores from the engine's next call.
-SETTLE_S = float(os.environ.get("COSINE_BENCH_SETTLE_S", "0.05"))  # the default tiny engine's context: room for --prefill-lengths 512
+SETTLE_S = float(os.environ.get("COSINE_BENCH_SETTLE_S", "0.05"))
 
 
 class BenchError(Exception):
