@@ -94,7 +94,7 @@ class Admission:
             return out
         # The target holds every committed token but the last (the root of the next tree):
         # the prompt's, or after a verifier loss the output's too.
-        futs = {i: self.verifiers[i].port.prefill([(r.rid, r.committed[:-1]) for r in rs]) for i, rs in by_v.items()}
+        futs = {i: self.verifiers[i].port.prefill([_prefill_item(r) for r in rs]) for i, rs in by_v.items()}
         # Asked now, collected after the prefill: the router classifies while the target prefills.
         domains = {r.rid: self.router.start(r.rid, r.prompt_text) for rs in by_v.values() for r in rs
                    if r.parked_since is None}
@@ -102,7 +102,7 @@ class Admission:
             v = self.verifiers[i]
             res: Timed = self.waits.get(futs[i], "verifiers")
             if res.error == "soft" and len(rs) > 1:  # isolate the bad request: one by one
-                results = [(r, self.waits.get(v.port.prefill([(r.rid, r.committed[:-1])]), "verifiers")) for r in rs]
+                results = [(r, self.waits.get(v.port.prefill([_prefill_item(r)]), "verifiers")) for r in rs]
             else:
                 results = [(r, res) for r in rs]
             for r, res1 in results:
@@ -206,3 +206,11 @@ class Admission:
         v.load -= 1
         v.reserved -= r.kv_reserved
         v.port.release.defer([r.rid])
+
+
+def _prefill_item(r: Request) -> tuple[str, list[int], int]:
+    """What the target prefills for ``r``: every committed token but the last (the root of
+    its next tree), of which the prompt's but its last one are prompt tokens; the last
+    prompt token and any output were computed by verify forwards in the first run."""
+    tokens = r.committed[:-1]
+    return r.rid, tokens, min(len(tokens), len(r.prompt) - 1)

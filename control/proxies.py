@@ -126,11 +126,15 @@ class WorkerProxy:
 class VerifierProxy(WorkerProxy):
     """Target worker: prefill, tree verify (with inline commit), release. Stateless."""
 
-    def prefill(self, items: list[tuple[str, list[int]]]) -> Timed:
+    def prefill(self, items: list[tuple[str, list[int], int]]) -> Timed:
+        """items: (rid, tokens, how many of them are prompt tokens). The rest are output
+        tokens (a request prefilled again after a verifier loss): a worker with a prefill
+        engine feeds only the prompt's through it (workers/neural.py NeuralOps.prefill)."""
         t0 = time.perf_counter()
-        toks = np.asarray([t for _, ts in items for t in ts], dtype=np.int32)
+        toks = np.asarray([t for _, ts, _ in items for t in ts], dtype=np.int32)
+        reqs = [{"rid": r, "n": len(ts), **({"prompt": k} if k < len(ts) else {})} for r, ts, k in items]
         try:
-            self.call("prefill", {"requests": [{"rid": r, "n": len(ts)} for r, ts in items]}, {"tokens": toks})
+            self.call("prefill", {"requests": reqs}, {"tokens": toks})
         except WorkerError as e:
             return Timed(None, time.perf_counter() - t0, "soft", f"{e.code}: {e.message}", {"code": e.code})
         except (TimeoutError, OSError) as e:

@@ -121,7 +121,7 @@ def profile(verifiers: list[VerifierSlot], drafters: list[DrafterSlot], target: 
     vsamples, dsamples = [], []
     v = verifiers[0].port
     try:
-        if v.prefill([(rid, prompt[:-1])]).get().error:
+        if v.prefill([(rid, prompt[:-1], len(prompt) - 1)]).get().error:
             return CostModel.default()
         for n in (1, 2, 4, 8, 1, 4):
             parents = np.arange(-1, n - 1, dtype=np.int32)

@@ -94,6 +94,11 @@ class ModelConfig:
     # drafter's prompt prefill is paid before a request's first speculative round; a
     # window caps it, and a small model drafts from the recent context about as well.
     draft_context: int = 0
+    # Targets only: another engine of the same model (cosine-export without --quantize)
+    # through which prompt tokens are prefilled; decoding and verification stay on
+    # ``engine``. On a CPU a float32 prefill beats the int8 path (1.39x for the 1.5B on
+    # 2 cores) for about 4x the memory (docs/workers.md, "Behaviour worth knowing").
+    prefill_engine: str = ""
 
 
 @dataclass(frozen=True)
@@ -304,6 +309,13 @@ class Config:
         p = Path(m.engine).expanduser()
         return p if p.is_absolute() else (self.path.parent / p).resolve()
 
+    def prefill_engine_dir(self, model: str | ModelConfig) -> Path | None:
+        m = model if isinstance(model, ModelConfig) else self.model(model)
+        if not m.prefill_engine:
+            return None
+        p = Path(m.prefill_engine).expanduser()
+        return p if p.is_absolute() else (self.path.parent / p).resolve()
+
     def target_model(self) -> ModelConfig:
         return self.model(self.controller.target) if self.controller.target else \
             next(m for m in self.models if m.role == "target")
@@ -410,6 +422,9 @@ def _check(cfg: Config, text: str, check_engines: bool) -> None:
         if m.quantize and m.quantize not in QUANTIZE:
             raise ConfigError(f"{where('models', 'quantize')}: model {m.name!r}: quantize must be one of "
                               f"{', '.join(QUANTIZE)} (or left out for float weights), got {m.quantize!r}")
+        if m.prefill_engine and (m.role != "target" or m.kind != "neural"):
+            raise ConfigError(f"{where('models', 'prefill_engine')}: model {m.name!r}: prefill_engine is for a neural "
+                              f"target (its prompts' prefill), not a {m.kind} {m.role}; remove it")
         if m.draft_context and (m.role == "target" or m.draft_context < 8):
             raise ConfigError(f"{where('models', 'draft_context')}: model {m.name!r}: draft_context is 0 (the whole "
                               f"prompt) or >= 8 tokens, and only on drafters")
@@ -419,6 +434,11 @@ def _check(cfg: Config, text: str, check_engines: bool) -> None:
             raise ConfigError(f"{where('models', 'engine')}: engine for model {m.name!r} not found at "
                               f"{cfg.engine_dir(m)} (no manifest.json); build it with "
                               f"`cosine-export --model <weights> --out {cfg.engine_dir(m)}` or run `make demo`")
+        pre = cfg.prefill_engine_dir(m)
+        if check_engines and pre is not None and not (pre / "manifest.json").is_file():
+            raise ConfigError(f"{where('models', 'prefill_engine')}: prefill engine for model {m.name!r} not found at "
+                              f"{pre} (no manifest.json); build it from the same weights with "
+                              f"`cosine-export --model <weights> --out {pre}` (no --quantize)")
     targets = [m for m in cfg.models if m.role == "target"]
     if not targets:
         raise ConfigError(f"{p}: no model has role = \"target\"; add one [[models]] entry with role = \"target\"")

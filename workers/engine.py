@@ -64,6 +64,24 @@ def _providers(provider: str, device: str, engine_dir: Path, cuda_graph: bool = 
     raise EngineError(f"unknown provider {provider!r}; use one of {sorted(_PROVIDER_NAMES)}")
 
 
+def check_prefill_engine(main: "Engine", prefill: "Engine") -> None:
+    """A prefill engine writes the cache the main engine reads: the same model and cache
+    layout, and key slots (so that a prompt's keys sit where decoding's would, whatever the
+    batch: without them a batched prefill would compute other bits than a lone one)."""
+    facts = ("num_layers", "num_kv_heads", "head_dim", "vocab_size", "dtype")
+    differ = [f"{f} {getattr(prefill, f)} vs {getattr(main, f)}" for f in facts if getattr(prefill, f) != getattr(main, f)]
+    for key in ("architecture", "model_type", "source_sha256"):  # the same weights, where both manifests say
+        a, b = prefill.manifest.get(key), main.manifest.get(key)
+        if a is not None and b is not None and a != b:
+            differ.append(f"{key} {a} vs {b}")
+    if differ:
+        raise EngineError(f"prefill engine {prefill.dir} is not the same model as {main.dir}: {', '.join(differ)}; "
+                          f"export both from the same weights")
+    if not prefill.takes_slots:
+        raise EngineError(f"prefill engine {prefill.dir} has no key_slots input (exported before key slots); "
+                          f"export it again with cosine-export")
+
+
 def all_rows(batch: int, seq: int) -> np.ndarray:
     """``logits_index`` asking for every one of ``seq`` new tokens' logits: int64 [batch, seq]."""
     return np.broadcast_to(np.arange(seq, dtype=np.int64), (batch, seq)).copy()

@@ -45,7 +45,7 @@ def _build_ops(cfg: Config, wcfg, mcfg):
     drafter (n-gram tables, prompt lookup) over token histories."""
     import json
 
-    from .engine import Engine, EngineError
+    from .engine import Engine, EngineError, check_prefill_engine
     from .stats import Stats
 
     stats = Stats()
@@ -64,7 +64,15 @@ def _build_ops(cfg: Config, wcfg, mcfg):
                         min_rows=2 if mcfg.role == "target" else 1)  # decode = verify, bit for bit
         cache = KVCache(engine.num_layers, engine.num_kv_heads, engine.head_dim, engine.dtype,
                         budget_tokens=wcfg.kv_budget_tokens, max_tokens=engine.max_positions, arrays=engine.arrays)
-        return NeuralOps(engine, cache, wcfg, mcfg, cfg.limits, stats), cache, stats
+        prefill_engine = None
+        pre_dir = cfg.prefill_engine_dir(mcfg)
+        if pre_dir is not None:
+            prefill_engine = Engine(pre_dir, provider=wcfg.provider, device=wcfg.device, threads=threads,
+                                    spin=wcfg.spin, kv_arrays=wcfg.kv_arrays)
+            check_prefill_engine(engine, prefill_engine)
+            log.info("worker %s prefills prompts with %s; decodes and verifies with %s", wcfg.name, pre_dir,
+                     engine_dir)
+        return NeuralOps(engine, cache, wcfg, mcfg, cfg.limits, stats, prefill_engine), cache, stats
 
     from .weightfree import HistoryStore, WeightFreeOps
 

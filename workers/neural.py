@@ -29,8 +29,12 @@ class NeuralOps(WorkerOps):
     """A neural worker: a target (prefill, verify, commit) or a model drafter (prefill, draft)."""
 
     def __init__(self, engine: Engine, cache: KVCache, worker: WorkerConfig, model: ModelConfig,
-                 limits: LimitsConfig, stats: Stats):
+                 limits: LimitsConfig, stats: Stats, prefill_engine: Engine | None = None):
+        """``prefill_engine``: the same model exported otherwise (float weights), for prompt
+        tokens only (``[[models]] prefill_engine``): on a CPU a float prefill is faster
+        than the int8 path, while decoding and verification stay on ``engine``."""
         self.engine, self.cache, self.limits, self.V = engine, cache, limits, engine.vocab_size
+        self.prefill_engine = prefill_engine
         self.worker, self.model, self.stats = worker, model, stats
         self.handlers: dict[str, Handler] = {
             "prefill": self.prefill, "draft": self.draft, "extend": self.extend, "rollback": self.rollback,
@@ -56,20 +60,25 @@ class NeuralOps(WorkerOps):
             e.last_used = now
 
     def _append_chains(self, entries: list[Entry], tokens: list[np.ndarray],
-                       last_logits: list[int] | None = None) -> list[np.ndarray]:
+                       last_logits: list[int] | None = None, engine: Engine | None = None) -> list[np.ndarray]:
         """Feed each request its tokens (t >= 1) in one batched pass; returns the logits of
         each request's last ``last_logits[i]`` tokens (at least one row; all when None)."""
         lasts = last_logits or [None] * len(entries)
         feeds = [chain(e, t, n) for e, t, n in zip(entries, tokens, lasts)]
-        results = run_batched(self.engine, feeds, self.worker.max_batch)
+        results = run_batched(engine or self.engine, feeds, self.worker.max_batch)
         for e, r in zip(entries, results):
             self.cache.append(e, r.k, r.v)
         return [r.logits for r in results]
 
     # ----- ops ------------------------------------------------------------------------
     def prefill(self, h: dict[str, Any], arrs: dict[str, np.ndarray]) -> Reply:
-        reqs = val.requests(h, {"n"}, dup_code="duplicate_request")
+        """``n`` tokens per request into a new cache entry. ``prompt`` (default n): how many
+        of them are prompt tokens; with a prefill engine only those go through it, and the
+        rest (a request prefilled again after a verifier loss holds output tokens too) through
+        the engine that decoded them, so the cache is what the first run computed."""
+        reqs = val.requests(h, {"n", "prompt"}, dup_code="duplicate_request")
         ns = [val.int_field(r, "n", 0) for r in reqs]
+        prompts = [val.int_field(r, "prompt", 0, n, default=n) for r, n in zip(reqs, ns)]
         a = val.arrays(arrs, {"tokens": ("int32", sum(ns))})
         val.token_range("tokens", a["tokens"], self.V)
         for r, n in zip(reqs, ns):
@@ -80,9 +89,16 @@ class NeuralOps(WorkerOps):
 
         entries = [self.cache.create(r["rid"], reserve=n) for r, n in zip(reqs, ns)]
         try:
-            work = [(e, t) for e, t in zip(entries, val.split(a["tokens"], ns)) if t.size]
-            if work:  # no logits wanted: the engine computes one row each
-                self._append_chains([e for e, _ in work], [t for _, t in work], [1] * len(work))
+            parts = list(zip(entries, val.split(a["tokens"], ns), prompts))
+            if self.prefill_engine is None:
+                stages = [(None, [(e, t) for e, t, _ in parts])]
+            else:
+                stages = [(self.prefill_engine, [(e, t[:k]) for e, t, k in parts]),
+                          (self.engine, [(e, t[k:]) for e, t, k in parts])]
+            for engine, chunks in stages:
+                work = [(e, t) for e, t in chunks if t.size]
+                if work:  # no logits wanted: the engine computes one row each
+                    self._append_chains([e for e, _ in work], [t for _, t in work], [1] * len(work), engine)
         except BaseException:
             for e in entries:  # all or nothing: no half-prefilled requests
                 self.cache.release(e.rid)
@@ -244,7 +260,11 @@ class NeuralOps(WorkerOps):
         return {"requests": self._lengths(entries)}, {}
 
     def engine_summary(self) -> dict[str, Any]:
-        return self.engine.summary()
+        out = self.engine.summary()
+        if self.prefill_engine is not None:
+            out["prefill_engine"] = {"dir": str(self.prefill_engine.dir), "dtype": self.prefill_engine.dtype.name,
+                                     "quantization": (self.prefill_engine.manifest.get("quantization") or {}).get("mode")}
+        return out
 
     def engine_stats(self) -> dict[str, Any]:
         # tree nodes laid out unlike decoding (cosine/keyslots.py): 0 while serve prunes
