@@ -329,16 +329,13 @@ def engine_side(engine_dir: Path, s: Settings, progress: Callable[[str], None],
                 return _timed(fn, s.iters, s.warmup)[0]
             ours, theirs = [], []
             for i in range(s.warmup + s.iters):  # in turn, the order swapped every call
-                pair = (fn, other) if i % 2 == 0 else (other, fn)
-                times = []
-                for f in pair:
+                turns = ((ours, fn), (theirs, other)) if i % 2 == 0 else ((theirs, other), (ours, fn))
+                for samples, f in turns:
                     time.sleep(SETTLE_S)
                     t = time.perf_counter()
                     f()
-                    times.append((time.perf_counter() - t) * 1e3)
-                if i >= s.warmup:
-                    ours.append(times[0] if i % 2 == 0 else times[1])
-                    theirs.append(times[1] if i % 2 == 0 else times[0])
+                    if i >= s.warmup:
+                        samples.append((time.perf_counter() - t) * 1e3)
             peer_ms[shape] = theirs
             return ours
         finally:  # as the worker side releases its requests after each measurement
@@ -364,7 +361,8 @@ def llamacpp_shapes(gguf: Path, s: Settings, vocab: int) -> dict[Shape, Callable
     """llama.cpp (llama-cpp-python) on a GGUF file at the batch-1 shapes: prefill of L tokens
     into an empty cache (the last token's logits), one token after --prefix cached ones
     (decode), and a chain of N tokens after them with every token's logits, which a tree
-    verify needs (a second instance, with logits_all). Same token ids as the engine's."""
+    verify needs (logits_all). One instance per kind of shape (the weights are mapped once),
+    so that no call has to restore another's cache. Same token ids as the engine's."""
     try:
         from llama_cpp import Llama
     except ImportError:
@@ -373,23 +371,22 @@ def llamacpp_shapes(gguf: Path, s: Settings, vocab: int) -> dict[Shape, Callable
         raise BenchError(f"--llamacpp needs llama-cpp-python: {BUILD_HINT}") from None
     P, threads = s.prefix, s.threads or os.cpu_count() or 1
     n_ctx = max(max(s.prefill_lengths), P + max(*s.tree_sizes, s.tree_nodes) + 1)
-    last, every = (Llama(model_path=str(gguf), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads,
-                         n_batch=max(512, n_ctx), logits_all=logits_all, verbose=False) for logits_all in (False, True))
-    prefix = [int(t) for t in _tokens(P, 0, vocab)]
+    prefiller, last, every = (Llama(model_path=str(gguf), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads,
+                                    n_batch=max(512, n_ctx), logits_all=logits_all, verbose=False)
+                              for logits_all in (False, False, True))
+    for llm in (last, every):
+        llm.eval([int(t) for t in _tokens(P, 0, vocab)])  # the cached prefix, once
 
     def after_prefix(llm: Any, toks: list[int]) -> Callable[[], Any]:
         def run() -> None:
-            if llm.n_tokens < P or list(llm.input_ids[:P]) != prefix:  # the other shapes' calls moved it
-                llm.reset()
-                llm.eval(prefix)
             llm.n_tokens = P  # eval() drops the cache rows past n_tokens: back to the prefix
             llm.eval(toks)
         return run
 
     def prefill(toks: list[int]) -> Callable[[], Any]:
         def run() -> None:
-            last.reset()
-            last.eval(toks)
+            prefiller.reset()
+            prefiller.eval(toks)
         return run
 
     shapes: dict[Shape, Callable[[], Any]] = {
@@ -515,12 +512,14 @@ def assemble(env: dict[str, Any], s: Settings, w: dict[str, Any], e: dict[str, A
 def against_llamacpp(e: dict[str, Any], llama: dict[str, Any]) -> dict[str, Any]:
     """Engine p50 beside llama.cpp's p50 per batch-1 shape; speed = llama.cpp ms / engine ms
     (above 1: the engine is faster)."""
-    def pair(name: str, eng: list[float], peer: list[float]) -> dict[str, Any]:
-        a, b = _pct(eng, 50), _pct(peer, 50)
-        return {"shape": name, "engine_ms_p50": a, "llamacpp_ms_p50": b, "engine_speed": b / a}
-
     names = {"prefill": "prefill {} tokens", "decode": "decode (batch {})", "verify": "verify {}-token chain"}
-    rows = [pair(names[kind].format(n), e[kind][n], ms) for (kind, n), ms in e["peer"].items()]
+
+    def pair(kind: str, n: int, peer: list[float]) -> dict[str, Any]:
+        a, b = _pct(e[kind][n], 50), _pct(peer, 50)
+        return {"shape": names[kind].format(n), "kind": kind, "n": n, "engine_ms_p50": a, "llamacpp_ms_p50": b,
+                "engine_speed": b / a}
+
+    rows = [pair(kind, n, ms) for (kind, n), ms in e["peer"].items()]
     return {"gguf": llama["gguf"], "same_source": llama["same_source"], "threads": llama["threads"], "rows": rows}
 
 
@@ -666,7 +665,7 @@ def plot_against_llamacpp(res: dict[str, Any], path: Path) -> Path | None:
         return None
     if not lc:
         return None
-    pts = [(int(r["shape"].split()[1].split("-")[0]), r) for r in lc["rows"] if r["shape"].startswith("verify")]
+    pts = [(r["n"], r) for r in lc["rows"] if r["kind"] == "verify"]
     if not pts:
         return None
     fig, ax = plt.subplots(figsize=(6, 4))

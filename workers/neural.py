@@ -91,7 +91,7 @@ class NeuralOps(WorkerOps):
         try:
             parts = list(zip(entries, val.split(a["tokens"], ns), prompts))
             if self.prefill_engine is None:
-                stages = [(None, [(e, t) for e, t, _ in parts])]
+                stages = [(self.engine, [(e, t) for e, t, _ in parts])]
             else:
                 stages = [(self.prefill_engine, [(e, t[:k]) for e, t, k in parts]),
                           (self.engine, [(e, t[k:]) for e, t, k in parts])]
