@@ -23,10 +23,10 @@ from typing import Any, Iterator
 
 from . import chat_template, gpt2, llama
 from .errors import ExportError, ParityError, UnsupportedArchitecture
-from .graph import DATA_FILE, FUSED_OPSET, OPSET, GraphBuilder
+from .graph import COSINE_DOMAIN, DATA_FILE, FUSED_OPSET, OPSET, GraphBuilder
 from .layers import ModelSpec, io_description
 from .runtime import PROVIDERS, check_provider
-from .weights import QUANTIZE, Weights
+from .weights import MATMUL, QUANTIZE, Weights
 from cosine.workers.engine import FORMAT_VERSION
 
 log = logging.getLogger("cosine.export")
@@ -214,10 +214,12 @@ def _rope(model: Any) -> tuple[Any, float]:
 def export_engine(model: str | Path, out_dir: str | Path, dtype: str = "float32", provider: str = "cpu",
                   name: str | None = None, check_parity: bool = True, progress: bool = True,
                   parity_tolerance: float | None = None, parity_seed: int = 0, graph: str | None = None,
-                  quantize: str = "none") -> dict[str, Any]:
+                  quantize: str = "none", matmul: str = "auto") -> dict[str, Any]:
     """Export ``model`` (HF directory or .gguf file) to an engine in ``out_dir``; returns
     the manifest. ``graph``: "fused" kernels (the default where the architecture has
-    them) or the "plain" reference graph; ``quantize``: weights.py. Raises ExportError (UnsupportedArchitecture, ParityError) with a hint."""
+    them) or the "plain" reference graph; ``quantize`` and ``matmul``: weights.py
+    ("auto": the GGUF kernel for a GGUF file's blocks on CPU where it builds, else
+    MatMulNBits). Raises ExportError (UnsupportedArchitecture, ParityError) with a hint."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach a model hub from here
     t_all = time.perf_counter()
     if dtype not in DTYPES:
@@ -231,6 +233,7 @@ def export_engine(model: str | Path, out_dir: str | Path, dtype: str = "float32"
     if quantize != "none" and dtype != "float32":
         raise ExportError(f"--quantize {quantize} computes around float32 activations; use --dtype float32 "
                           f"(the CUDA float16 path takes float weights)")
+    matmul = _matmul(matmul, quantize, provider)
     src = _Source(model)
     if quantize == "gguf" and not src.gguf:
         raise ExportError(f"--quantize gguf carries a GGUF file's blocks over, but {src.path} is not a .gguf file; "
@@ -260,7 +263,7 @@ def export_engine(model: str | Path, out_dir: str | Path, dtype: str = "float32"
     with _phase("source sha256"):
         source_sha = _sha256(src.files)
 
-    with _phase(f"graph + weights ({graph} graph, {dtype}, quantize {quantize})"):
+    with _phase(f"graph + weights ({graph} graph, {dtype}, quantize {quantize}, matmul {matmul})"):
         g = GraphBuilder(out, dtype, opset=FUSED_OPSET if graph == "fused" else OPSET)
         try:
             tensor, names = _tensor_reader(torch_model)
@@ -269,7 +272,7 @@ def export_engine(model: str | Path, out_dir: str | Path, dtype: str = "float32"
                 from .gguf_weights import GGUFMatrices
 
                 blocks = GGUFMatrices(src.path, torch_model, config)
-            weights = Weights(tensor, names, quantize, blocks)
+            weights = Weights(tensor, names, quantize, blocks, matmul=matmul)
             inv_freq, rope_scale = _rope(torch_model)
             spec: ModelSpec = arch.build(g, config, weights, inv_freq=inv_freq, rope_scale=rope_scale, graph=graph,
                                          progress=progress)
@@ -330,6 +333,8 @@ def export_engine(model: str | Path, out_dir: str | Path, dtype: str = "float32"
         # int8: MatMulNBits quantizes activations per block (accuracy level 4): fast on a CPU,
         # but a forward's results then depend on its shape (docs/export.md, "Exactness")
         "activations": "int8" if quantize != "none" else dtype,
+        "matmul": matmul if quantize != "none" else None,
+        **_row_facts(g, quantize),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
     sw = getattr(config, "sliding_window", None)
@@ -342,6 +347,45 @@ def export_engine(model: str | Path, out_dir: str | Path, dtype: str = "float32"
     log.info("engine %s ready in %.1fs (parity %s)", out, time.perf_counter() - t_all,
              {True: "passed", False: "FAILED", None: "skipped"}[parity["passed"]])
     return manifest
+
+
+def _matmul(matmul: str, quantize: str, provider: str) -> str:
+    """The operator for quantized products: "nbits" or "gguf" (see export_engine)."""
+    from cosine.workers import kernels
+
+    if matmul not in ("auto", *MATMUL):
+        raise ExportError(f"matmul must be one of auto, {', '.join(MATMUL)}, got {matmul!r}")
+    if matmul == "nbits" or (matmul == "auto" and (quantize != "gguf" or provider != "cpu")):
+        return "nbits"
+    why = kernels.available()
+    if matmul == "auto":
+        if why:
+            log.warning("GGUF kernel unavailable (%s): computing the blocks with MatMulNBits", why)
+        return "nbits" if why else "gguf"
+    if provider != "cpu":
+        raise ExportError(f"--matmul gguf is a CPU operator; provider {provider} takes --matmul nbits")
+    if quantize not in ("gguf", "int8"):
+        raise ExportError(f"--matmul gguf computes --quantize gguf or int8 engines, not {quantize}")
+    if why:
+        raise ExportError(f"--matmul gguf: {why}")
+    return "gguf"
+
+
+def _row_facts(g: GraphBuilder, quantize: str) -> dict[str, Any]:
+    """Manifest facts about the graph's products: the operator libraries it needs and
+    whether a one-row forward equals that row of a many-row forward bit for bit, which
+    spares a target the padding of its decode steps (workers/batching.py). That holds when
+    no 4-bit MatMulNBits is left (its one-row kernel rounds differently; the 8-bit one
+    and GGUFMatMul do not: tests/test_kernel_rows.py, tests/test_gguf_kernel.py)."""
+    from cosine.workers import kernels
+
+    facts: dict[str, Any] = {}
+    if any(n.domain == COSINE_DOMAIN for n in g.nodes):
+        facts[kernels.MANIFEST_KEY] = kernels.NAME
+    four_bit = any(n.op_type == "MatMulNBits" and any(a.name == "bits" and a.i == 4 for a in n.attribute)
+                   for n in g.nodes)
+    facts["one_row_exact"] = quantize != "none" and not four_bit
+    return facts
 
 
 def _parity(out: Path, src: _Source, case: Any, ref: Any, text: Any, facts: dict[str, Any], provider: str,
@@ -365,8 +409,9 @@ def _parity(out: Path, src: _Source, case: Any, ref: Any, text: Any, facts: dict
         with _phase(f"parity run (onnxruntime {provider})"), par.float_compute(out) as model_file:
             parity = par.finish_parity(out, case, ref, facts, provider, tolerance, model_file=model_file)
         if quantize == "gguf":
-            parity["note"] = ("checked with MatMulNBits computing in float32 (accuracy level 0): the file's "
-                              "weights as scale * (q - z) plus a block-sum term for the minimums")
+            parity["note"] = ("checked with every quantized product computed in float32 (MatMulNBits at "
+                              "accuracy level 0; GGUFMatMul as a MatMul over gguf's dequantization of its rows): "
+                              "the file's weights, in the graph that ships")
         if not parity["passed"]:
             (out / "parity_failed.json").write_text(json.dumps(parity, indent=2) + "\n")
             raise ParityError(

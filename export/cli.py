@@ -15,7 +15,7 @@ from .build import DTYPES, GRAPHS, export_engine
 from .errors import ExportError
 from .ngram import add_ngram_args, run_ngram
 from .runtime import PROVIDERS
-from .weights import QUANTIZE
+from .weights import MATMUL, QUANTIZE
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -35,6 +35,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--quantize", choices=QUANTIZE, default="none",
                    help="gguf: compute with the GGUF file's own quantized blocks, exactly (MatMulNBits); "
                         "int4 / int8: symmetric blocks of 32 from the float weights; none: float weights")
+    p.add_argument("--matmul", choices=("auto", *MATMUL), default="auto",
+                   help="operator for quantized products: gguf = cosine's CPU kernel over the GGUF file's own "
+                        "Q4_K/Q6_K/Q8_0 rows (built with g++ on first use; also Q8_0 rows for --quantize int8); "
+                        "nbits = ONNX Runtime's MatMulNBits (any provider); auto = gguf for --quantize gguf on "
+                        "CPU where the kernel builds, else nbits")
     p.add_argument("--quiet", action="store_true", help="no progress bar, warnings only")
     add_ngram_args(p)
     return p
@@ -52,7 +57,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         manifest = export_engine(args.model, args.out, dtype=args.dtype, provider=args.provider, name=args.name,
                                  check_parity=not args.no_parity, progress=not args.quiet, graph=args.graph,
-                                 quantize=args.quantize)
+                                 quantize=args.quantize, matmul=args.matmul)
     except ExportError as e:
         print(f"cosine-export: error: {e}", file=sys.stderr)
         return 2
@@ -60,6 +65,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("cosine-export: interrupted", file=sys.stderr)
         return 130
     summary = {k: manifest[k] for k in ("name", "architecture", "graph", "dtype", "num_layers", "vocab_size")}
+    if manifest.get("matmul"):
+        summary["matmul"] = manifest["matmul"]
     summary["parity_passed"] = manifest["parity"]["passed"]
     if manifest.get("quantization"):
         summary["quantization"] = manifest["quantization"]

@@ -7,7 +7,7 @@ plain graph's elementwise chains (docs/export.md, "Fused graph").
 | residual + RMS norm | `com.microsoft:SkipSimplifiedLayerNormalization` | Add + the above |
 | rotary embedding | `RotaryEmbedding` (opset 23) with per-token `position_ids` | Gather, Split, Neg, Concat, Mul, Mul, Add |
 | tree attention | `Attention` (opset 23): grouped-query heads, boolean tree mask, new K/V scattered to their key slots | Concat, Transpose, MatMul, Where, Softmax, MatMul, Transpose |
-| quantized linear | `com.microsoft:MatMulNBits` (+ one small MatMul for per-block minimums) | MatMul over float32 weights |
+| quantized linear | `com.microsoft:MatMulNBits` (+ one small MatMul for per-block minimums), or `cosine:GGUFMatMul` over the GGUF file's own rows (`--matmul gguf`, workers/kernels) | MatMul over float32 weights |
 
 The interface (inputs, outputs, heads-major cache) is the plain graph's (layers.py), plus
 ``key_slots`` [B, T]: the key column in [0, P + T) of each new token (cosine/keyslots.py
@@ -19,7 +19,8 @@ from __future__ import annotations
 import numpy as np
 from onnx import TensorProto
 
-from .graph import MS_DOMAIN, GraphBuilder
+from .gguf_blocks import GGUFBlocks
+from .graph import COSINE_DOMAIN, MS_DOMAIN, GraphBuilder
 from .nbits import NBits
 
 # MatMulNBits accuracy level: 4 = int8 compute on CPU (the activations of each block
@@ -28,11 +29,16 @@ from .nbits import NBits
 ACCURACY_LEVEL = 4
 
 
-def linear(g: GraphBuilder, x: str, w: np.ndarray | NBits, name: str, bias: np.ndarray | None = None,
+def linear(g: GraphBuilder, x: str, w: np.ndarray | NBits | GGUFBlocks, name: str, bias: np.ndarray | None = None,
            accuracy_level: int = ACCURACY_LEVEL) -> str:
-    """x @ W^T (+ bias) for W [out, in]: a float MatMul or MatMulNBits. Initializers are
-    named ``name.weight`` (float, stored [in, out]) or ``name.q/.scales/.offsets``."""
-    if isinstance(w, NBits):
+    """x @ W^T (+ bias) for W [out, in]: a float MatMul, MatMulNBits or GGUFMatMul.
+    Initializers are named ``name.weight`` (float, stored [in, out]), ``name.q/.scales/
+    .offsets`` or ``name.blocks`` (the GGUF rows)."""
+    if isinstance(w, GGUFBlocks):
+        n, k = w.shape
+        y = g.op("GGUFMatMul", [x, g.weight(name + ".blocks", w.raw, np.uint8)], domain=COSINE_DOMAIN,
+                 format=w.format, K=k, N=n)
+    elif isinstance(w, NBits):
         y = _matmul_nbits(g, x, w, name, accuracy_level)
     else:
         y = g.op("MatMul", [x, g.weight(name + ".weight", np.ascontiguousarray(w.T))])

@@ -19,6 +19,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from .gguf_blocks import GGUFBlocks, fits
 from .nbits import NBits, from_integers, stack
 
 log = logging.getLogger("cosine.export")
@@ -126,5 +127,23 @@ class GGUFMatrices:
             return None
         n, k = int(t.shape[1]), int(t.shape[0])  # GGUF lists the contiguous (input) axis first
         nb = to_nbits(t.data, t.tensor_type, (n, k))
-        order = self.processor.process(weights=np.arange(n)[:, None], name=t.name).weights[:, 0]
-        return nb if np.array_equal(order, np.arange(n)) else nb.rows(np.asarray(order))
+        order = self._row_order(t.name, n)
+        return nb if order is None else nb.rows(order)
+
+    def blocks(self, hf_name: str) -> GGUFBlocks | None:
+        """The matrix as the file's own rows for the GGUF kernel, or None when the kernel
+        does not compute its format or width (the caller falls back to ``nbits``)."""
+        t = self.tensors.get(hf_name)
+        if t is None:
+            return None
+        n, k = int(t.shape[1]), int(t.shape[0])
+        if not fits(t.tensor_type.name, k):
+            return None
+        raw = np.asarray(t.data, np.uint8).reshape(n, -1)
+        order = self._row_order(t.name, n)
+        return GGUFBlocks(t.tensor_type.name, raw if order is None else raw[order], k)
+
+    def _row_order(self, gguf_name: str, n: int) -> np.ndarray | None:
+        """transformers' q/k row permutation for this tensor; None when it keeps the order."""
+        order = self.processor.process(weights=np.arange(n)[:, None], name=gguf_name).weights[:, 0]
+        return None if np.array_equal(order, np.arange(n)) else np.asarray(order)

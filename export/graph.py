@@ -18,6 +18,7 @@ from onnx import TensorProto, helper, numpy_helper
 OPSET = 17  # the plain graph's opset
 FUSED_OPSET = 23  # Attention, RotaryEmbedding (standard ops since opset 23)
 MS_DOMAIN = "com.microsoft"  # ONNX Runtime's contrib ops (MatMulNBits, SkipSimplifiedLayerNormalization)
+COSINE_DOMAIN = "cosine"  # cosine's own operators (GGUFMatMul: workers/kernels)
 DATA_FILE = "model.onnx.data"
 _ALIGN = 4096  # page-aligned offsets let ONNX Runtime memory-map the weights
 
@@ -153,8 +154,9 @@ class GraphBuilder:
         self.close()
         graph = helper.make_graph(self.nodes, graph_name, self.inputs, self.outputs, self.initializers)
         opsets = [helper.make_opsetid("", self.opset)]
-        if any(n.domain == MS_DOMAIN for n in self.nodes):
-            opsets.append(helper.make_opsetid(MS_DOMAIN, 1))
+        for domain in (MS_DOMAIN, COSINE_DOMAIN):
+            if any(n.domain == domain for n in self.nodes):
+                opsets.append(helper.make_opsetid(domain, 1))
         model = helper.make_model(graph, opset_imports=opsets, producer_name="cosine-export")
         # opset 17: IR 8, read by every onnxruntime >= 1.14; opset 23: IR 10 (onnxruntime >= 1.22)
         model.ir_version = 8 if self.opset <= 17 else 10

@@ -14,6 +14,7 @@ from tqdm import tqdm
 from . import fused as F
 from . import layers as Lyr
 from .errors import UnsupportedArchitecture
+from .gguf_blocks import GGUFBlocks
 from .graph import GraphBuilder
 from .nbits import NBits
 from .weights import Weights
@@ -81,7 +82,7 @@ def build(g: GraphBuilder, config: Any, weights: Weights, inv_freq: np.ndarray, 
     spec = spec_for(config)
     eps = float(config.rms_norm_eps)
     io = Lyr.interface(g, spec, key_slots=graph == "fused")
-    table = weights.matrix("model.embed_tokens.weight")  # float, or blocks (quantized engines)
+    table = weights.table("model.embed_tokens.weight")  # float, or NBits blocks (quantized engines)
     x = F.embedding(g, table, io["input_ids"], "model.embed_tokens")
     layer = _fused_layers if graph == "fused" else _plain_layers
     x = layer(g, spec, weights, io, x, inv_freq, rope_scale, eps, progress)
@@ -90,7 +91,7 @@ def build(g: GraphBuilder, config: Any, weights: Weights, inv_freq: np.ndarray, 
         x = Lyr.rms_norm(g, x, g.weight("model.norm.weight", weights.vector("model.norm.weight")), eps)
     tied = bool(getattr(config, "tie_word_embeddings", False)) or not weights.has("lm_head.weight")
     head = table if tied else weights.matrix("lm_head.weight")
-    if isinstance(head, NBits):  # a tied head shares the embedding's blocks (written once)
+    if isinstance(head, (NBits, GGUFBlocks)):  # a tied head shares the embedding's blocks (written once)
         y = F.linear(g, x, head, "model.embed_tokens" if tied else "lm_head")
         g.op("Identity", [y], name="logits")
     else:  # float: Gemm over the [V, hidden] table, so a tied embedding is reused, not copied

@@ -199,26 +199,65 @@ def finish_parity(engine_dir: str | Path, case: ParityCase, ref: list[dict[str, 
 
 @contextlib.contextmanager
 def float_compute(engine_dir: Path) -> Iterator[str]:
-    """The engine's graph with every MatMulNBits computing in float32 (accuracy level 0),
-    as a second model file beside model.onnx over the same weights file; yields its name
-    (model.onnx itself when the graph has no MatMulNBits) and removes it afterwards."""
+    """The engine's graph with every quantized product computing in float32, as a second
+    model file beside model.onnx; yields its name (model.onnx itself when the graph has
+    none) and removes it afterwards. MatMulNBits nodes get accuracy level 0 (same weights
+    file); each GGUFMatMul becomes a MatMul over gguf's dequantization of its rows, written
+    to a second weights file (the float32 size of those matrices, on disk while it runs)."""
     import onnx
 
     model = onnx.load(str(engine_dir / "model.onnx"), load_external_data=False)
-    nodes = [n for n in model.graph.node if n.op_type == "MatMulNBits"]
-    if not nodes:
+    nbits = [n for n in model.graph.node if n.op_type == "MatMulNBits"]
+    blocks = [n for n in model.graph.node if n.op_type == "GGUFMatMul"]
+    if not nbits and not blocks:
         yield "model.onnx"
         return
-    for n in nodes:
+    for n in nbits:
         for a in n.attribute:
             if a.name == "accuracy_level":
                 a.i = 0
-    name = "model.float-compute.onnx"
-    onnx.save(model, str(engine_dir / name))
+    name, data_name = "model.float-compute.onnx", "model.float-compute.data"
     try:
+        if blocks:
+            _dequantized_products(model, blocks, engine_dir, data_name)
+        onnx.save(model, str(engine_dir / name))
         yield name
     finally:
         (engine_dir / name).unlink(missing_ok=True)
+        (engine_dir / data_name).unlink(missing_ok=True)
+
+
+def _dequantized_products(model: Any, nodes: list[Any], engine_dir: Path, data_name: str) -> None:
+    """Replace each GGUFMatMul node in ``model`` by MatMul(x, W^T) with W dequantized."""
+    from onnx import TensorProto, helper
+
+    from .gguf_blocks import GGUFBlocks
+
+    inits = {t.name: t for t in model.graph.initializer}
+    data = np.memmap(engine_dir / "model.onnx.data", np.uint8, mode="r")
+    done: dict[str, str] = {}
+    with open(engine_dir / data_name, "wb") as f:
+        for node in nodes:
+            attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+            fmt = attrs["format"].decode() if isinstance(attrs["format"], bytes) else attrs["format"]
+            wname = node.input[1]
+            if wname not in done:
+                ext = {e.key: e.value for e in inits[wname].external_data}
+                start, length = int(ext["offset"]), int(ext["length"])
+                raw = np.asarray(data[start:start + length]).reshape(int(attrs["N"]), -1)
+                w_t = np.ascontiguousarray(GGUFBlocks(fmt, raw, int(attrs["K"])).dequantize().T)
+                offset = f.tell()
+                f.write(w_t.tobytes())
+                t = TensorProto(name=wname + ".float", data_type=TensorProto.FLOAT, dims=list(w_t.shape),
+                                data_location=TensorProto.EXTERNAL)
+                for k, v in (("location", data_name), ("offset", str(offset)), ("length", str(w_t.nbytes))):
+                    e = t.external_data.add()
+                    e.key, e.value = k, v
+                model.graph.initializer.append(t)
+                done[wname] = t.name
+            node.op_type, node.domain = "MatMul", ""
+            node.input[1] = done[wname]
+            del node.attribute[:]
 
 
 SAMPLE_TEXT = ("def mean(xs):\n    \"\"\"Return the arithmetic mean of a non-empty list.\"\"\"\n"

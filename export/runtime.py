@@ -50,6 +50,7 @@ def session(engine_dir: Path, provider: str = "cpu", threads: int = 0, model_fil
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     opts.log_severity_level = 3
+    _register_kernels(opts, Path(engine_dir) / model_file)
     if threads > 0:
         opts.intra_op_num_threads = threads
     providers: list[Any]
@@ -71,3 +72,18 @@ def session(engine_dir: Path, provider: str = "cpu", threads: int = 0, model_fil
     if got != PROVIDERS[provider]:
         raise ExportError(f"requested {PROVIDERS[provider]} but the session runs on {got}")
     return sess
+
+
+def _register_kernels(opts: Any, model_path: Path) -> None:
+    """cosine's operator library for a graph that imports its domain (the manifest,
+    which the worker reads instead, is written after parity)."""
+    import onnx
+
+    from cosine.workers import kernels
+
+    model = onnx.load(str(model_path), load_external_data=False)
+    if any(o.domain == "cosine" for o in model.opset_import):
+        try:
+            kernels.register(opts, {kernels.MANIFEST_KEY: kernels.NAME})
+        except kernels.KernelUnavailable as e:
+            raise ExportError(f"{model_path} uses cosine's GGUF kernel: {e}") from None

@@ -148,7 +148,9 @@ def _forward(engine: Engine, feeds: list[Feed]) -> list[FeedResult]:
     # Runtime computes a one-row product with other kernels than a many-row one, and with
     # int8 activations (MatMulNBits) the last-bit difference grows into different logits
     # (0.24 apart over 14 tokens of the 1.5B): a decode step must compute exactly what a
-    # verify computes for the same token, or speculation would not be lossless.
+    # verify computes for the same token, or speculation would not be lossless. Engines whose
+    # products compute a row alike in any company (manifest "one_row_exact": the GGUF kernel)
+    # have min_rows 1 and run one row.
     rows_at_least = engine.min_rows if B == 1 else 1
     T = max(max(f.tokens.size for f in feeds), rows_at_least)
     P = max(f.entry.length for f in feeds)

@@ -23,6 +23,7 @@ import onnxruntime as ort
 from cosine.keyslots import appended, host_layout
 
 from . import arrays as arrays_mod
+from . import kernels
 from .graphs import GraphBuckets
 
 log = logging.getLogger("cosine.worker.engine")
@@ -96,7 +97,8 @@ class Engine:
         """``cuda_graph``: capture each shape bucket as a CUDA graph (provider cuda);
         ``buckets``: run forwards through the shape buckets without capturing (the CPU
         tests of that path); None = as ``cuda_graph``. ``min_rows``: batching pads a
-        single-row forward to this many rows (2 for a target: batching.py says why)."""
+        single-row forward to this many rows (2 for a target: batching.py says why),
+        unless the manifest says one row computes as it does among many."""
         self.min_rows = min_rows
         self.dir = Path(engine_dir)
         manifest_path = self.dir / "manifest.json"
@@ -106,6 +108,8 @@ class Engine:
                               f"build it with cosine-export")
         self.manifest: dict[str, Any] = json.loads(manifest_path.read_text())
         m = self.manifest
+        if m.get("one_row_exact"):
+            self.min_rows = 1
         if int(m.get("format_version", 1)) < FORMAT_VERSION:
             raise EngineError(f"{self.dir} is an engine of format {m.get('format_version', 1)}, older than this "
                               f"worker's {FORMAT_VERSION} (its cache layout changed); export it again with "
@@ -139,6 +143,10 @@ class Engine:
                               f"(cuda/tensorrt) or set provider = \"cpu\" for this worker")
 
         opts = ort.SessionOptions()
+        try:
+            kernels.register(opts, m)  # cosine's own operators, where the engine uses them
+        except kernels.KernelUnavailable as e:
+            raise EngineError(f"{self.dir}: {e}") from None
         if threads > 0:
             opts.intra_op_num_threads = threads
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL

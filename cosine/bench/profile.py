@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from cosine.keyslots import with_slots
+from cosine.workers import kernels
 
 
 def node_counts(engine_dir: Path) -> dict[str, int]:
@@ -55,6 +56,7 @@ def profile(engine_dir: Path, threads: int = 2, prefix: int = 128, tree: int = 8
     for what, new in (("decode", 1), ("verify", tree)):
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = threads
+        kernels.register(opts, manifest)
         opts.enable_profiling = True
         opts.profile_file_prefix = os.path.join(tempfile.mkdtemp(prefix="cosine-profile-"), what)
         sess = ort.InferenceSession(str(engine_dir / "model.onnx"), opts, providers=["CPUExecutionProvider"])
