@@ -16,6 +16,7 @@ from typing import Any, get_args, get_origin, get_type_hints
 
 MODES = ("autoregressive", "speculative", "specinfer", "cosine")
 QUANTIZE = ("gguf", "int4", "int8")  # cosine-export --quantize (export/weights.py), without "none"
+MATMUL = ("gguf", "nbits")  # cosine-export --matmul, without "auto"
 ROLES = ("target", "drafter")
 KV_ARRAYS = ("auto", "numpy", "torch")
 GATES = ("measured", "model", "off")
@@ -90,6 +91,10 @@ class ModelConfig:
     # blocks, exactly), "int4"/"int8" (symmetric blocks from the float weights), "" = float.
     # Any role: every mode's output is the target *engine's* autoregressive output.
     quantize: str = ""
+    # Which operator computes the quantized products (cosine-export --matmul): "gguf" (cosine's
+    # CPU kernel over the GGUF file's own rows), "nbits" (ONNX Runtime's MatMulNBits, any
+    # provider), "" = auto: gguf for quantize = "gguf" where the kernel builds.
+    matmul: str = ""
     # Drafters only: prefill at most this many of the prompt's last tokens (0 = all). The
     # drafter's prompt prefill is paid before a request's first speculative round; a
     # window caps it, and a small model drafts from the recent context about as well.
@@ -422,6 +427,9 @@ def _check(cfg: Config, text: str, check_engines: bool) -> None:
         if m.quantize and m.quantize not in QUANTIZE:
             raise ConfigError(f"{where('models', 'quantize')}: model {m.name!r}: quantize must be one of "
                               f"{', '.join(QUANTIZE)} (or left out for float weights), got {m.quantize!r}")
+        if m.matmul and m.matmul not in MATMUL:
+            raise ConfigError(f"{where('models', 'matmul')}: model {m.name!r}: matmul must be one of "
+                              f"{', '.join(MATMUL)} (or left out for auto), got {m.matmul!r}")
         if m.prefill_engine and (m.role != "target" or m.kind != "neural"):
             raise ConfigError(f"{where('models', 'prefill_engine')}: model {m.name!r}: prefill_engine is for a neural "
                               f"target (its prompts' prefill), not a {m.kind} {m.role}; remove it")

@@ -25,10 +25,10 @@ PROMPTS = [
 ]
 
 
-def _current(engine_dir: Path, quantize: str = "", target: bool = False) -> bool:
+def _current(engine_dir: Path, quantize: str = "", target: bool = False, matmul: str = "") -> bool:
     """An engine directory with a manifest in today's format and the configured
-    quantization (workers refuse older formats: their cache layout differs); a quantized
-    target must have key slots (cosine/keyslots.py)."""
+    quantization and product operator (workers refuse older formats: their cache layout
+    differs); a quantized target must have key slots (cosine/keyslots.py)."""
     man = engine_dir / "manifest.json"
     if not man.is_file():
         return False
@@ -44,6 +44,11 @@ def _current(engine_dir: Path, quantize: str = "", target: bool = False) -> bool
         log.info("engine %s is quantized %r, config.toml asks for %r; exporting it again", engine_dir, have,
                  quantize or "none")
         return False
+    want = _matmul(quantize, matmul)
+    if want and (m.get("matmul") or "nbits") != want:
+        log.info("engine %s computes its products with %s, config.toml asks for %s; exporting it again", engine_dir,
+                 m.get("matmul") or "nbits", want)
+        return False
     if target and m.get("activations") == "int8" and not any(i.get("name") == "key_slots" for i in m["inputs"]):
         log.info("target engine %s was exported before key slots (its tree verifies are not exact with int8 "
                  "activations); exporting it again", engine_dir)
@@ -51,11 +56,22 @@ def _current(engine_dir: Path, quantize: str = "", target: bool = False) -> bool
     return True
 
 
+def _matmul(quantize: str, matmul: str) -> str:
+    """The operator an export with these settings uses ("" for float engines)."""
+    if not quantize:
+        return ""
+    if matmul:
+        return matmul
+    from cosine.workers import kernels
+
+    return "gguf" if quantize == "gguf" and kernels.available() is None else "nbits"
+
+
 def ensure_engines(cfg: cfgmod.Config) -> None:
     """Export every engine the config names but lacks (or has in an older format), from
     its `source` model."""
     missing = [m for m in cfg.models
-               if m.kind != "lookup" and not _current(cfg.engine_dir(m), m.quantize, m.role == "target")]
+               if m.kind != "lookup" and not _current(cfg.engine_dir(m), m.quantize, m.role == "target", m.matmul)]
     # n-gram drafters are counted with the target's tokenizer: the target goes first
     for m in sorted(missing, key=lambda m: m.kind == "ngram"):
         if m.kind == "ngram":
@@ -71,9 +87,9 @@ def ensure_engines(cfg: cfgmod.Config) -> None:
 
         t0 = time.time()
         out = cfg.engine_dir(m)
-        log.info("exporting %s from %s to %s (%s, quantize %s), once; later runs reuse it", m.name, src, out,
-                 m.dtype, m.quantize or "none")
-        export_engine(src, out, dtype=m.dtype, name=m.name, quantize=m.quantize or "none")
+        log.info("exporting %s from %s to %s (%s, quantize %s, matmul %s), once; later runs reuse it", m.name, src,
+                 out, m.dtype, m.quantize or "none", m.matmul or "auto")
+        export_engine(src, out, dtype=m.dtype, name=m.name, quantize=m.quantize or "none", matmul=m.matmul or "auto")
         log.info("exported %s in %.0f s", m.name, time.time() - t0)
 
 

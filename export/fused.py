@@ -152,5 +152,29 @@ def attention(g: GraphBuilder, q: str, new_kv: tuple[str, str], mask: str, past:
     for p, new in zip(past, new_kv):
         keys.append(g.op("ScatterElements", [g.op("Concat", [p, new], axis=2), index, new], axis=2))
     qh = g.op("Transpose", [g.op("Reshape", [q, g.i64([0, 0, heads, head_dim])])], perm=[0, 2, 1, 3])
-    y = g.op("Attention", [qh, keys[0], keys[1], mask], scale=scale)
+    rows, extra = _query_padding(g, qh)
+    padded_q = g.op("Concat", [qh, g.op("Slice", [qh, g.i64([0]), extra, g.i64([2])])], axis=2)
+    y = g.op("Attention", [padded_q, keys[0], keys[1], padded_mask(g, mask, extra)], scale=scale)
+    y = g.op("Slice", [y, g.i64([0]), rows, g.i64([2])])
     return g.op("Reshape", [g.op("Transpose", [y], perm=[0, 2, 1, 3]), g.i64([0, 0, heads * head_dim])])
+
+
+def _query_padding(g: GraphBuilder, qh: str) -> tuple[str, str]:
+    """(T, max(0, 2 - T)) as int64 [1] for queries [B, H, T, D]. ONNX Runtime 1.32's CPU
+    Attention computes a lone query row with other last bits than the same row among
+    several (measured: 1.5e-7 apart, enough to flip a token after int8 rounding many steps
+    later); a lone row is given a copy of itself, so that decoding one token computes
+    what a tree verify computes for it (tests/test_gguf_engine.py checks every node)."""
+    key = ("query_padding",)
+    if key not in g.memo:
+        rows = g.op("Shape", [qh], start=2, end=3)
+        g.memo[key] = rows, g.op("Max", [g.op("Sub", [g.i64([2]), rows]), g.i64([0])])
+    return g.memo[key]
+
+
+def padded_mask(g: GraphBuilder, mask: str, extra: str) -> str:
+    """The mask [B, 1, T, S] with its first ``extra`` rows repeated (see _query_padding)."""
+    key = ("padded_mask", mask)
+    if key not in g.memo:
+        g.memo[key] = g.op("Concat", [mask, g.op("Slice", [mask, g.i64([0]), extra, g.i64([2])])], axis=2)
+    return g.memo[key]

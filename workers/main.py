@@ -68,7 +68,8 @@ def _build_ops(cfg: Config, wcfg, mcfg):
         pre_dir = cfg.prefill_engine_dir(mcfg)
         if pre_dir is not None:
             prefill_engine = Engine(pre_dir, provider=wcfg.provider, device=wcfg.device, threads=threads,
-                                    spin=wcfg.spin, kv_arrays=wcfg.kv_arrays)
+                                    spin=wcfg.spin, kv_arrays=wcfg.kv_arrays,
+                                    min_rows=2)  # a lone one-token prompt computes as in a batch
             check_prefill_engine(engine, prefill_engine)
             log.info("worker %s prefills prompts with %s; decodes and verifies with %s", wcfg.name, pre_dir,
                      engine_dir)
