@@ -28,6 +28,7 @@ namespace cosine_gguf {
 enum class Format : int { kQ4K = 0, kQ6K = 1, kQ8_0 = 2 };
 
 constexpr int kRowGroup = 4;  // rows of x sharing one unpacking of a weight block
+constexpr int kPrefetch = 1024;  // bytes ahead of the block being read that are prefetched
 
 struct FormatInfo {
   int block_elems;  // weights per block
@@ -107,16 +108,18 @@ inline int hsum_i32(__m128i t) {
 
 // Q4_K's 6-bit scales and minimums of its 8 sub-blocks, from 12 packed bytes: sc[0..3] and
 // mn[0..3] are the low 6 bits of bytes 0..3 and 4..7; sc[4..7] and mn[4..7] take the low
-// and high nibbles of bytes 8..11 plus the top 2 bits of bytes 0..3 and 4..7.
-inline void q4k_scales(const uint8_t* p, uint32_t* sc, uint32_t* mn) {
+// and high nibbles of bytes 8..11 plus the top 2 bits of bytes 0..3 and 4..7. Returned as
+// bytes sc[0..7], mn[0..7] of one register (built in registers: a vector load of scalar
+// stores would stall on store forwarding, once per block).
+inline __m128i q4k_scales(const uint8_t* p) {
   uint32_t a, b, c;
   std::memcpy(&a, p, 4);
   std::memcpy(&b, p + 4, 4);
   std::memcpy(&c, p + 8, 4);
-  sc[0] = a & 0x3f3f3f3fu;
-  mn[0] = b & 0x3f3f3f3fu;
-  sc[1] = (c & 0x0f0f0f0fu) | (((a >> 6) & 0x03030303u) << 4);
-  mn[1] = ((c >> 4) & 0x0f0f0f0fu) | (((b >> 6) & 0x03030303u) << 4);
+  const uint32_t sc0 = a & 0x3f3f3f3fu, mn0 = b & 0x3f3f3f3fu;
+  const uint32_t sc1 = (c & 0x0f0f0f0fu) | (((a >> 6) & 0x03030303u) << 4);
+  const uint32_t mn1 = ((c >> 4) & 0x0f0f0f0fu) | (((b >> 6) & 0x03030303u) << 4);
+  return _mm_set_epi32(static_cast<int>(mn1), static_cast<int>(mn0), static_cast<int>(sc1), static_cast<int>(sc0));
 }
 
 // Q4_K: fp16 d and dmin, 12 bytes of 6-bit sub-block scales and minimums, 128 bytes of
@@ -128,18 +131,22 @@ inline void q4k_row(const uint8_t* w, int nblocks, const Rows* x, float* out) {
   float minimum[R] = {};
   const __m256i low4 = _mm256_set1_epi8(0x0F);
   for (int b = 0; b < nblocks; ++b, w += 144) {
+    _mm_prefetch(reinterpret_cast<const char*>(w + kPrefetch), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(w + kPrefetch + 64), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(w + kPrefetch + 128), _MM_HINT_T0);
     const float d = fp16(w), dmin = fp16(w + 2);
-    uint32_t sc[2], mn[2];
-    q4k_scales(w + 4, sc, mn);
-    const uint8_t* sc8 = reinterpret_cast<const uint8_t*>(sc);
-    const __m128i mn16 = _mm_cvtepu8_epi16(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(mn)));
+    const __m128i scales = q4k_scales(w + 4);
+    // each sub-block's scale in all 16 int16 lanes: bytes (s, 0) repeated, picked by a shuffle
+    const __m256i sc16 = _mm256_broadcastsi128_si256(_mm_cvtepu8_epi16(scales));
+    const __m128i mn16 = _mm_cvtepu8_epi16(_mm_srli_si128(scales, 8));
     __m256i isum[R];
     for (int r = 0; r < R; ++r) isum[r] = _mm256_setzero_si256();
     const uint8_t* qs = w + 16;
     for (int j = 0; j < 4; ++j) {  // 64 weights: 32 low nibbles, then 32 high nibbles
       const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qs + 32 * j));
       const __m256i lo = _mm256_and_si256(raw, low4), hi = _mm256_and_si256(_mm256_srli_epi16(raw, 4), low4);
-      const __m256i scale_lo = _mm256_set1_epi16(sc8[2 * j]), scale_hi = _mm256_set1_epi16(sc8[2 * j + 1]);
+      const __m256i scale_lo = _mm256_shuffle_epi8(sc16, _mm256_set1_epi16(static_cast<int16_t>(0x0100 + 0x0202 * (2 * j))));
+      const __m256i scale_hi = _mm256_shuffle_epi8(sc16, _mm256_set1_epi16(static_cast<int16_t>(0x0100 + 0x0202 * (2 * j + 1))));
       for (int r = 0; r < R; ++r) {
         const int8_t* xq = x[r].q + b * 256 + 64 * j;
         const __m256i p0 = _mm256_madd_epi16(_mm256_maddubs_epi16(lo, load32(xq)), scale_lo);
@@ -169,9 +176,20 @@ inline void q6k_row(const uint8_t* w, int nblocks, const Rows* x, float* out) {
   __m256 acc[R];
   for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
   const __m256i low4 = _mm256_set1_epi8(0x0F), two = _mm256_set1_epi8(3), bias = _mm256_set1_epi8(32);
+  // for each 32 weights, the bytes of their two scales, each repeated 8 times (one per lane)
+  alignas(16) static const int8_t pick[8][16] = {
+      {0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1},         {2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3},
+      {4, 4, 4, 4, 4, 4, 4, 4, 5, 5, 5, 5, 5, 5, 5, 5},         {6, 6, 6, 6, 6, 6, 6, 6, 7, 7, 7, 7, 7, 7, 7, 7},
+      {8, 8, 8, 8, 8, 8, 8, 8, 9, 9, 9, 9, 9, 9, 9, 9},         {10, 10, 10, 10, 10, 10, 10, 10, 11, 11, 11, 11, 11, 11, 11, 11},
+      {12, 12, 12, 12, 12, 12, 12, 12, 13, 13, 13, 13, 13, 13, 13, 13},
+      {14, 14, 14, 14, 14, 14, 14, 14, 15, 15, 15, 15, 15, 15, 15, 15}};
   for (int b = 0; b < nblocks; ++b, w += 210) {
+    _mm_prefetch(reinterpret_cast<const char*>(w + kPrefetch), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(w + kPrefetch + 64), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(w + kPrefetch + 128), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(w + kPrefetch + 192), _MM_HINT_T0);
     const float d = fp16(w + 208);
-    const int8_t* scales = reinterpret_cast<const int8_t*>(w + 192);
+    const __m128i scales = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + 192));
     __m256i isum[R];
     for (int r = 0; r < R; ++r) isum[r] = _mm256_setzero_si256();
     for (int h = 0; h < 2; ++h) {  // two halves of 128 weights
@@ -190,8 +208,8 @@ inline void q6k_row(const uint8_t* w, int nblocks, const Rows* x, float* out) {
                              _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hb, 6), two), 4));
       for (int part = 0; part < 4; ++part) {  // 32 weights, two scales of 16 (one per 128-bit lane)
         const __m256i v = _mm256_sub_epi8(q[part], bias), v_abs = _mm256_sign_epi8(v, v);
-        const int16_t s0 = scales[8 * h + 2 * part], s1 = scales[8 * h + 2 * part + 1];
-        const __m256i sc = _mm256_setr_epi16(s0, s0, s0, s0, s0, s0, s0, s0, s1, s1, s1, s1, s1, s1, s1, s1);
+        const __m256i sc = _mm256_cvtepi8_epi16(
+            _mm_shuffle_epi8(scales, _mm_load_si128(reinterpret_cast<const __m128i*>(pick[4 * h + part]))));
         for (int r = 0; r < R; ++r) {
           const __m256i xq = load32(x[r].q + b * 256 + 128 * h + 32 * part);
           isum[r] = _mm256_add_epi32(isum[r], _mm256_madd_epi16(sdot16(v_abs, v, xq), sc));
