@@ -18,6 +18,9 @@ $(STAMP): pyproject.toml
 	# pulling a multi-GB CUDA build through transformers.
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e '.[export,test,bench]'
+	# cosine's GGUF kernel (g++, ONNX Runtime headers from deb.debian.org); without it
+	# exports fall back to MatMulNBits, so a failure here is reported, not fatal
+	-$(BIN)/python -m cosine.workers.kernels
 	touch $(STAMP)
 
 demo: $(STAMP)
