@@ -105,7 +105,7 @@ class SpeculationController:
 
     def __init__(self, draft_len: int = 4, min_draft_len: int = 1, max_draft_len: int = 8,
                  tree_width: int = 1, max_tree_width: int = 4, adaptive: bool = True,
-                 disable_below_ratio: float = 0.9, max_verify_tokens: int = 256, probe_every: int = 16,
+                 disable_below_ratio: float = 1.0, max_verify_tokens: int = 256, probe_every: int = 16,
                  ema: float = 0.5, alpha_init: float = 0.6, min_rounds: int = 2,
                  idle_high: float = 0.25, queue_high: int = 8, bias_step: float = 0.5,
                  bias_decay: float = 0.9, verify_decay: float = 0.95, verify_token_frac: float = 0.05,

@@ -33,13 +33,27 @@ if kernels.available():
 
 
 @pytest.fixture(scope="module")
-def gguf_engine(tmp_path_factory) -> Path:
+def tiny256(tmp_path_factory) -> Path:
     from cosine.export.tiny import make_tiny_model
 
-    root = tmp_path_factory.mktemp("gguf-kernel")
-    src = make_tiny_model(root / "src", arch="llama", hidden=256, heads=4, kv_heads=2, layers=2, seed=3)
-    export_engine(src, root / "engine", quantize="int8", matmul="gguf", progress=False)
-    return root / "engine"
+    root = tmp_path_factory.mktemp("tiny256")
+    return make_tiny_model(root / "src", arch="llama", hidden=256, heads=4, kv_heads=2, layers=2, seed=3)
+
+
+@pytest.fixture(scope="module")
+def gguf_engine(tiny256: Path, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("gguf-kernel") / "engine"
+    export_engine(tiny256, out, quantize="int8", matmul="gguf", progress=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def nbits8_engine(tiny256: Path, tmp_path_factory) -> Path:
+    """8-bit MatMulNBits: its one-row kernel is the many-row one (tests/test_kernel_rows.py),
+    so its manifest says one_row_exact too."""
+    out = tmp_path_factory.mktemp("nbits8") / "engine"
+    export_engine(tiny256, out, quantize="int8", matmul="nbits", progress=False)
+    return out
 
 
 def test_manifest_and_graph(gguf_engine: Path) -> None:
@@ -72,10 +86,15 @@ def test_one_row_equals_that_row_among_two_bit_for_bit(gguf_engine: Path) -> Non
         assert np.array_equal(np.asarray(a)[:, :, 0], np.asarray(b)[:, :, 0])
 
 
-def test_every_node_computes_a_row_alike_alone_and_among_others(gguf_engine: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("which", ["gguf_engine", "nbits8_engine"])
+def test_every_node_computes_a_row_alike_alone_and_among_others(which: str, request, tmp_path: Path) -> None:
     """Stronger than comparing logits (a last-bit difference can vanish in int8 rounding
-    and reappear many tokens later): every intermediate tensor of the graph, row by row."""
+    and reappear many tokens later): every intermediate tensor of the graph, row by row,
+    for both engines whose manifest says one_row_exact."""
     import shutil
+
+    gguf_engine = request.getfixturevalue(which)
+    assert json.loads((gguf_engine / "manifest.json").read_text())["one_row_exact"] is True
 
     import onnxruntime as ort
     from onnx import helper
