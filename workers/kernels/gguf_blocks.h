@@ -1,4 +1,4 @@
-// Products of float activations with weight rows held in GGUF's own blocks (Q4_K, Q6_K,
+// Products of float32 activations with weight rows held in GGUF's own blocks (Q4_K, Q6_K,
 // Q8_0), for x86-64 with AVX2, FMA and F16C.
 //
 //     y[m, n] = sum_k x[m, k] * W[n, k]
@@ -6,15 +6,16 @@
 // Why our own kernel: ONNX Runtime's MatMulNBits needs float32 scales and a separate
 // product for Q4_K's minimums (6 bits read per 4.5-bit weight), and its one-row kernel
 // rounds differently from its many-row one, so the worker padded every decode step to
-// two rows. Here every output element is one fixed sequence of float operations over its
-// own row of x: the bits of row m do not depend on how many rows the call has or where m
-// sits among them (tests/test_gguf_kernel.py checks it), so a decode step of one row is
-// bit for bit the same row of a verification, and the weights are read at the file's size.
+// two rows. Here each row of x is quantized on its own (quantize_row) and every output
+// element is one fixed sequence of integer and float operations over that row: the bits
+// of row m do not depend on how many rows the call has or where m sits among them
+// (tests/test_gguf_kernel.py checks it), so a decode step of one row is bit for bit the
+// same row of a verification, and the weights are read at the file's size.
 //
-// Activations stay float32 (no int8 quantization of x): sums are exact enough for parity
-// with the PyTorch reference, and they keep the kernel simple. Several rows of x share
-// each unpacked block of weights (kRowGroup at a time), so verification and prefill read
-// the weights once per group instead of once per row.
+// Arithmetic as llama.cpp's K-quant dot products: int8 activations per block of 256,
+// integer sums inside a block (maddubs/madd), float across blocks. Several rows of x share
+// each unpacked block of weights (kRowGroup at a time) and columns are walked in tiles
+// that stay in L2, so verification and prefill read the weights from memory once.
 #pragma once
 
 #include <immintrin.h>
