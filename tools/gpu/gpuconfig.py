@@ -58,6 +58,7 @@ def place(cfg: dict[str, Any], engines: Path, data: Path, provider: str, device:
             role = "target" if m is target else "drafter"
             m.update(engine=str(engines / role), dtype="float16")
             m.pop("quantize", None)
+            m.pop("matmul", None)  # float16 engines: no quantized products
             if sources.get(role):
                 m["source"] = sources[role]
         elif kind == "ngram":
