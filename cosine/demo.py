@@ -58,13 +58,9 @@ def _current(engine_dir: Path, quantize: str = "", target: bool = False, matmul:
 
 def _matmul(quantize: str, matmul: str) -> str:
     """The operator an export with these settings uses ("" for float engines)."""
-    if not quantize:
-        return ""
-    if matmul:
-        return matmul
-    from cosine.workers import kernels
+    from cosine.export.weights import resolve_matmul  # numpy only: no torch needed here
 
-    return "gguf" if quantize == "gguf" and kernels.available() is None else "nbits"
+    return resolve_matmul(matmul or "auto", quantize) if quantize else ""
 
 
 def ensure_engines(cfg: cfgmod.Config) -> None:

@@ -26,7 +26,7 @@ from .errors import ExportError, ParityError, UnsupportedArchitecture
 from .graph import COSINE_DOMAIN, DATA_FILE, FUSED_OPSET, OPSET, GraphBuilder
 from .layers import ModelSpec, io_description
 from .runtime import PROVIDERS, check_provider
-from .weights import MATMUL, QUANTIZE, Weights
+from .weights import QUANTIZE, Weights, resolve_matmul
 from cosine.workers.engine import FORMAT_VERSION
 
 log = logging.getLogger("cosine.export")
@@ -233,7 +233,7 @@ def export_engine(model: str | Path, out_dir: str | Path, dtype: str = "float32"
     if quantize != "none" and dtype != "float32":
         raise ExportError(f"--quantize {quantize} computes around float32 activations; use --dtype float32 "
                           f"(the CUDA float16 path takes float weights)")
-    matmul = _matmul(matmul, quantize, provider)
+    matmul = resolve_matmul(matmul, quantize, provider)
     src = _Source(model)
     if quantize == "gguf" and not src.gguf:
         raise ExportError(f"--quantize gguf carries a GGUF file's blocks over, but {src.path} is not a .gguf file; "
@@ -347,28 +347,6 @@ def export_engine(model: str | Path, out_dir: str | Path, dtype: str = "float32"
     log.info("engine %s ready in %.1fs (parity %s)", out, time.perf_counter() - t_all,
              {True: "passed", False: "FAILED", None: "skipped"}[parity["passed"]])
     return manifest
-
-
-def _matmul(matmul: str, quantize: str, provider: str) -> str:
-    """The operator for quantized products: "nbits" or "gguf" (see export_engine)."""
-    from cosine.workers import kernels
-
-    if matmul not in ("auto", *MATMUL):
-        raise ExportError(f"matmul must be one of auto, {', '.join(MATMUL)}, got {matmul!r}")
-    if matmul == "nbits" or (matmul == "auto" and (quantize != "gguf" or provider != "cpu")):
-        return "nbits"
-    why = kernels.available()
-    if matmul == "auto":
-        if why:
-            log.warning("GGUF kernel unavailable (%s): computing the blocks with MatMulNBits", why)
-        return "nbits" if why else "gguf"
-    if provider != "cpu":
-        raise ExportError(f"--matmul gguf is a CPU operator; provider {provider} takes --matmul nbits")
-    if quantize not in ("gguf", "int8"):
-        raise ExportError(f"--matmul gguf computes --quantize gguf or int8 engines, not {quantize}")
-    if why:
-        raise ExportError(f"--matmul gguf: {why}")
-    return "gguf"
 
 
 def _row_facts(g: GraphBuilder, quantize: str) -> dict[str, Any]:

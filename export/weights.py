@@ -18,6 +18,7 @@ graph gathers its rows.
 
 from __future__ import annotations
 
+import logging
 from typing import Any, Callable
 
 import numpy as np
@@ -31,6 +32,33 @@ QUANTIZE = ("none", "gguf", "int4", "int8")
 MATMUL = ("nbits", "gguf")
 Matrix = np.ndarray | NBits | GGUFBlocks
 
+log = logging.getLogger("cosine.export")
+
+
+def resolve_matmul(matmul: str, quantize: str, provider: str = "cpu") -> str:
+    """The operator an export with these settings computes its quantized products with:
+    "nbits" or "gguf". ``matmul`` "auto" takes the GGUF kernel for a GGUF file's blocks on
+    CPU where the kernel builds (else MatMulNBits, with a warning); an explicit "gguf" that
+    cannot apply is an ExportError saying why."""
+    from cosine.workers import kernels
+
+    if matmul not in ("auto", *MATMUL):
+        raise ExportError(f"matmul must be one of auto, {', '.join(MATMUL)}, got {matmul!r}")
+    if matmul == "nbits" or (matmul == "auto" and (quantize != "gguf" or provider != "cpu")):
+        return "nbits"
+    why = kernels.available()
+    if matmul == "auto":
+        if why:
+            log.warning("GGUF kernel unavailable (%s): computing the blocks with MatMulNBits", why)
+        return "nbits" if why else "gguf"
+    if provider != "cpu":
+        raise ExportError(f"--matmul gguf is a CPU operator; provider {provider} takes --matmul nbits")
+    if quantize not in ("gguf", "int8"):
+        raise ExportError(f"--matmul gguf computes --quantize gguf or int8 engines, not {quantize}")
+    if why:
+        raise ExportError(f"--matmul gguf: {why}")
+    return "gguf"
+
 
 class Weights:
     def __init__(self, tensor: Callable[[str], np.ndarray], names: set[str], quantize: str = "none",
@@ -39,9 +67,6 @@ class Weights:
             raise ExportError(f"quantize must be one of {', '.join(QUANTIZE)}, got {quantize!r}")
         if quantize == "gguf" and gguf is None:
             raise ExportError("--quantize gguf carries a GGUF file's blocks over: pass a .gguf file as --model")
-        if matmul not in MATMUL or (matmul == "gguf" and quantize not in ("gguf", "int8")):
-            raise ExportError(f"--matmul {matmul} with --quantize {quantize}: the GGUF kernel computes --quantize "
-                              f"gguf or int8 engines; use --matmul nbits")
         self.tensor, self.names, self.quantize, self.gguf, self.block_size = tensor, names, quantize, gguf, block_size
         self.matmul = matmul
 
